@@ -1,0 +1,34 @@
+"""trp: low-rank training for PyTorch (Trained Rank Pruning), then split layers in two."""
+
+from .counting import count_macs, count_params, layer_macs
+from .criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
+from .decompose import Decomposition, LayerReport, decompose, decompose_with_report
+from .io import load, save
+from .schemes import SCHEMES, LowRank
+from .svd import SVDError
+from .trained_rank import TRP
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TRP",
+    "Criterion",
+    "Energy",
+    "Value",
+    "Ratio",
+    "FixedRank",
+    "parse_criterion",
+    "decompose",
+    "decompose_with_report",
+    "Decomposition",
+    "LayerReport",
+    "LowRank",
+    "SCHEMES",
+    "SVDError",
+    "count_macs",
+    "count_params",
+    "layer_macs",
+    "save",
+    "load",
+    "__version__",
+]
