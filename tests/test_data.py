@@ -11,75 +11,8 @@ import pytest
 import torch
 from torchvision import transforms
 
+from conftest import N_PER_BATCH, make_fake_cifar10, make_fake_cifar100
 from trp.data import DatasetInfo, cifar, get_datasets, list_datasets, mnist5k
-
-N_PER_BATCH = 10
-
-
-def _dump(path: Path, obj: dict) -> None:
-    # The real release was written by Python 2 with pickle protocol 2.
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def _batch(rng: np.random.Generator, n: int, label_key: bytes, num_classes: int) -> dict:
-    return {
-        b"batch_label": b"fake batch",
-        b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-        label_key: [int(v) for v in rng.integers(0, num_classes, size=n)],
-        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-    }
-
-
-def make_fake_cifar10(root: Path) -> Path:
-    """Fake ``root/cifar-10-batches-py`` in the real on-disk format; returns that folder."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        _dump(folder / f"data_batch_{i}", _batch(rng, N_PER_BATCH, b"labels", 10))
-    _dump(folder / "test_batch", _batch(rng, N_PER_BATCH, b"labels", 10))
-    _dump(
-        folder / "batches.meta",
-        {
-            b"label_names": [f"class{i}".encode() for i in range(10)],
-            b"num_cases_per_batch": N_PER_BATCH,
-            b"num_vis": 3072,
-        },
-    )
-    return folder
-
-
-def make_fake_cifar100(root: Path) -> Path:
-    """Fake ``root/cifar-100-python`` in the real on-disk format; returns that folder."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for name, n in (("train", 5 * N_PER_BATCH), ("test", N_PER_BATCH)):
-        batch = _batch(rng, n, b"fine_labels", 100)
-        batch[b"coarse_labels"] = [int(v) for v in rng.integers(0, 20, size=n)]
-        _dump(folder / name, batch)
-    _dump(
-        folder / "meta",
-        {
-            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
-        },
-    )
-    return folder
-
-
-@pytest.fixture
-def cifar10_root(tmp_path: Path) -> Path:
-    make_fake_cifar10(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def cifar100_root(tmp_path: Path) -> Path:
-    make_fake_cifar100(tmp_path)
-    return tmp_path
-
 
 def _transform_types(ds) -> list[type]:
     return [type(t) for t in ds.transform.transforms]
