@@ -16,6 +16,7 @@ from rich.table import Table
 from torch import nn
 
 from . import engine
+from .counting import count_macs, count_params
 from .criteria import parse_criterion
 from .decompose import Decomposition, decompose_with_report
 from .io import save
@@ -39,10 +40,13 @@ def progress_bars(enabled: bool = True) -> Iterator[Optional[engine.ProgressFact
 
         def factory(total: int, description: str):
             task = progress.add_task(description, total=total)
+            done = 0
 
             def advance(n: int = 1) -> None:
+                nonlocal done
+                done += n
                 progress.advance(task, n)
-                if progress.tasks[-1].finished or progress._tasks[task].finished:  # noqa: SLF001
+                if done >= total:
                     progress.remove_task(task)
 
             return advance
@@ -118,8 +122,6 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
     table = Table(title=f"run {run_dir}")
     for col in ("method", "scheme", "test top-1", "MACs", "params", "train time", "TRP time"):
         table.add_column(col)
-    from .counting import count_macs, count_params
-
     last = trainer.last_row
     table.add_row(
         config.method, config.scheme if config.method != "baseline" else "-",
@@ -231,15 +233,15 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: str, out: Opti
 @main.command(name="evaluate")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (CIFAR).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Split seed (MNIST-5k).")
+@click.option("--seed", type=int, default=None, help="Split seed (MNIST-5k) [default: the run's seed, else 0].")
 @click.option("--device", default="auto", show_default=True)
-def evaluate_cmd(path: Path, data_dir: Optional[str], seed: int, device: str) -> None:
+def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], device: str) -> None:
     """Evaluate a saved (compact) model on its data set's test split."""
-    from .counting import count_macs, count_params
-
     try:
         dev = engine.resolve_device(device)
         model, spec, config = _load_source(path, dev)
+        if seed is None:
+            seed = config.seed if config else 0
         loader = _test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
         start = time.perf_counter()
         metrics = engine.evaluate(model, loader, dev)
