@@ -74,3 +74,14 @@ def cifar10_root(tmp_path: Path) -> Path:
 def cifar100_root(tmp_path: Path) -> Path:
     make_fake_cifar100(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests run many tiny ops: one thread avoids OpenMP spin-wait stalls on busy machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -93,6 +93,8 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Start from this dense model file "
+              "(e.g. a baseline run's model.safetensors) instead of random weights.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/MODEL-DATA-METHOD-SCHEME].")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue this run directory from its last checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

@@ -25,13 +25,15 @@ def probe_forward(model: nn.Module, input_shape: Sequence[int], hooks: dict[nn.M
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
-    was_training = model.training
+    # Restore each module's own mode (a frozen BatchNorm inside a training model stays eval).
+    modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(tuple(input_shape), device=device, dtype=dtype))
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
         for handle in handles:
             handle.remove()
 

@@ -51,8 +51,9 @@ class Energy(Criterion):
 
     def _ranks(self, sigma: Tensor) -> Tensor:
         energy = sigma.square().cumsum(-1)
-        total = energy[..., -1:].clamp_min(torch.finfo(energy.dtype).tiny)
-        frac = energy / total
+        total = energy[..., -1:]
+        # An all-zero spectrum has no energy to keep: rank 1.
+        frac = torch.where(total > 0, energy / total.clamp_min(torch.finfo(energy.dtype).tiny), 1.0)
         # Count prefixes whose energy is still short of e; a tiny slack absorbs rounding.
         return (frac < self.e - 1e-6).sum(-1) + 1
 

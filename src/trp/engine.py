@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
+    init_from: Optional[str] = None  # a dense model file (trp format) to start from, e.g. a baseline
 
     def resolved_milestones(self) -> list[int]:
         if self.milestones is not None:
@@ -180,6 +181,8 @@ class Trainer:
         self.train_set, self.test_set = train_set, test_set
         torch.manual_seed(config.seed)
         self.model = self.spec.build().to(self.device)
+        if config.init_from:
+            self._init_from(Path(config.init_from))
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -200,6 +203,20 @@ class Trainer:
         self.last_row: dict[str, Any] = {}
         self.train_seconds = 0.0
         self.trp_seconds = 0.0
+
+    def _init_from(self, path: Path) -> None:
+        """Start from the weights of a dense model of the same architecture."""
+        meta = read_metadata(path)
+        spec = ModelSpec.from_metadata(meta, path)
+        if (spec.model, spec.in_channels, spec.num_classes) != (self.spec.model, self.spec.in_channels, self.spec.num_classes):
+            raise ValueError(
+                f"--init-from {path} holds a {spec.model} with {spec.in_channels} input channels and "
+                f"{spec.num_classes} classes; this run trains a {self.spec.model} with "
+                f"{self.spec.in_channels} and {self.spec.num_classes}"
+            )
+        if json.loads(meta.get("recipe", "{}")):
+            raise ValueError(f"--init-from {path} is a decomposed model; start from a dense one")
+        load_weights(path, self.model)
 
     # -- files -----------------------------------------------------------------------
     @property

@@ -166,26 +166,32 @@ class TRP:
     @torch.no_grad()
     def _refresh(self, project: bool) -> None:
         for names in self._groups().values():
-            scheme = self._schemes[names[0]]
-            shape = self._params[names[0]].shape
-            weights = torch.stack([self._params[n].detach() for n in names])
-            matrix = scheme.to_matrix(weights)
-            u, s, vh = checked_svd(matrix, f"TRP layers {names}")
+            # Inside an autocast region the reconstruction matmuls below would run in
+            # bf16/fp16, and the projected weight would not be exactly low rank.
+            with torch.autocast(device_type=self._params[names[0]].device.type, enabled=False):
+                self._refresh_group(names, project)
+
+    def _refresh_group(self, names: list[str], project: bool) -> None:
+        scheme = self._schemes[names[0]]
+        shape = self._params[names[0]].shape
+        weights = torch.stack([self._params[n].detach() for n in names])
+        matrix = scheme.to_matrix(weights)
+        u, s, vh = checked_svd(matrix, f"TRP layers {names}")
+        if project:
+            ranks = self.criterion.ranks(s)
+            keep = torch.arange(s.shape[-1], device=s.device) < ranks[..., None]
+        else:
+            ranks = None
+            tol = s[..., :1] * max(matrix.shape[-2:]) * torch.finfo(s.dtype).eps
+            keep = s > tol
+        keep = keep.to(s.dtype)
+        subgrad = scheme.from_matrix((u * keep[..., None, :]) @ vh, shape)
+        if project:
+            low = scheme.from_matrix((u * (s * keep)[..., None, :]) @ vh, shape)
+            kept = ranks.reshape(len(names), -1).max(dim=1).values.tolist()
+        for i, name in enumerate(names):
+            param = self._params[name]
+            self._subgrad[name] = subgrad[i].to(param.dtype)
             if project:
-                ranks = self.criterion.ranks(s)
-                keep = torch.arange(s.shape[-1], device=s.device) < ranks[..., None]
-            else:
-                ranks = None
-                tol = s[..., :1] * max(matrix.shape[-2:]) * torch.finfo(s.dtype).eps
-                keep = s > tol
-            keep = keep.to(s.dtype)
-            subgrad = scheme.from_matrix((u * keep[..., None, :]) @ vh, shape)
-            if project:
-                low = scheme.from_matrix((u * (s * keep)[..., None, :]) @ vh, shape)
-                kept = ranks.reshape(len(names), -1).max(dim=1).values.tolist()
-            for i, name in enumerate(names):
-                param = self._params[name]
-                self._subgrad[name] = subgrad[i].to(param.dtype)
-                if project:
-                    param.copy_(low[i].to(param.dtype))
-                    self.ranks[name] = int(kept[i])
+                param.copy_(low[i].to(param.dtype))
+                self.ranks[name] = int(kept[i])
