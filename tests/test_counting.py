@@ -12,15 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import trp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: threads only add overhead, and stall badly on a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Reused(nn.Module):
     """A block applied twice: its MACs count twice."""
 

@@ -16,15 +16,6 @@ from trp.schemes import SCHEMES, LowRank, scheme_for
 CONV_SCHEMES = ["channel", "spatial"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: threads only add overhead, and stall badly on a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class SmallCNN(nn.Module):
     """stem (3×3) → conv1 (3×3, stride 2) → conv2 (3×3, non-square pad) → pw (1×1) → fc1 → fc2."""
 

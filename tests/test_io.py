@@ -28,15 +28,6 @@ TESTS_DIR = Path(__file__).parent
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: threads only add overhead, and stall badly on a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def one_thread():
     # Same thread count here and in the child process: identical reduction order.

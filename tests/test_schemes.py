@@ -19,15 +19,6 @@ CONV_SCHEMES = ["channel", "spatial"]
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: threads only add overhead, and stall badly on a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- drawing conv configurations ------------------------------------------------------
 @dataclass
 class ConvCase:

@@ -18,15 +18,6 @@ CONV_SCHEMES = ["channel", "spatial"]
 TARGETS = ["a", "b", "c", "d", "fc1"]  # the default selection of ResLike
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: threads only add overhead, and stall badly on a busy core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class ResLike(nn.Module):
     """Stem, two same-shape 8→8 convs, a strided 8→16 conv, a 16→16 conv, 1×1, two linears."""
 

@@ -23,7 +23,8 @@ from .io import save
 from .report import CompressionSummary, summarize
 from .schemes import SCHEMES
 
-console = Console(stderr=False)
+# Wide enough for the layer table when the output goes to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @contextmanager
