@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--schemes", default="channel,spatial")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--period", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=40, help="iterations per timed block")
+    parser.add_argument("--steps", type=int, default=20, help="iterations per timed block")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved with/without rounds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trp_overhead.json")

@@ -256,8 +256,8 @@ def test_layer_without_mac_saving_stays_dense() -> None:
 
 # --- errors ---------------------------------------------------------------------------
 def test_unknown_scheme() -> None:
-    with pytest.raises(ValueError, match=r"(?s)decouple.*channel.*spatial"):
-        trp.decompose(_seeded(SmallCNN()), "decouple")
+    with pytest.raises(ValueError, match=r"(?s)tucker.*channel.*decouple.*spatial"):
+        trp.decompose(_seeded(SmallCNN()), "tucker")
 
 
 @pytest.mark.parametrize(
@@ -398,3 +398,41 @@ def test_linear_tokens_with_input_shape() -> None:
     assert result.layers[0].macs_after == 5 * 2 * (16 + 32)
     saved = sum(e.macs_before - e.macs_after for e in result.layers)
     assert trp.count_macs(result.model, shape) == trp.count_macs(model, shape) - saved
+
+
+# --- decouple (one matrix view per output filter) ---------------------------------------
+def test_decouple_equals_per_filter_truncation() -> None:
+    model = _seeded(SmallCNN()).double()
+    report = trp.decompose_with_report(model, "decouple", FixedRank(3), input_shape=(1, 3, 12, 12))
+    compact = report.model
+    factorized = [r for r in report.layers if r.status == "factorized"]
+    assert factorized and all(r.rank == 3 for r in factorized)
+    reference = _snapshot(model)
+    assert {r.scheme for r in factorized} == {"decouple", "linear"}
+    for r in factorized:
+        scheme = scheme_for(model.get_submodule(r.name), "decouple")
+        w = model.get_submodule(r.name).weight.detach()
+        u, s, vh = torch.linalg.svd(scheme.to_matrix(w), full_matrices=False)
+        reference[r.name + ".weight"] = scheme.from_matrix((u[..., :3] * s[..., None, :3]) @ vh[..., :3, :], w.shape)
+    dense = _seeded(SmallCNN()).double()
+    dense.load_state_dict(reference)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), dense(x), rtol=0, atol=1e-10)
+    assert trp.count_macs(compact, (1, 3, 12, 12)) == sum(
+        r.macs_after for r in report.layers if r.macs_after is not None
+    ) + trp.count_macs(model, (1, 3, 12, 12)) - sum(r.macs_before for r in report.layers if r.macs_before)
+
+
+def test_decouple_rank_is_the_largest_over_filters() -> None:
+    conv = nn.Conv2d(4, 3, 3, padding=1, bias=False)
+    with torch.no_grad():  # filter 0 has rank 1, filter 1 rank 2, filter 2 rank 3 (C × 9 views)
+        conv.weight.zero_()
+        for i in range(3):
+            for k in range(i + 1):
+                conv.weight[i] += torch.randn(4, 1, 1) * torch.randn(1, 3, 3)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), conv)
+    report = trp.decompose_with_report(model, "decouple", Value(1e-6), layers=["1"], input_shape=(1, 4, 8, 8))
+    assert report.layers[0].rank == 3
+    report = trp.decompose_with_report(model, "decouple", Value(1e-6), layers=["1"])
+    assert report.layers[0].max_rank == 4

@@ -14,7 +14,7 @@ from torch import nn
 import trp
 from trp.schemes import SCHEMES, LowRank, get_scheme, scheme_for, unsupported_reason
 
-CONV_SCHEMES = ["channel", "spatial"]
+CONV_SCHEMES = ["channel", "spatial", "decouple"]
 # torch warns that 'same' with an even kernel pads a copy of the input: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
@@ -74,7 +74,8 @@ def _truncated_dense(module: nn.Module, scheme, r: int) -> nn.Module:
     u, s, vh = _svd(scheme, module.weight)
     dense = copy.deepcopy(module)
     with torch.no_grad():
-        dense.weight.copy_(scheme.from_matrix((u[:, :r] * s[:r]) @ vh[:r], module.weight.shape))
+        # works for one matrix view and for a batch of them (decouple: one per filter)
+        dense.weight.copy_(scheme.from_matrix((u[..., :r] * s[..., None, :r]) @ vh[..., :r, :], module.weight.shape))
     return dense
 
 
@@ -176,11 +177,11 @@ def test_conv_matrix_round_trip(name: str, lead: list[int], shape: tuple[int, ..
     scheme = SCHEMES[name]
     w = torch.randn(*lead, *shape)
     m = scheme.to_matrix(w)
-    assert m.shape[:-2] == tuple(lead)
+    assert m.shape[: len(lead)] == tuple(lead)
     assert torch.equal(scheme.from_matrix(m, torch.Size(shape)), w)
     # A batched view is the stack of the single views.
     flat_w = w.reshape(-1, *shape)
-    flat_m = m.reshape(-1, *m.shape[-2:])
+    flat_m = m.reshape(-1, *m.shape[len(lead):])
     for i in range(flat_w.shape[0]):
         assert torch.equal(flat_m[i], scheme.to_matrix(flat_w[i]))
 
@@ -242,10 +243,10 @@ def test_factors_take_module_dtype(name: str, dtype: torch.dtype) -> None:
 
 
 def test_get_scheme_and_scheme_for() -> None:
-    assert set(SCHEMES) == {"channel", "spatial"}
+    assert set(SCHEMES) == {"channel", "spatial", "decouple"}
     assert get_scheme("spatial") is SCHEMES["spatial"]
-    with pytest.raises(ValueError, match="channel, spatial"):
-        get_scheme("decouple")
+    with pytest.raises(ValueError, match="channel, decouple, spatial"):
+        get_scheme("tucker")
     conv = nn.Conv2d(2, 2, 3)
     assert scheme_for(conv, "spatial").name == "spatial"
     with pytest.raises(ValueError, match="unknown scheme"):
@@ -267,3 +268,20 @@ def test_nominal_sizes() -> None:
     conv = nn.Conv2d(2, 2, 3, stride=(2, 3))
     assert SCHEMES["spatial"].nominal_sizes(conv) == ((1, 1), (2, 3))
     assert scheme_for(nn.Linear(2, 2), "channel").nominal_sizes(nn.Linear(2, 2)) == ((1, 1), (1, 1))
+
+
+def test_decouple_structure_and_matrix_view() -> None:
+    conv = nn.Conv2d(6, 10, (3, 5), stride=2, padding=(1, 2), dilation=(1, 2), bias=True)
+    scheme = SCHEMES["decouple"]
+    w = conv.weight.detach()
+    m = scheme.to_matrix(w)
+    assert m.shape == (10, 6, 15)  # one C × (kh·kw) matrix per output filter
+    assert torch.equal(m[3, 2], w[3, 2].flatten())
+    assert scheme.max_rank(conv) == 6
+    low = scheme.build(conv, 2)
+    assert (low.first.in_channels, low.first.out_channels, low.first.kernel_size) == (6, 20, (1, 1))
+    assert low.first.stride == (1, 1) and low.first.bias is None
+    second = low.second
+    assert (second.in_channels, second.out_channels, second.groups) == (20, 10, 10)
+    assert (second.kernel_size, second.stride, second.padding, second.dilation) == ((3, 5), (2, 2), (1, 2), (1, 2))
+    assert second.bias is not None

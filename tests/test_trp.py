@@ -269,7 +269,7 @@ def test_period_none_never_projects_but_regularizes() -> None:
         (dict(nuclear_weight=-1e-4), "nuclear_weight"),
         (dict(nuclear_weight=math.nan), "nuclear_weight"),
         (dict(nuclear_weight=math.inf), "nuclear_weight"),
-        (dict(scheme="decouple"), r"(?s)unknown scheme.*channel.*spatial"),
+        (dict(scheme="tucker"), r"(?s)unknown scheme.*channel.*spatial"),
         (dict(subgradient_period=0), "subgradient_period"),
         (dict(period=None, nuclear_weight=0), "nothing"),
         (dict(layers=["nope"]), "'nope' not found"),
@@ -480,3 +480,34 @@ def test_one_svd_per_distinct_shape(scheme: str, monkeypatch: pytest.MonkeyPatch
     assert shapes == []
     pruner.step()  # iteration 2: one projection, 4 SVDs
     assert len(shapes) == 4
+
+
+# --- decouple: one matrix per output filter ----------------------------------------------
+def test_decouple_projection_and_subgradient_per_filter() -> None:
+    model = _model(4).double()
+    pruner = trp.TRP(model, "decouple", energy=0.8, period=5, nuclear_weight=0.01)
+    scheme = trp.SCHEMES["decouple"]
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in pruner.layer_names if "fc" not in n}
+    pruner.project()
+    for name, w0 in before.items():
+        s0 = torch.linalg.svdvals(scheme.to_matrix(w0))
+        want = trp.Energy(0.8).ranks(s0)  # per filter
+        s1 = torch.linalg.svdvals(scheme.to_matrix(model.get_submodule(name).weight.detach()))
+        got = (s1 > s1[..., :1] * 1e-9).sum(-1)
+        assert torch.equal(got, want)
+        assert pruner.ranks[name] == int(want.max())
+    model.zero_grad()
+    for n in pruner.layer_names:
+        model.get_submodule(n).weight.grad = torch.zeros_like(model.get_submodule(n).weight)
+    pruner.regularize()
+    for name in before:
+        w = model.get_submodule(name).weight.detach()
+        u, s, vh = torch.linalg.svd(scheme.to_matrix(w), full_matrices=False)
+        keep = (s > s[..., :1] * 1e-9).to(s.dtype)
+        expected = scheme.from_matrix((u * keep[..., None, :]) @ vh, w.shape)
+        torch.testing.assert_close(model.get_submodule(name).weight.grad, 0.01 * expected, rtol=1e-6, atol=1e-9)
+    compact = pruner.decompose(trp.Value(1e-6))
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact.eval()(x), model(x), rtol=1e-6, atol=1e-8)

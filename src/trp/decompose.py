@@ -81,6 +81,15 @@ def trace_sizes(
     return sizes
 
 
+def _kept_rank(criterion: RankCriterion, sigma: Tensor) -> int:
+    """The criterion's rank; for a batch of spectra (decouple), the largest over the batch."""
+    if sigma.ndim == 1:
+        return int(criterion(sigma))
+    if isinstance(criterion, Criterion):
+        return int(criterion.ranks(sigma).max())
+    return max(int(criterion(row)) for row in sigma.reshape(-1, sigma.shape[-1]))
+
+
 def decompose_with_report(
     model: nn.Module,
     scheme: str = "channel",
@@ -112,7 +121,7 @@ def decompose_with_report(
         sch = scheme_for(module, scheme)
         weight = module.weight.detach()
         u, s, vh = checked_svd(sch.to_matrix(weight), f"layer {name!r}")
-        rank = int(criterion(s))
+        rank = _kept_rank(criterion, s)
         max_rank = s.shape[-1]
         if not 1 <= rank <= max_rank:
             raise ValueError(f"criterion {criterion!r} returned rank {rank} for layer {name!r} (1..{max_rank})")
@@ -146,7 +155,7 @@ def decompose(
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
 
-    ``scheme`` is ``"channel"`` or ``"spatial"`` for convs; Linear layers are split
+    ``scheme`` is ``"channel"``, ``"spatial"`` or ``"decouple"`` for convs; Linear layers are split
     ``in→r→out`` under any scheme. ``criterion`` (default ``Energy(0.9)``) picks each
     layer's rank from its spectrum. ``layers`` is None (see :mod:`trp.layers`), a list of
     module names, or a predicate ``(name, module) -> bool``. ``input_shape`` makes the

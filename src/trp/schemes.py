@@ -9,6 +9,7 @@ used by TRP training to project weights onto low rank.
 |----------|--------------------------|---------------------------|-------------------------|
 | channel  | ``N × (C·kh·kw)``        | conv ``C→r``, ``kh×kw``   | conv 1×1 ``r→N`` (+bias)|
 | spatial  | ``(C·kh) × (N·kw)``      | conv ``C→r``, ``kh×1``    | conv ``r→N``, ``1×kw``  |
+| decouple | per filter ``C × (kh·kw)``| 1×1 conv ``C→N·r``       | grouped ``kh×kw`` conv ``N·r→N`` (+bias)|
 | linear   | ``out × in``             | linear ``in→r``           | linear ``r→out`` (+bias)|
 
 Linear layers use the ``linear`` scheme whatever scheme is asked for convolutions.
@@ -27,6 +28,7 @@ __all__ = [
     "Scheme",
     "ChannelScheme",
     "SpatialScheme",
+    "DecoupleScheme",
     "LinearScheme",
     "LowRank",
     "SCHEMES",
@@ -105,9 +107,9 @@ class Scheme(ABC):
 
     def factorize(self, module: nn.Module, u: Tensor, s: Tensor, vh: Tensor, rank: int) -> LowRank:
         """Two layers equal to ``module`` with its matrix view truncated to ``rank``."""
-        root = s[:rank].sqrt()
-        a = u[:, :rank] * root
-        b = root[:, None] * vh[:rank]
+        root = s[..., :rank].sqrt()
+        a = u[..., :rank] * root[..., None, :]
+        b = root[..., :, None] * vh[..., :rank, :]
         low = self.build(module, rank)
         with torch.no_grad():
             self._load_factors(low, module, a, b)
@@ -241,6 +243,55 @@ class SpatialScheme(Scheme):
         return rank * c * kh * out_hw[0] * in_hw[1] + rank * n * kw * out_hw[0] * out_hw[1]
 
 
+class DecoupleScheme(Scheme):
+    """Network decoupling (Guo et al. 2018): per output filter, ``C × (kh·kw)`` truncated.
+
+    The layer becomes ``r`` parallel paths per output channel, each a pointwise ``C→N``
+    conv followed by a depthwise ``kh×kw`` conv, summed. Here the ``r`` pointwise convs
+    are one 1×1 conv ``C→N·r`` and the depthwise-and-sum is one grouped conv ``N·r→N``
+    (``groups=N``) carrying the original stride, padding, dilation and bias. The
+    pointwise conv runs at the input resolution. The matrix view has one matrix per
+    output filter (a leading batch dimension of size ``N``); its rank is the largest
+    rank kept over the filters.
+    """
+
+    name = "decouple"
+
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.flatten(-2)
+
+    def from_matrix(self, matrix: Tensor, shape: torch.Size) -> Tensor:
+        return matrix.reshape(*matrix.shape[:-3], *shape)
+
+    def build(self, module: nn.Module, rank: int) -> LowRank:
+        assert isinstance(module, nn.Conv2d)
+        n, c, kh, kw = module.weight.shape
+        first = _conv_like(module, c, n * rank, (1, 1), (1, 1), (0, 0), (1, 1), bias=False)
+        first.padding_mode = "zeros"
+        second = nn.Conv2d(
+            n * rank, n, (kh, kw), stride=module.stride, padding=module.padding,  # type: ignore[arg-type]
+            dilation=module.dilation, groups=n, bias=module.bias is not None,
+            padding_mode=module.padding_mode, device=module.weight.device, dtype=module.weight.dtype,
+        )
+        return LowRank(first, second, self.name, rank)
+
+    def _load_factors(self, low: LowRank, module: nn.Module, a: Tensor, b: Tensor) -> None:
+        # a: (N, C, r), b: (N, r, kh·kw); W[i, c, p] = sum_k a[i, c, k] b[i, k, p]
+        n, c, kh, kw = module.weight.shape
+        dtype = module.weight.dtype
+        rank = a.shape[-1]
+        low.first.weight.copy_(a.permute(0, 2, 1).reshape(n * rank, c, 1, 1).to(dtype))
+        low.second.weight.copy_(b.reshape(n, rank, kh, kw).to(dtype))
+        if module.bias is not None:
+            low.second.bias.copy_(module.bias)
+
+    def macs(self, module: nn.Module, rank: Optional[int], out_hw: HW, in_hw: HW) -> int:
+        if rank is None:
+            return _dense_conv_macs(module, out_hw)
+        n, c, kh, kw = module.weight.shape
+        return n * rank * c * in_hw[0] * in_hw[1] + n * rank * kh * kw * out_hw[0] * out_hw[1]
+
+
 class LinearScheme(Scheme):
     """``W (out×in) ≈ A·B``: linear ``in→r`` without bias, then ``r→out`` with the bias."""
 
@@ -274,12 +325,12 @@ class LinearScheme(Scheme):
         return rank * (module.in_features + module.out_features) * positions
 
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (ChannelScheme(), SpatialScheme())}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (ChannelScheme(), SpatialScheme(), DecoupleScheme())}
 _LINEAR = LinearScheme()
 
 
 def get_scheme(name: str) -> Scheme:
-    """The conv scheme called ``name`` (``channel`` or ``spatial``)."""
+    """The conv scheme called ``name`` (``channel``, ``spatial`` or ``decouple``)."""
     try:
         return SCHEMES[name]
     except KeyError:
