@@ -145,16 +145,10 @@ def _load_source(source: Path, device: torch.device) -> tuple[nn.Module, engine.
         source = source / "model.safetensors" if (source / "model.safetensors").exists() else source / "checkpoint.pt"
     if source.suffix == ".pt":
         config = config or engine.load_config(source.parent)
-        trainer_spec = engine.ModelSpec.from_info(config.model, engine.DATASET_INFO[config.data])
-        model = trainer_spec.build().to(device)
-        try:
-            state = torch.load(source, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{source} does not exist: the run has no checkpoint yet") from None
-        except Exception as err:
-            raise ValueError(f"{source} is not a readable trp checkpoint ({err})") from err
-        return model, trainer_spec, config
+        spec = engine.ModelSpec.from_info(config.model, engine.DATASET_INFO[config.data])
+        model = spec.build().to(device)
+        model.load_state_dict(engine.read_checkpoint(source, device)["model"])
+        return model, spec, config
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: pass a run directory or a model file")
     model, spec = engine.load_model_file(source, device)

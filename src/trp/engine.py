@@ -40,6 +40,7 @@ __all__ = [
     "resolve_device",
     "load_model_file",
     "load_config",
+    "read_checkpoint",
 ]
 
 METHODS = ("baseline", "nuclear", "trp")
@@ -160,6 +161,20 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     return {"loss": loss_sum / total, "top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total}
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A training checkpoint written by :class:`Trainer` (read with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the run has no checkpoint yet")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is corrupt or not a trp checkpoint ({err}); start the run again") from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} is not a trp training checkpoint (no 'model' entry)")
+    return state
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
@@ -246,14 +261,11 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the last checkpoint of ``run_dir`` and drop metrics of later epochs."""
-        try:
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        except FileNotFoundError:
+        if not self.checkpoint_path.exists():
             raise FileNotFoundError(
                 f"nothing to resume: {self.checkpoint_path} does not exist (the run never finished an epoch)"
-            ) from None
-        except Exception as err:
-            raise ValueError(f"{self.checkpoint_path} is corrupt ({err}); start the run again") from err
+            )
+        state = read_checkpoint(self.checkpoint_path, self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -275,7 +287,10 @@ class Trainer:
         torch.manual_seed(_epoch_seed(cfg.seed, self.epoch))
         loader = make_loader(self.train_set, cfg.batch_size, True, _epoch_seed(cfg.seed, self.epoch), cfg.workers)
         self.model.train()
-        total, loss_sum, correct = 0, 0.0, 0
+        # Sums stay on the device: no host sync inside the step.
+        total = 0
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
         bar = self.progress(len(loader), f"epoch {self.epoch + 1}/{cfg.epochs}") if self.progress else None
         trp_before = self.pruner.seconds if self.pruner else 0.0
         start = time.perf_counter()
@@ -283,11 +298,6 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             out = self.model(x)
             loss = F.cross_entropy(out, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} in epoch {self.epoch + 1}: training diverged; "
-                    "lower --lr or --nuclear-weight"
-                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.pruner:
@@ -295,17 +305,23 @@ class Trainer:
             self.optimizer.step()
             if self.pruner:
                 self.pruner.step()
-            loss_sum += loss.item() * y.numel()
-            correct += out.argmax(1).eq(y).sum().item()
+            loss_sum += loss.detach() * y.numel()
+            correct += out.detach().argmax(1).eq(y).sum()
             total += y.numel()
             if bar:
                 bar(1)
+        mean_loss = loss_sum.item() / total
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"loss became {mean_loss} in epoch {self.epoch + 1}: training diverged; "
+                "lower --lr or --nuclear-weight"
+            )
         seconds = time.perf_counter() - start
         trp_seconds = (self.pruner.seconds - trp_before) if self.pruner else 0.0
         self.train_seconds += seconds
         self.trp_seconds += trp_seconds
         return {
-            "train_loss": loss_sum / total, "train_top1": 100.0 * correct / total,
+            "train_loss": mean_loss, "train_top1": 100.0 * correct.item() / total,
             "epoch_seconds": seconds, "trp_seconds": trp_seconds,
         }
 

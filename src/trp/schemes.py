@@ -131,6 +131,7 @@ def _conv_like(
     padding: str | HW,
     dilation: HW,
     bias: bool,
+    groups: int = 1,
 ) -> nn.Conv2d:
     return nn.Conv2d(
         in_ch,
@@ -139,6 +140,7 @@ def _conv_like(
         stride=stride,
         padding=padding,
         dilation=dilation,
+        groups=groups,
         bias=bias,
         padding_mode=module.padding_mode,
         device=module.weight.device,
@@ -268,10 +270,9 @@ class DecoupleScheme(Scheme):
         n, c, kh, kw = module.weight.shape
         first = _conv_like(module, c, n * rank, (1, 1), (1, 1), (0, 0), (1, 1), bias=False)
         first.padding_mode = "zeros"
-        second = nn.Conv2d(
-            n * rank, n, (kh, kw), stride=module.stride, padding=module.padding,  # type: ignore[arg-type]
-            dilation=module.dilation, groups=n, bias=module.bias is not None,
-            padding_mode=module.padding_mode, device=module.weight.device, dtype=module.weight.dtype,
+        second = _conv_like(
+            module, n * rank, n, (kh, kw), _pair(module.stride), module.padding,  # type: ignore[arg-type]
+            _pair(module.dilation), module.bias is not None, groups=n,
         )
         return LowRank(first, second, self.name, rank)
 
