@@ -46,9 +46,8 @@ def match_conv_macs(
             best, lo = (e, compact), e
         else:
             hi = e
-    if best is None:
-        e = lo if lo > 0 else 1e-6
-        return e, decompose(model, scheme, Energy(e), input_shape=input_shape)
+    if best is None:  # even the smallest ranks miss the target: return those
+        return 1e-6, decompose(model, scheme, Energy(1e-6), input_shape=input_shape)
     return best
 
 
