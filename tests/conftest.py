@@ -85,3 +85,33 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+IMAGEFOLDER_CLASSES = ("cat", "dog", "fish")
+IMAGEFOLDER_SIZES = ((40, 50), (64, 48), (50, 40), (48, 64))  # (width, height)
+
+
+def make_fake_imagefolder(
+    root: Path,
+    classes: tuple[str, ...] = IMAGEFOLDER_CLASSES,
+    n_train: int = 4,
+    n_val: int = 2,
+) -> Path:
+    """Fake ``root/{train,val}/<class>/<image>.JPEG`` with small random JPEGs of mixed sizes; returns ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                w, h = IMAGEFOLDER_SIZES[(label + i) % len(IMAGEFOLDER_SIZES)]
+                pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{split}_{name}_{i}.JPEG", format="JPEG")
+    return root
+
+
+@pytest.fixture
+def imagefolder_root(tmp_path: Path) -> Path:
+    return make_fake_imagefolder(tmp_path / "imagenet")

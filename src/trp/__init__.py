@@ -1,5 +1,6 @@
 """trp: low-rank training for PyTorch (Trained Rank Pruning), then split layers in two."""
 
+from .allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
 from .counting import count_macs, count_params, layer_macs
 from .criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
 from .decompose import Decomposition, LayerReport, decompose, decompose_with_report
@@ -18,6 +19,10 @@ __all__ = [
     "Ratio",
     "FixedRank",
     "parse_criterion",
+    "TargetSpeedup",
+    "Global",
+    "LayerRanks",
+    "WholeModelCriterion",
     "decompose",
     "decompose_with_report",
     "Decomposition",

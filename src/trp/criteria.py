@@ -120,22 +120,48 @@ class FixedRank(Criterion):
         return f"FixedRank({self.k})"
 
 
+def _speedup(v: str, cls_name: str):
+    from . import allocation
+
+    number, _, scope = v.partition(":")
+    if scope not in ("", "convs"):
+        raise ValueError(f"the scope after the speedup must be 'convs', got {scope!r}")
+    if cls_name == "TargetSpeedup":
+        return allocation.TargetSpeedup(float(number), convs_only=scope == "convs")
+    return allocation.Global(speedup=float(number), convs_only=scope == "convs")
+
+
+def _global(v: str):
+    from .allocation import Global
+
+    return Global(drop=float(v))
+
+
 _PARSERS = {
     "energy": lambda v: Energy(float(v)),
     "value": lambda v: Value(float(v)),
     "ratio": lambda v: Ratio(float(v)),
     "rank": lambda v: FixedRank(int(v)),
+    "speedup": lambda v: _speedup(v, "TargetSpeedup"),
+    "global": _global,
+    "global-speedup": lambda v: _speedup(v, "Global"),
 }
 
 
-def parse_criterion(text: str) -> Criterion:
-    """Parse ``energy:0.9``, ``value:0.05``, ``ratio:0.5`` or ``rank:8``."""
+def parse_criterion(text: str):
+    """Parse a criterion string.
+
+    Per layer: ``energy:0.9``, ``value:0.05``, ``ratio:0.5``, ``rank:8``. Whole model
+    (:mod:`trp.allocation`): ``speedup:3`` (:class:`TargetSpeedup`; ``speedup:3:convs``
+    counts conv MACs only), ``global:0.5`` (:class:`Global` dropping half of the pooled
+    normalized singular values) and ``global-speedup:3``.
+    """
     kind, sep, value = text.partition(":")
     kind = kind.strip().lower()
     if not sep or kind not in _PARSERS:
         raise ValueError(
-            f"criterion {text!r} not understood: use energy:E, value:T, ratio:P or rank:K "
-            "(e.g. value:0.05)"
+            f"criterion {text!r} not understood: use energy:E, value:T, ratio:P, rank:K, "
+            "speedup:X, global:P or global-speedup:X (e.g. value:0.05)"
         )
     try:
         return _PARSERS[kind](value.strip())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -10,7 +11,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .counting import probe_forward
+from .allocation import LayerSpectrum, WholeModelCriterion
+from .counting import count_macs, probe_forward
 from .criteria import Criterion, Energy
 from .layers import LayerSelector, select_layers, set_module
 from .schemes import LowRank, get_scheme, scheme_for
@@ -26,7 +28,7 @@ __all__ = [
     "apply_recipe",
 ]
 
-RankCriterion = Union[Criterion, Callable[[Tensor], int]]
+RankCriterion = Union[Criterion, WholeModelCriterion, Callable[[Tensor], int]]
 
 
 @dataclass
@@ -115,18 +117,49 @@ def decompose_with_report(
             + (f" ({len(skipped)} skipped: {skipped[0][1]})" if skipped else "")
             + ". Pass layers=[names] or a predicate to choose layers explicitly."
         )
+    whole = isinstance(criterion, WholeModelCriterion)
+    if whole and criterion.needs_input_shape and input_shape is None:
+        raise ValueError(f"{criterion!r} counts the model's MACs: pass input_shape=(1, C, H, W)")
     sizes = trace_sizes(new, [m for _, m in targets], input_shape) if input_shape else {}
 
+    # Pass 1: spectra and MAC costs of every target.
+    entries = []
     for name, module in targets:
         sch = scheme_for(module, scheme)
-        weight = module.weight.detach()
-        u, s, vh = checked_svd(sch.to_matrix(weight), f"layer {name!r}")
-        rank = _kept_rank(criterion, s)
+        u, s, vh = checked_svd(sch.to_matrix(module.weight.detach()), f"layer {name!r}")
+        out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
+        entries.append((name, module, sch, (u, s, vh), out_hw, in_hw))
+
+    # Pass 2: ranks, per layer or for the whole model at once.
+    if whole:
+        convs_only = getattr(criterion, "convs_only", False)
+        counted = [e for e in entries if not (convs_only and not isinstance(e[1], nn.Conv2d))]
+        spectra = [
+            LayerSpectrum(name, svd[1], sch.macs(module, None, out_hw, in_hw),
+                          functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw))
+            for name, module, sch, svd, out_hw, in_hw in counted
+        ]
+        fixed = 0
+        if input_shape is not None:
+            fixed = count_macs(new, input_shape, convs_only=convs_only) - sum(sp.dense_macs for sp in spectra)
+        ranks = criterion.allocate(spectra, fixed)
+        # With convs_only, linears are outside the budget: they keep full rank (stay dense).
+        counted_names = {sp.name for sp in spectra}
+        ranks.update({e[0]: int(e[3][1].shape[-1]) for e in entries if e[0] not in counted_names})
+    else:
+        ranks = {name: _kept_rank(criterion, svd[1]) for name, _, _, svd, _, _ in entries}
+
+    # Pass 3: factorize where MACs drop.
+    for name, module, sch, (u, s, vh), out_hw, in_hw in entries:
         max_rank = s.shape[-1]
+        before = sch.macs(module, None, out_hw, in_hw)
+        if name not in ranks:
+            report.layers.append(LayerReport(name, sch.name, "dense", None, max_rank, before, before,
+                                             reason=f"{criterion!r} gives it no rank"))
+            continue
+        rank = ranks[name]
         if not 1 <= rank <= max_rank:
             raise ValueError(f"criterion {criterion!r} returned rank {rank} for layer {name!r} (1..{max_rank})")
-        out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
-        before = sch.macs(module, None, out_hw, in_hw)
         after = sch.macs(module, rank, out_hw, in_hw)
         entry = LayerReport(name, sch.name, "dense", rank, max_rank, before, after)
         if after < before:
@@ -157,7 +190,8 @@ def decompose(
 
     ``scheme`` is ``"channel"``, ``"spatial"`` or ``"decouple"`` for convs; Linear layers are split
     ``in→r→out`` under any scheme. ``criterion`` (default ``Energy(0.9)``) picks each
-    layer's rank from its spectrum. ``layers`` is None (see :mod:`trp.layers`), a list of
+    layer's rank from its spectrum, or, for a whole-model criterion such as
+    ``TargetSpeedup(3.0)`` (:mod:`trp.allocation`), all ranks at once. ``layers`` is None (see :mod:`trp.layers`), a list of
     module names, or a predicate ``(name, module) -> bool``. ``input_shape`` makes the
     MAC comparison exact (it matters for the spatial scheme); without it costs are per
     output pixel. The input model is not modified.

@@ -41,9 +41,13 @@ __all__ = [
     "load_model_file",
     "load_config",
     "read_checkpoint",
+    "read_config_file",
 ]
 
-METHODS = ("baseline", "nuclear", "trp")
+METHODS = ("baseline", "nuclear", "trp", "lorita", "finetune")
+
+# Weight decay when the config leaves it unset: LoRITa relies on it (SPEC §2).
+DEFAULT_WEIGHT_DECAY = {"lorita": 1e-3}
 
 
 @dataclass
@@ -59,7 +63,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: Optional[float] = None  # None: 1e-3 for lorita (SPEC §2), else 1e-4 (SPEC §1.3)
     milestones: Optional[list[int]] = None  # None: epochs 81/164 and 122/164 of the run
     gamma: float = 0.1
     energy: float = 0.9
@@ -68,7 +72,29 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
-    init_from: Optional[str] = None  # a dense model file (trp format) to start from, e.g. a baseline
+    init_from: Optional[str] = None  # a model file (trp format) to start from; may be decomposed for finetune
+    weights: Optional[str] = None  # local pretrained weights (.pth/.safetensors state_dict), e.g. torchvision's
+    factor: int = 2  # lorita: linear maps per layer
+    image_size: Optional[int] = None  # ImageNet crop size (default 224)
+    steps_per_epoch: Optional[int] = None  # stop each epoch after this many batches (smoke tests)
+    decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
+
+    def __post_init__(self) -> None:
+        if self.weight_decay is None:
+            self.weight_decay = DEFAULT_WEIGHT_DECAY.get(self.method, 1e-4)
+        if isinstance(self.decompose, dict):
+            self.decompose = [self.decompose]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """A config from a mapping; unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
 
     def resolved_milestones(self) -> list[int]:
         if self.milestones is not None:
@@ -81,11 +107,24 @@ class TrainConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.data not in DATASET_INFO:
             raise ValueError(f"unknown dataset {self.data!r}; choose one of {', '.join(DATASET_INFO)}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.epochs < 0 or (self.epochs == 0 and not (self.weights or self.init_from)):
+            raise ValueError(
+                f"epochs must be >= 1 (0 only evaluates and saves a model given by weights/init_from), got {self.epochs}"
+            )
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1 when set, got {self.steps_per_epoch}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay is None or not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
+        if self.method == "lorita" and (isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 2):
+            raise ValueError(f"factor must be an integer >= 2 for method 'lorita', got {self.factor!r}")
+        if self.method == "finetune" and not self.init_from:
+            raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
+        if not isinstance(self.decompose, list) or not all(isinstance(d, dict) for d in self.decompose):
+            raise ValueError("decompose must be a list of mappings like {scheme: channel, criterion: energy:0.9}")
 
 
 @dataclass(frozen=True)
@@ -191,13 +230,22 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.device = resolve_device(config.device)
-        train_set, test_set, info = get_datasets(config.data, config.data_dir, seed=config.seed)
+        train_set, test_set, info = get_datasets(config.data, config.data_dir, seed=config.seed, image_size=config.image_size)
         self.spec = ModelSpec.from_info(config.model, info)
         self.train_set, self.test_set = train_set, test_set
         torch.manual_seed(config.seed)
-        self.model = self.spec.build().to(self.device)
+        self.model = self.spec.build()
+        if config.weights:
+            from .models import load_pretrained
+
+            load_pretrained(self.model, config.weights)
         if config.init_from:
             self._init_from(Path(config.init_from))
+        if config.method == "lorita":
+            from .lorita import overparameterize
+
+            self.model = overparameterize(self.model, config.factor)
+        self.model.to(self.device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -229,9 +277,12 @@ class Trainer:
                 f"{spec.num_classes} classes; this run trains a {self.spec.model} with "
                 f"{self.spec.in_channels} and {self.spec.num_classes}"
             )
-        if json.loads(meta.get("recipe", "{}")):
-            raise ValueError(f"--init-from {path} is a decomposed model; start from a dense one")
-        load_weights(path, self.model)
+        if json.loads(meta.get("recipe", "{}")) and self.config.method != "finetune":
+            raise ValueError(
+                f"--init-from {path} is a decomposed model; start from a dense one, "
+                "or fine-tune it with method 'finetune'"
+            )
+        load_weights(path, self.model)  # applies a decomposed model's recipe in place
 
     # -- files -----------------------------------------------------------------------
     @property
@@ -310,6 +361,8 @@ class Trainer:
             total += y.numel()
             if bar:
                 bar(1)
+            if cfg.steps_per_epoch is not None and total >= cfg.steps_per_epoch * cfg.batch_size:
+                break
         mean_loss = loss_sum.item() / total
         if not math.isfinite(mean_loss):
             raise FloatingPointError(
@@ -336,6 +389,15 @@ class Trainer:
         (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         test_loader = make_loader(self.test_set, 512, False, workers=self.config.workers)
         row: dict[str, Any] = self.last_row
+        if self.config.epochs == 0 and not row:  # evaluate the given weights only
+            row = {"epoch": 0, "lr": 0.0, "train_loss": None, "train_top1": None,
+                   "epoch_seconds": 0.0, "trp_seconds": 0.0}
+            row.update({f"test_{k}": v for k, v in evaluate(self.model, test_loader, self.device).items()})
+            with atomic_write(self.metrics_path) as tmp:
+                tmp.write_text(json.dumps(row) + "\n")
+            self.last_row = row
+            if on_epoch:
+                on_epoch(row)
         while self.epoch < self.config.epochs:
             lr = self.optimizer.param_groups[0]["lr"]
             stats = self._train_epoch()
@@ -353,8 +415,16 @@ class Trainer:
                 on_epoch(row)
             if stop_after is not None and self.epoch >= stop_after:
                 return row
-        save(self.model, self.model_path, metadata=self.spec.metadata())
+        save(self.final_model(), self.model_path, metadata=self.spec.metadata())
         return row
+
+    def final_model(self) -> nn.Module:
+        """The trained model in its deployable structure (LoRITa factors multiplied back)."""
+        if self.config.method == "lorita":
+            from .lorita import collapse
+
+            return collapse(self.model)
+        return self.model
 
 
 def train(
@@ -377,6 +447,25 @@ def load_config(run_dir: Path) -> TrainConfig:
     data = json.loads(path.read_text())
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML (or JSON) config file, e.g. one of ``configs/``; checked against TrainConfig."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of TrainConfig keys (model, data, method, ...)")
+    TrainConfig.from_dict(data, source=str(path)).validate()  # unknown keys and bad values fail here
+    return data
 
 
 def load_model_file(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch.utils.data import Dataset
 
@@ -17,6 +17,13 @@ from trp.data.cifar import (
     cifar,
     cifar_layout,
     cifar_transform,
+)
+from trp.data.imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    imagenet,
+    imagenet_layout,
+    imagenet_transform,
 )
 from trp.data.mnist import MNIST_MEAN, MNIST_STD, mnist5k
 
@@ -37,6 +44,11 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "imagenet",
+    "imagenet_layout",
+    "imagenet_transform",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
 ]
 
 
@@ -56,6 +68,8 @@ DATASET_INFO: dict[str, DatasetInfo] = {
     "mnist5k": DatasetInfo("mnist5k", 1, 10, (28, 28), MNIST_MEAN, MNIST_STD),
     "cifar10": DatasetInfo("cifar10", 3, 10, (32, 32), CIFAR10_MEAN, CIFAR10_STD),
     "cifar100": DatasetInfo("cifar100", 3, 100, (32, 32), CIFAR100_MEAN, CIFAR100_STD),
+    # Static default for full ImageNet; get_datasets returns the class count found on disk.
+    "imagenet": DatasetInfo("imagenet", 3, 1000, (224, 224), IMAGENET_MEAN, IMAGENET_STD),
 }
 
 
@@ -65,11 +79,14 @@ def list_datasets() -> list[str]:
 
 
 def get_datasets(
-    name: str, data_dir: str | None = None, seed: int = 0
+    name: str, data_dir: str | None = None, seed: int = 0, image_size: int | None = None
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """``(train, test, info)`` for a dataset name; CIFAR needs ``data_dir``, MNIST-5k uses ``seed``.
 
     The CIFAR training split is augmented (random crop + flip), the test split is not.
+    ImageNet reads ``data_dir/{train,val}/<class>/<image>.JPEG`` (see :func:`imagenet`); its
+    ``info.num_classes`` is the number of class folders found, not the static 1000, and
+    ``image_size`` (default 224) sets its crop (resizing to ``image_size · 256/224`` first).
     """
     if name not in DATASET_INFO:
         raise ValueError(f"unknown dataset {name!r}; available datasets: {', '.join(list_datasets())}")
@@ -77,6 +94,18 @@ def get_datasets(
     if name == "mnist5k":
         train, test = mnist5k(seed=seed)
         return train, test, info
+    if name == "imagenet":
+        if data_dir is None:
+            raise ValueError(
+                f"--data-dir is required for imagenet: pass the folder laid out as "
+                f"{imagenet_layout()} (ImageNet is never downloaded; get it by hand and "
+                "sort the validation images into per-class folders)"
+            )
+        crop = image_size or 224
+        sizes = {"crop_size": crop, "resize_size": round(crop * 256 / 224)}
+        train_set, val_set = imagenet(data_dir, train=True, **sizes), imagenet(data_dir, train=False, **sizes)
+        info = replace(info, num_classes=len(train_set.classes), input_size=(crop, crop))
+        return train_set, val_set, info
     if data_dir is None:
         raise ValueError(
             f"--data-dir is required for {name}: pass the folder laid out as "

@@ -7,6 +7,7 @@ from typing import TypeVar
 
 from torch import nn
 
+from trp.models.mlp import MLP, mlp
 from trp.models.resnet_cifar import (
     BasicBlock,
     CifarResNet,
@@ -18,11 +19,20 @@ from trp.models.resnet_cifar import (
     resnet110,
     resnet_cifar,
 )
+from trp.models.torchvision_models import (
+    create_torchvision_model,
+    list_torchvision_models,
+    load_pretrained,
+    torchvision_name,
+)
+from trp.models.vit import VisionTransformer, vit_tiny
 
 __all__ = [
     "register_model",
     "create_model",
     "list_models",
+    "list_torchvision_models",
+    "load_pretrained",
     "BasicBlock",
     "CifarResNet",
     "ShortcutA",
@@ -32,6 +42,10 @@ __all__ = [
     "resnet44",
     "resnet56",
     "resnet110",
+    "MLP",
+    "mlp",
+    "VisionTransformer",
+    "vit_tiny",
 ]
 
 ModelFactory = Callable[..., nn.Module]
@@ -58,13 +72,22 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
-    """Build the registered model ``name``; an unknown name raises ``ValueError``."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
+    """Build the registered model ``name``; an unknown name raises ``ValueError``.
+
+    Names not registered in trp fall back to torchvision's classification models, built
+    with ``weights=None``: ``"torchvision.resnet18"``, or ``"resnet18"`` when no trp model
+    has that name (see :func:`list_torchvision_models`; for ``in_channels != 3`` their
+    first conv is replaced, and :func:`load_pretrained` loads local weights).
+    """
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        if torchvision_name(name) is not None:
+            return create_torchvision_model(name, in_channels=in_channels, num_classes=num_classes)
         raise ValueError(
-            f"unknown model {name!r}; available models: {', '.join(list_models())}"
-        ) from None
+            f"unknown model {name!r}; available models: {', '.join(list_models())}; "
+            "torchvision classification models are accepted too, as 'torchvision.resnet18' "
+            "or 'resnet18' (see trp.models.list_torchvision_models())"
+        )
     return factory(in_channels=in_channels, num_classes=num_classes)
 
 
@@ -74,6 +97,8 @@ for _name, _factory in (
     ("resnet44", resnet44),
     ("resnet56", resnet56),
     ("resnet110", resnet110),
+    ("mlp", mlp),
+    ("vit_tiny", vit_tiny),
 ):
     register_model(_name)(_factory)
 del _name, _factory

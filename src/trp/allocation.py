@@ -1,0 +1,232 @@
+"""Whole-model rank criteria: choose every layer's rank at once, from all spectra and MAC costs.
+
+A per-layer criterion (:class:`trp.Energy`, ...) sees one spectrum at a time. The
+criteria here see every selected layer together, as :class:`LayerSpectrum` records,
+and return a rank per layer; :func:`trp.decompose` accepts both kinds.
+
+- :class:`TargetSpeedup` ``(x)``: the model's MACs drop by at least ``x`` (and barely more),
+  keeping as much spectral energy as possible.
+- :class:`Global` ``(drop=p | speedup=x)``: LoRITa's global selection: each layer's
+  singular values divided by its largest, pooled over layers, the smallest fraction dropped.
+- :class:`LayerRanks` ``({name: rank})``: ranks given by hand or by a search.
+
+Spectra of batched matrix views (the decouple scheme: one matrix per filter) are pooled
+per rank index: ``σ_i = sqrt(Σ_filters σ_{f,i}²)``, since one rank serves every filter.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerSpectrum", "WholeModelCriterion", "TargetSpeedup", "Global", "LayerRanks", "pooled_spectrum"]
+
+
+@dataclass
+class LayerSpectrum:
+    """One selected layer as a whole-model criterion sees it.
+
+    ``macs(r)`` is the factorized layer's MACs at rank ``r``; the layer stays dense (and
+    costs ``dense_macs``) when that is not lower.
+    """
+
+    name: str
+    sigma: Tensor  # descending, shape (k,) or (..., k) for batched views
+    dense_macs: int
+    macs: Callable[[int], int]
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.sigma.shape[-1])
+
+    def cost(self, rank: int) -> int:
+        """MACs of the layer when the criterion gives it ``rank``."""
+        return min(self.macs(rank), self.dense_macs)
+
+
+def pooled_spectrum(sigma: Tensor) -> Tensor:
+    """A 1-D spectrum for a batch of spectra ``(..., k)``: root of the summed squares per index."""
+    sigma = sigma.detach().double()
+    if sigma.ndim == 1:
+        return sigma
+    return sigma.square().reshape(-1, sigma.shape[-1]).sum(0).sqrt()
+
+
+class WholeModelCriterion(ABC):
+    """Base class: :meth:`allocate` maps all layers' spectra to one rank per layer."""
+
+    #: whether :meth:`allocate` needs real MAC counts (``decompose(..., input_shape=...)``)
+    needs_input_shape: bool = False
+
+    @abstractmethod
+    def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
+        """Rank per layer name; ``fixed_macs`` are the MACs of everything not in ``layers``."""
+
+    @abstractmethod
+    def spec(self) -> str:
+        """The criterion as a CLI string, e.g. ``speedup:3``."""
+
+    def __call__(self, sigma: Tensor) -> int:
+        raise TypeError(f"{self!r} chooses ranks for the whole model; pass it to trp.decompose")
+
+
+def _total(layers: Sequence[LayerSpectrum], ranks: Sequence[int], fixed: int) -> int:
+    return fixed + sum(layer.cost(r) for layer, r in zip(layers, ranks))
+
+
+def _dense_total(layers: Sequence[LayerSpectrum], fixed: int) -> int:
+    return fixed + sum(layer.dense_macs for layer in layers)
+
+
+def _unreachable(what: str, best: float) -> ValueError:
+    return ValueError(
+        f"{what} cannot be reached: rank 1 in every selected layer gives only {best:.2f}x "
+        "(the first conv, 1x1 convs and the last linear stay dense by default); "
+        "lower the target or select more layers with layers=..."
+    )
+
+
+class TargetSpeedup(WholeModelCriterion):
+    """Ranks that cut the model's MACs by at least ``x``, keeping the most spectral energy.
+
+    Each layer's squared singular values are taken as fractions of the layer's energy;
+    ranks are the prefixes with energy-per-MAC above one threshold shared by all layers
+    (the greedy solution of "keep the most energy within the MAC budget"), with the
+    threshold as low as the budget ``MACs(dense) / x`` allows. ``convs_only`` counts conv
+    MACs only, as the paper does. Needs ``decompose(..., input_shape=...)``.
+    """
+
+    needs_input_shape = True
+
+    def __init__(self, x: float, convs_only: bool = False) -> None:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 1.0:
+            raise ValueError(f"TargetSpeedup: x must be a number > 1 (a MAC reduction factor), got {x!r}")
+        self.x = float(x)
+        self.convs_only = convs_only
+
+    def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
+        budget = _dense_total(layers, fixed_macs) / self.x
+        scores = []
+        for layer in layers:
+            energy = pooled_spectrum(layer.sigma).square()
+            share = energy / energy.sum() if energy.sum() > 0 else torch.zeros_like(energy)
+            per_rank = max(layer.macs(2) - layer.macs(1), 1)
+            scores.append(share / per_rank)
+        thresholds = torch.unique(torch.cat(scores)).flip(0)  # descending: keep more as we go
+
+        def ranks_at(tau: float) -> list[int]:
+            return [max(1, int((s >= tau).sum())) for s in scores]
+
+        if _total(layers, ranks_at(math.inf), fixed_macs) > budget:
+            lowest = _total(layers, [1] * len(layers), fixed_macs)
+            raise _unreachable(f"TargetSpeedup({self.x:g})", _dense_total(layers, fixed_macs) / lowest)
+        # Largest prefix of thresholds whose ranks still fit the budget (cost grows as tau falls).
+        lo, hi = -1, len(thresholds) - 1  # thresholds[lo] fits (lo=-1: tau=inf), find the last that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _total(layers, ranks_at(float(thresholds[mid])), fixed_macs) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        tau = math.inf if lo < 0 else float(thresholds[lo])
+        return {layer.name: r for layer, r in zip(layers, ranks_at(tau))}
+
+    def spec(self) -> str:
+        return f"speedup:{self.x:g}" + (":convs" if self.convs_only else "")
+
+    def __repr__(self) -> str:
+        return f"TargetSpeedup({self.x:g}{', convs_only=True' if self.convs_only else ''})"
+
+
+class Global(WholeModelCriterion):
+    """LoRITa's global selection: drop the smallest fraction of all normalized singular values.
+
+    Each layer's spectrum is divided by its largest value; the pooled values below the
+    ``drop`` quantile are removed (every layer keeps at least one). Alternatively give
+    ``speedup=x``: the smallest ``drop`` whose MACs are at least ``x`` times lower
+    (needs ``decompose(..., input_shape=...)``).
+    """
+
+    def __init__(self, drop: Optional[float] = None, speedup: Optional[float] = None, convs_only: bool = False) -> None:
+        if (drop is None) == (speedup is None):
+            raise ValueError("Global: give exactly one of drop (a fraction in [0, 1)) or speedup (> 1)")
+        if drop is not None and not (isinstance(drop, (int, float)) and 0.0 <= drop < 1.0):
+            raise ValueError(f"Global: drop must lie in [0, 1), got {drop!r}")
+        if speedup is not None and not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 1.0):
+            raise ValueError(f"Global: speedup must be a number > 1, got {speedup!r}")
+        self.drop = drop
+        self.speedup = speedup
+        self.convs_only = convs_only
+        self.needs_input_shape = speedup is not None
+
+    @staticmethod
+    def _ranks(normalized: list[Tensor], n_drop: int) -> list[int]:
+        """Ranks after dropping the ``n_drop`` smallest pooled values."""
+        if n_drop <= 0:
+            return [s.numel() for s in normalized]
+        cut = torch.sort(torch.cat(normalized)).values[n_drop - 1]  # values <= cut are dropped
+        return [max(1, int((s > cut).sum())) for s in normalized]
+
+    def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
+        normalized = []
+        for layer in layers:
+            s = pooled_spectrum(layer.sigma)
+            normalized.append(s / s[0] if s[0] > 0 else torch.zeros_like(s))
+        total = sum(s.numel() for s in normalized)
+        if self.drop is not None:
+            ranks = self._ranks(normalized, int(math.floor(self.drop * total + 1e-9)))
+        else:
+            budget = _dense_total(layers, fixed_macs) / self.speedup
+            lowest = _total(layers, [1] * len(layers), fixed_macs)
+            if lowest > budget:
+                raise _unreachable(f"Global(speedup={self.speedup:g})", _dense_total(layers, fixed_macs) / lowest)
+            # Bisect over the number of dropped values: the fewest that meets the budget.
+            lo, hi = 0, total  # dropping everything (hi) leaves rank 1 per layer, which fits
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _total(layers, self._ranks(normalized, mid), fixed_macs) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            ranks = self._ranks(normalized, lo)
+        return {layer.name: r for layer, r in zip(layers, ranks)}
+
+    def spec(self) -> str:
+        if self.drop is not None:
+            return f"global:{self.drop:g}"
+        return f"global-speedup:{self.speedup:g}" + (":convs" if self.convs_only else "")
+
+    def __repr__(self) -> str:
+        arg = f"drop={self.drop:g}" if self.drop is not None else f"speedup={self.speedup:g}"
+        return f"Global({arg})"
+
+
+class LayerRanks(WholeModelCriterion):
+    """Fixed ranks by layer name; selected layers not named stay dense."""
+
+    def __init__(self, ranks: Mapping[str, int]) -> None:
+        for name, r in ranks.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"LayerRanks: rank of {name!r} must be an integer >= 1, got {r!r}")
+        self.ranks = dict(ranks)
+
+    def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
+        known = {layer.name for layer in layers}
+        unknown = sorted(set(self.ranks) - known)
+        if unknown:
+            raise ValueError(
+                f"LayerRanks names layer(s) that are not selected for decomposition: {', '.join(unknown)}; "
+                f"selected: {', '.join(sorted(known))}"
+            )
+        return {layer.name: min(self.ranks[layer.name], layer.max_rank) for layer in layers if layer.name in self.ranks}
+
+    def spec(self) -> str:
+        return "ranks:" + ",".join(f"{n}={r}" for n, r in self.ranks.items())
+
+    def __repr__(self) -> str:
+        return f"LayerRanks({self.ranks!r})"
