@@ -230,12 +230,13 @@ def test_dataset_info_frozen() -> None:
 
 
 def test_list_datasets() -> None:
-    assert list_datasets() == ["mnist5k", "cifar10", "cifar100"]
+    assert list_datasets() == ["mnist5k", "cifar10", "cifar100", "imagenet"]
 
 
 def test_get_datasets_unknown_name() -> None:
     with pytest.raises(ValueError) as info:
-        get_datasets("imagenet")
+        get_datasets("not-a-dataset")
+    assert "'not-a-dataset'" in str(info.value)
     for name in list_datasets():
         assert name in str(info.value)
 

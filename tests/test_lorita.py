@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -74,6 +75,7 @@ def conv_configs(draw):
     )
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @settings(max_examples=25, deadline=None)
 @given(cfg=conv_configs(), factor=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
 def test_conv_collapse_exact(cfg: dict, factor: int, seed: int) -> None:
@@ -218,9 +220,17 @@ def test_initial_scale(name: str, factor: int) -> None:
                 bias = m.factors[-1].bias
                 over_part = m(xin) - (0 if bias is None else bias.reshape(-1, *[1] * (xin.ndim - 2)))
                 assert abs(over_part.norm() / lin_part.norm() - 1) < 1e-4
-        # Training mode: how training starts (batch-norm uses batch statistics).
-        ratio = (over.train()(x).std() / model.train()(x).std()).item()
-    assert 1 / 1.5 < ratio < 1.5
+    # Output scale, in training mode (how training starts: batch-norm uses batch statistics).
+    # One init's output std is noisy (two plain inits differ by up to ~2x), so average over seeds.
+    log_ratios = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = build(name)
+        over = overparameterize(model, factor)
+        with torch.no_grad():
+            log_ratios.append(math.log(over.train()(x).std() / model.train()(x).std()))
+    assert max(abs(r) for r in log_ratios) < math.log(2.5)
+    assert abs(sum(log_ratios) / len(log_ratios)) < math.log(1.5)
 
 
 def test_initial_singular_values_preserved() -> None:

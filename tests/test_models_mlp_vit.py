@@ -40,7 +40,12 @@ def test_explicit_sizes() -> None:
 
     assert mlp(in_channels=3, input_size=(28, 20))(torch.randn(2, 3, 28, 20)).shape == (2, 10)
     assert vit_tiny(in_channels=1, image_size=16)(torch.randn(2, 1, 16, 16)).shape == (2, 10)
-    assert vit_tiny(in_channels=3, image_size=28, patch_size=7)(torch.randn(1, 3, 28, 28)).shape == (1, 10)
+    vit = vit_tiny(in_channels=3, image_size=28, patch_size=7)
+    assert vit(torch.randn(1, 3, 28, 28)).shape == (1, 10)
+    # Defaults follow the library's datasets: MNIST 28×28 (patch 7), CIFAR 32×32 (patch 4).
+    assert (vit_tiny(in_channels=1).image_size, vit_tiny(in_channels=1).patch_size) == (28, 7)
+    assert (vit_tiny(in_channels=3).image_size, vit_tiny(in_channels=3).patch_size) == (32, 4)
+    assert create_model("mlp", in_channels=3).input_size == (32, 32)
 
 
 def test_param_budgets() -> None:

@@ -86,6 +86,7 @@ def main() -> None:
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default="channel", show_default=True)
 @click.option("--epochs", type=int, default=164, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(engine.OPTIMIZERS), default="sgd", show_default=True)
 @click.option("--lr", type=float, default=0.1, show_default=True)
 @click.option("--milestones", default=None, help="Comma-separated epochs where lr is divided by 10 "
               "[default: 81/164 and 122/164 of --epochs].")
@@ -147,10 +148,11 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
     for col in ("method", "scheme", "test top-1", "MACs", "params", "train time", "TRP time"):
         table.add_column(col)
     last = trainer.last_row
+    final = trainer.final_model()
     table.add_row(
         config.method, config.scheme if config.method != "baseline" else "-",
-        f"{last['test_top1']:.2f}%", f"{count_macs(trainer.model, trainer.spec.input_shape) / 1e6:.2f}M",
-        f"{count_params(trainer.model):,}", f"{trainer.train_seconds:.1f}s",
+        f"{last['test_top1']:.2f}%", f"{count_macs(final, trainer.spec.input_shape) / 1e6:.2f}M",
+        f"{count_params(final):,}", f"{trainer.train_seconds:.1f}s",
         f"{trainer.trp_seconds:.1f}s ({100 * trainer.trp_seconds / max(trainer.train_seconds, 1e-9):.1f}%)",
     )
     console.print(table)

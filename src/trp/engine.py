@@ -31,6 +31,7 @@ from .trained_rank import TRP
 
 __all__ = [
     "METHODS",
+    "OPTIMIZERS",
     "TrainConfig",
     "ModelSpec",
     "Trainer",
@@ -42,9 +43,12 @@ __all__ = [
     "load_config",
     "read_checkpoint",
     "read_config_file",
+    "holdout_split",
 ]
 
 METHODS = ("baseline", "nuclear", "trp", "lorita", "finetune")
+
+OPTIMIZERS = ("sgd", "adamw")
 
 # Weight decay when the config leaves it unset: LoRITa relies on it (SPEC §2).
 DEFAULT_WEIGHT_DECAY = {"lorita": 1e-3}
@@ -61,6 +65,7 @@ class TrainConfig:
     scheme: str = "channel"
     epochs: int = 164
     batch_size: int = 128
+    optimizer: str = "sgd"  # sgd (momentum) or adamw
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: Optional[float] = None  # None: 1e-3 for lorita (SPEC §2), else 1e-4 (SPEC §1.3)
@@ -77,6 +82,7 @@ class TrainConfig:
     factor: int = 2  # lorita: linear maps per layer
     image_size: Optional[int] = None  # ImageNet crop size (default 224)
     steps_per_epoch: Optional[int] = None  # stop each epoch after this many batches (smoke tests)
+    holdout: int = 0  # last training examples kept out of training, for rank searches (see holdout_split)
     decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
 
     def __post_init__(self) -> None:
@@ -107,12 +113,16 @@ class TrainConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.data not in DATASET_INFO:
             raise ValueError(f"unknown dataset {self.data!r}; choose one of {', '.join(DATASET_INFO)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.epochs < 0 or (self.epochs == 0 and not (self.weights or self.init_from)):
             raise ValueError(
                 f"epochs must be >= 1 (0 only evaluates and saves a model given by weights/init_from), got {self.epochs}"
             )
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1 when set, got {self.steps_per_epoch}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -214,6 +224,18 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     return state
 
 
+def holdout_split(train_set: Dataset, holdout: int) -> tuple[Dataset, Dataset]:
+    """``(training part, held-out part)``: the last ``holdout`` examples are held out."""
+    from torch.utils.data import Subset
+
+    n = len(train_set)  # type: ignore[arg-type]
+    if holdout == 0:
+        return train_set, Subset(train_set, [])
+    if holdout >= n:
+        raise ValueError(f"holdout {holdout} leaves nothing to train on ({n} training examples)")
+    return Subset(train_set, range(n - holdout)), Subset(train_set, range(n - holdout, n))
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
@@ -232,6 +254,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         train_set, test_set, info = get_datasets(config.data, config.data_dir, seed=config.seed, image_size=config.image_size)
         self.spec = ModelSpec.from_info(config.model, info)
+        train_set, _ = holdout_split(train_set, config.holdout)
         self.train_set, self.test_set = train_set, test_set
         torch.manual_seed(config.seed)
         self.model = self.spec.build()
@@ -246,9 +269,12 @@ class Trainer:
 
             self.model = overparameterize(self.model, config.factor)
         self.model.to(self.device)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        if config.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(
+                self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=config.resolved_milestones(), gamma=config.gamma
         )

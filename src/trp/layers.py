@@ -22,12 +22,20 @@ LayerSelector = Optional[Union[Sequence[str], Callable[[str, nn.Module], bool]]]
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv2d/Linear modules in definition order, excluding those inside LowRank."""
+    """Conv2d/Linear modules in definition order, excluding those inside LowRank.
+
+    A model still holding LoRITa factors raises ValueError: collapse it first.
+    """
     inside: set[str] = set()
     found = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
+        if type(module).__name__ == "Composed" and hasattr(module, "factors"):
+            raise ValueError(
+                f"layer {name!r} is over-parameterized (LoRITa factors): multiply the factors back "
+                "with trp.lorita.collapse(model) before decomposing or TRP training"
+            )
         if isinstance(module, LowRank):
             inside.add(name)
             continue

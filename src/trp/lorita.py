@@ -104,7 +104,9 @@ def _compose_linear(module: nn.Linear, factor: int) -> Composed:
     n_in, n_out = module.in_features, module.out_features
     has_bias = module.bias is not None
     factors = [nn.Linear(n_in, n_out, bias=False, **kw)]
-    factors += [nn.Linear(n_out, n_out, bias=has_bias and i == factor - 1, **kw) for i in range(1, factor)]
+    factors += [
+        nn.Linear(n_out, n_out, bias=has_bias and i == factor - 1, **kw) for i in range(1, factor)
+    ]
     with torch.no_grad():
         factors[0].weight.copy_(w)
         for f in factors[1:]:
@@ -180,6 +182,7 @@ def overparameterize(model: nn.Module, factor: int = 2, layers: LayerSelector = 
             composed = _compose_conv(module, factor)
         else:
             composed = _compose_linear(module, factor)
+        composed.train(module.training)
         if name == "":
             new = composed
         else:

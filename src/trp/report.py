@@ -30,6 +30,9 @@ class CompressionSummary:
 
     @property
     def conv_speedup(self) -> float:
+        """Conv MACs before / after (1.0 for a model without convs)."""
+        if self.conv_macs_before == 0:
+            return 1.0
         return self.conv_macs_before / max(self.conv_macs_after, 1)
 
     @property

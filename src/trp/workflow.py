@@ -29,7 +29,7 @@ from .io import atomic_write, save
 from .report import CompressionSummary, summarize
 from .schemes import get_scheme
 
-__all__ = ["DecomposeStep", "DecomposeResult", "load_source", "decompose_source", "finetune_model", "test_loader"]
+__all__ = ["DecomposeStep", "DecomposeResult", "load_source", "decompose_source", "finetune_model", "test_loader", "search_criterion"]
 
 SUMMARY_KIND = "trp-decomposition"
 
@@ -58,7 +58,16 @@ class DecomposeStep:
 
     def validate(self) -> None:
         get_scheme(self.scheme)
-        parse_criterion(self.criterion)
+        if self.criterion.startswith("search:"):
+            target = self.criterion.partition(":")[2]
+            try:
+                ok = float(target) > 1
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"criterion {self.criterion!r}: search needs a target speedup > 1, e.g. search:3")
+        else:
+            parse_criterion(self.criterion)
         if self.finetune < 0:
             raise ValueError(f"finetune must be a number of epochs >= 0, got {self.finetune}")
         if not self.finetune_lr > 0:
@@ -152,16 +161,19 @@ def decompose_source(
         raise ValueError("fine-tuning needs the data set: drop --no-eval")
     source = Path(source)
     dev = engine.resolve_device(device)
-    crit = parse_criterion(step.criterion)
     model, spec, config = load_source(source, dev)
     data_dir = data_dir or (config.data_dir if config else None)
+    if step.criterion.startswith("search:"):
+        crit = search_criterion(model, spec, config, step.scheme, float(step.criterion.partition(":")[2]), data_dir, dev)
+    else:
+        crit = parse_criterion(step.criterion)
     report = decompose_with_report(model, step.scheme, crit, input_shape=spec.input_shape)
     summary = summarize(model, report.model, spec.input_shape)
     base_dir = source if source.is_dir() else source.parent
     out = Path(out) if out is not None else base_dir / f"{step.stem}.safetensors"
     record: dict[str, Any] = {
         "kind": SUMMARY_KIND, "version": 1, "source": str(source), "model_file": str(out),
-        "scheme": step.scheme, "criterion": crit.spec(),
+        "scheme": step.scheme, "criterion": step.criterion if step.criterion.startswith("search:") else crit.spec(),
         "dense": None, "decomposed": None,
         "macs_before": summary.macs_before, "macs_after": summary.macs_after,
         "conv_macs_before": summary.conv_macs_before, "conv_macs_after": summary.conv_macs_after,
@@ -189,6 +201,23 @@ def decompose_source(
     with atomic_write(summary_path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return DecomposeResult(report, summary, record, out, summary_path)
+
+
+def search_criterion(model: nn.Module, spec: engine.ModelSpec, config: Optional[engine.TrainConfig], scheme: str,
+                     target: float, data_dir: Optional[str], device: torch.device):
+    """Ranks from :func:`trp.search.iterative_rank_search` on the run's held-out training examples."""
+    from .search import iterative_rank_search
+
+    if config is None or config.holdout <= 0:
+        raise ValueError(
+            "the iterative rank search (search:X) scores ranks on held-out data: train the run with "
+            "`holdout: N` (N training examples kept out of training) in its config"
+        )
+    image_size = spec.input_size[0] if spec.data == "imagenet" else None
+    train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed, image_size=image_size)
+    _, held = engine.holdout_split(train_set, config.holdout)
+    loader = engine.make_loader(held, 256, False)
+    return iterative_rank_search(model, scheme, loader, target, spec.input_shape, device=device)
 
 
 def _acc(metrics: dict[str, float]) -> dict[str, float]:
