@@ -226,8 +226,6 @@ def test_config_file_not_yaml_mapping_or_missing(tmp_path: Path) -> None:
         engine.read_config_file(tmp_path / "nope.yaml")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read_config_file/TrainConfig.validate compare the raw YAML value, "
-                   "so 'lr: 1e-4' (a string in YAML 1.1) raises TypeError instead of ValueError naming lr")
 def test_string_number_in_config_gives_value_error(tmp_path: Path) -> None:
     path = _write(tmp_path / "lr.yaml", "model: resnet20\ndata: mnist5k\nlr: 1e-4\n")
     try:
@@ -238,8 +236,6 @@ def test_string_number_in_config_gives_value_error(tmp_path: Path) -> None:
         assert data["lr"] == pytest.approx(1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read_config_file does not check the decompose entries, so a typo "
-                   "there only fails after training, when the decompositions run")
 def test_bad_decompose_entry_fails_when_the_file_is_read(tmp_path: Path) -> None:
     path = _write(tmp_path / "typo.yaml",
                   "model: resnet20\ndata: mnist5k\ndecompose:\n  - {scheme: channel, critrion: 'energy:0.9'}\n")
@@ -247,8 +243,6 @@ def test_bad_decompose_entry_fails_when_the_file_is_read(tmp_path: Path) -> None
         engine.read_config_file(path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: TrainConfig.resolved_milestones gives [0, 1] for epochs=1 and [1, 1] "
-                   "for epochs=2; MultiStepLR decays at milestone 0 on construction and twice at a repeated one")
 def test_short_run_starts_at_the_configured_lr(cifar10_root: Path, tmp_path: Path) -> None:
     config = engine.TrainConfig(model="resnet20", data="cifar10", data_dir=str(cifar10_root), method="baseline",
                                 epochs=2, steps_per_epoch=1, batch_size=4, lr=0.05, device="cpu")

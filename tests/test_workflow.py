@@ -176,8 +176,6 @@ def test_finetune_writes_run_dir_and_records_its_last_row(trained_run: tuple[Pat
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), compact.state_dict().values()))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: workflow.finetune_model builds its TrainConfig without the run's "
-                   "workers, so fine-tuning (e.g. the ImageNet configs' 10 epochs, workers: 8) loads data in-process")
 def test_finetune_keeps_the_runs_data_loader_workers(run: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     config["workers"] = 1

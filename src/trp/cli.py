@@ -130,7 +130,8 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
                     settings[name] = value
             config = engine.TrainConfig.from_dict(settings)
             config.validate()
-            default_name = config_file.stem if config_file else f"{config.model}-{config.data}-{config.method}-{config.scheme}"
+            default_name = (f"{config_file.parent.name}/{config_file.stem}" if config_file
+                            else f"{config.model}-{config.data}-{config.method}-{config.scheme}")
             run_dir = Path(out or f"runs/{default_name}")
             if (run_dir / "checkpoint.pt").exists():
                 raise click.ClickException(

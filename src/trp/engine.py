@@ -93,19 +93,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        """A config from a mapping; unknown keys raise ValueError naming them."""
+        """A config from a mapping; unknown keys or values of the wrong type raise ValueError naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
                 f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
             )
-        return cls(**data)
+        return cls(**{k: _coerce(k, v, source) for k, v in data.items()})
 
     def resolved_milestones(self) -> list[int]:
+        """Epochs after which lr is multiplied by ``gamma`` (each at most once, none at epoch 0)."""
         if self.milestones is not None:
             return list(self.milestones)
-        return [round(self.epochs * 81 / 164), round(self.epochs * 122 / 164)]
+        return sorted({m for m in (round(self.epochs * 81 / 164), round(self.epochs * 122 / 164)) if m > 0})
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -135,6 +136,32 @@ class TrainConfig:
             raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
         if not isinstance(self.decompose, list) or not all(isinstance(d, dict) for d in self.decompose):
             raise ValueError("decompose must be a list of mappings like {scheme: channel, criterion: energy:0.9}")
+
+
+_FLOATS = {"lr", "momentum", "weight_decay", "gamma", "energy", "nuclear_weight"}
+_INTS = {"epochs", "batch_size", "period", "seed", "workers", "factor", "image_size", "steps_per_epoch", "holdout"}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Numbers as numbers (YAML reads ``1e-4`` as a string); ValueError naming the key otherwise."""
+    if value is None or key not in _FLOATS | _INTS:
+        return value
+    if key in _INTS and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if key in _FLOATS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if key in _INTS:
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError):
+        kind = "an integer" if key in _INTS else "a number"
+        raise ValueError(f"{source}: {key} must be {kind}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -490,8 +517,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of TrainConfig keys (model, data, method, ...)")
-    TrainConfig.from_dict(data, source=str(path)).validate()  # unknown keys and bad values fail here
-    return data
+    config = TrainConfig.from_dict(data, source=str(path))
+    config.validate()  # unknown keys and bad values fail here, before any training
+    from .workflow import DecomposeStep
+
+    for entry in config.decompose:
+        DecomposeStep.from_dict(entry, config.scheme)
+    return {key: getattr(config, key) for key in data}  # numbers coerced
 
 
 def load_model_file(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:

@@ -134,7 +134,8 @@ def finetune_model(
         model=spec.model, data=spec.data, data_dir=data_dir, method="finetune", scheme=base.scheme if base else "channel",
         epochs=epochs, batch_size=base.batch_size if base else 128, lr=lr, milestones=[],
         momentum=base.momentum if base else 0.9, weight_decay=1e-4, seed=base.seed if base else 0,
-        device=device, init_from=str(model_file),
+        device=device, init_from=str(model_file), workers=base.workers if base else 0,
+        steps_per_epoch=base.steps_per_epoch if base else None,
         image_size=spec.input_size[0] if spec.data == "imagenet" else None,
     )
     for stale in ("checkpoint.pt", "metrics.jsonl", "model.safetensors"):
