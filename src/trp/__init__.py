@@ -9,6 +9,8 @@ from .schemes import SCHEMES, LowRank
 from .svd import SVDError
 from .trained_rank import TRP
 
+from . import lorita
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -35,5 +37,6 @@ __all__ = [
     "layer_macs",
     "save",
     "load",
+    "lorita",
     "__version__",
 ]

@@ -99,6 +99,9 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--factor", type=int, default=2, show_default=True, help="lorita: linear maps per layer (N).")
+@click.option("--holdout", type=int, default=0, show_default=True, help="Keep the last N training examples out of "
+              "training (scores `trp decompose --criterion search:X`).")
+@click.option("--image-size", type=int, default=None, help="ImageNet crop size [default: 224].")
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Start from this model file "
               "(e.g. a baseline run's model.safetensors; a decomposed one with --method finetune).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local pretrained weights "

@@ -178,7 +178,13 @@ class TRP:
         matrix = scheme.to_matrix(weights)
         u, s, vh = checked_svd(matrix, f"TRP layers {names}")
         if project:
-            ranks = self.criterion.ranks(s)
+            if s.ndim > 2:
+                # One matrix per filter (decouple): one rank per layer, from the energy
+                # pooled over its filters, so the split layer really is rank r.
+                pooled = s.square().flatten(1, -2).sum(1).sqrt()
+                ranks = self.criterion.ranks(pooled).reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
+            else:
+                ranks = self.criterion.ranks(s)
             keep = torch.arange(s.shape[-1], device=s.device) < ranks[..., None]
         else:
             ranks = None
