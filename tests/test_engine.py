@@ -45,7 +45,7 @@ def test_run_directory_contents(cifar10_root: Path, tmp_path: Path) -> None:
     assert not list(run.glob(".*tmp"))  # no temporary files left behind
 
 
-@pytest.mark.parametrize("method", ["trp", "nuclear", "baseline"])
+@pytest.mark.parametrize("method", ["trp", "nuclear", "baseline", "lorita"])
 def test_resume_ends_where_uninterrupted_run_ends(cifar10_root: Path, tmp_path: Path, method: str) -> None:
     cfg = _config(cifar10_root, method=method, milestones=[2])
     full = train(cfg, tmp_path / "full")
@@ -101,3 +101,40 @@ def test_trp_training_lowers_ranks(cifar10_root: Path, tmp_path: Path) -> None:
         assert int((s > s[0] * 1e-5).sum()) == pruner.ranks[name] < min(w.flatten(1).shape)
     compact = pruner.decompose(trp.Value(1e-4), input_shape=(1, 3, 32, 32))
     assert trp.count_macs(compact, (1, 3, 32, 32)) < trp.count_macs(trainer.model, (1, 3, 32, 32))
+
+
+def test_lorita_run_saves_the_collapsed_model(cifar10_root: Path, tmp_path: Path) -> None:
+    cfg = _config(cifar10_root, method="lorita", factor=3, epochs=1)
+    assert cfg.weight_decay == 1e-3  # LoRITa's default (SPEC §2)
+    trainer = train(cfg, tmp_path / "run")
+    assert trp.lorita.is_overparameterized(trainer.model)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert any(".factors.2." in k for k in state)  # checkpoints hold the factors
+    model, _ = load_model_file(tmp_path / "run" / "model.safetensors")
+    fresh = trp.models.create_model("resnet20", in_channels=3, num_classes=10)
+    assert list(model.state_dict()) == list(fresh.state_dict())  # the original structure
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), trainer.model.eval()
+    torch.testing.assert_close(model(x), trainer.model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_adamw_holdout_and_steps_per_epoch(cifar10_root: Path, tmp_path: Path) -> None:
+    cfg = _config(cifar10_root, method="baseline", optimizer="adamw", lr=1e-3, holdout=8, steps_per_epoch=1, epochs=1)
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    n = len(trp.data.get_datasets("cifar10", str(cifar10_root))[0])
+    assert len(trainer.train_set) == n - 8
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]) if m.training else None)
+    trainer.run()
+    assert seen == [cfg.batch_size]  # one step, then the epoch ends
+    with pytest.raises(ValueError, match="holdout"):
+        Trainer(_config(cifar10_root, holdout=10**6), tmp_path / "bad")
+    with pytest.raises(ValueError, match="optimizer"):
+        Trainer(_config(cifar10_root, optimizer="lion"), tmp_path / "bad")
+
+
+def test_short_runs_keep_their_learning_rate() -> None:
+    assert TrainConfig(epochs=1).resolved_milestones() == [1]  # after the only epoch: harmless
+    assert TrainConfig(epochs=2).resolved_milestones() == [1]
+    assert TrainConfig(epochs=164).resolved_milestones() == [81, 122]
