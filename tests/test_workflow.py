@@ -396,3 +396,22 @@ def test_global_and_convs_only_on_resnet18(resnet18) -> None:
 
     with pytest.raises(ValueError, match="counts the model's MACs: pass input_shape"):
         trp.decompose(model, "channel", trp.TargetSpeedup(2.0))
+
+
+def test_batchnorm_recalibration_is_recorded_and_saved(trained_run: tuple[Path, Path], run: Path) -> None:
+    from trp.results import collect
+
+    result = decompose_source(run, DecomposeStep("channel", "speedup:2", recalibrate_bn=2), device="cpu")
+    bn = result.record["bn_recalibrated"]
+    assert bn["batches"] == 2 and 0 <= bn["top1"] <= 100
+    # The saved compact model carries the re-estimated statistics: its accuracy is the recorded one.
+    model, spec = engine.load_model_file(result.model_path)
+    loader = workflow.test_loader(spec, str(trained_run[0]), 0)
+    assert engine.evaluate(model, loader, "cpu")["top1"] == pytest.approx(bn["top1"])
+    assert any("running_mean" in k for k in model.state_dict())
+    rows = [r for r in collect([run]) if r.criterion and "BN re-estimated" in r.criterion]
+    assert len(rows) == 1 and rows[0].top1 == pytest.approx(bn["top1"]) and not rows[0].finetuned
+    with pytest.raises(ValueError, match="recalibrate_bn"):
+        DecomposeStep("channel", "energy:0.9", recalibrate_bn=-1).validate()
+    with pytest.raises(ValueError, match="no-eval"):
+        decompose_source(run, DecomposeStep("channel", "energy:0.9", recalibrate_bn=1), evaluate=False, device="cpu")

@@ -210,6 +210,10 @@ def _print_result(result: workflow.DecomposeResult) -> None:
     after = rec["decomposed"]["top1"] if rec["decomposed"] else None
     console.print(_layer_table(result.report))
     console.print(_summary_table(result.summary, before, after))
+    if rec.get("bn_recalibrated"):
+        bn = rec["bn_recalibrated"]
+        console.print(f"BatchNorm statistics re-estimated on {bn['batches']} training batches: top-1 {bn['top1']:.2f}% "
+                      "(the saved compact model has them)")
     if rec["finetune"]:
         ft = rec["finetune"]
         console.print(f"fine-tuned {ft['epochs']} epoch(s) at lr {ft['lr']:g}: top-1 {ft['top1']:.2f}% ({ft['run_dir']})")
@@ -238,13 +242,15 @@ def run_decompositions(source: Path, steps: list[workflow.DecomposeStep], out: O
 @click.option("--target-speedup", type=float, default=None, help="Same as --criterion speedup:X (whole-model MACs).")
 @click.option("--finetune", type=int, default=0, show_default=True, help="Fine-tune the compact model for this many epochs.")
 @click.option("--finetune-lr", type=float, default=0.01, show_default=True)
+@click.option("--recalibrate-bn", type=int, default=0, show_default=True,
+              help="Re-estimate BatchNorm statistics on this many training batches after the split (no training).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file [default: next to SOURCE].")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder for the accuracy check (CIFAR, ImageNet).")
 @click.option("--no-eval", is_flag=True, help="Skip the top-1 check on the test split.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str], target_speedup: Optional[float],
-                  finetune: int, finetune_lr: float, out: Optional[Path], data_dir: Optional[str], no_eval: bool,
+                  finetune: int, finetune_lr: float, recalibrate_bn: int, out: Optional[Path], data_dir: Optional[str], no_eval: bool,
                   device: str, no_progress: bool) -> None:
     """Split a trained model's layers into thin layers and report what it bought."""
     try:
@@ -254,10 +260,12 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
             criterion = f"speedup:{target_speedup:g}"
         config = engine.load_config(source) if Path(source).is_dir() else None
         default_scheme = scheme or (config.scheme if config else "channel")
-        if criterion is None and config is not None and config.decompose and scheme is None and not finetune:
+        if (criterion is None and config is not None and config.decompose and scheme is None and not finetune
+                and not recalibrate_bn):
             steps = [workflow.DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
         else:
-            steps = [workflow.DecomposeStep(default_scheme, criterion or "value:0.05", finetune, finetune_lr)]
+            steps = [workflow.DecomposeStep(default_scheme, criterion or "value:0.05", finetune, finetune_lr,
+                                            recalibrate_bn)]
         for step in steps:
             step.validate()
         run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress)

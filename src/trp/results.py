@@ -227,6 +227,12 @@ def collect(run_dirs: Sequence[PathLike]) -> list[ResultRow]:
                 **common, finetuned=False, finetune_epochs=None,
                 top1=_acc(s.get("decomposed"), "top1"), top5=_acc(s.get("decomposed"), "top5"),
             ))
+            bn = s.get("bn_recalibrated")
+            if isinstance(bn, dict):  # BatchNorm statistics re-estimated after the split (no training)
+                rows.append(ResultRow(
+                    **{**common, "criterion": f"{common['criterion']} + BN re-estimated"}, finetuned=False,
+                    finetune_epochs=None, top1=_acc(bn, "top1"), top5=_acc(bn, "top5"),
+                ))
             ft = s.get("finetune")
             if isinstance(ft, dict):
                 rows.append(ResultRow(

@@ -25,6 +25,7 @@ from . import engine
 from .criteria import parse_criterion
 from .data import get_datasets
 from .decompose import Decomposition, decompose_with_report
+from .batchnorm import recalibrate_batchnorm
 from .io import atomic_write, save
 from .report import CompressionSummary, summarize
 from .schemes import get_scheme
@@ -42,6 +43,7 @@ class DecomposeStep:
     criterion: str
     finetune: int = 0
     finetune_lr: float = 0.01
+    recalibrate_bn: int = 0  # training batches to re-estimate BatchNorm statistics on after the split
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], default_scheme: str) -> "DecomposeStep":
@@ -52,7 +54,7 @@ class DecomposeStep:
         if "criterion" not in d:
             raise ValueError(f"decompose entry {d} needs a criterion, e.g. 'energy:0.9'")
         step = cls(str(d.get("scheme", default_scheme)), str(d["criterion"]), int(d.get("finetune", 0)),
-                   float(d.get("finetune_lr", 0.01)))
+                   float(d.get("finetune_lr", 0.01)), int(d.get("recalibrate_bn", 0)))
         step.validate()
         return step
 
@@ -72,6 +74,8 @@ class DecomposeStep:
             raise ValueError(f"finetune must be a number of epochs >= 0, got {self.finetune}")
         if not self.finetune_lr > 0:
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+        if self.recalibrate_bn < 0:
+            raise ValueError(f"recalibrate_bn must be a number of batches >= 0, got {self.recalibrate_bn}")
 
     @property
     def stem(self) -> str:
@@ -158,8 +162,8 @@ def decompose_source(
 ) -> DecomposeResult:
     """Decompose the model in ``source`` as ``step`` says; write the compact model and its summary."""
     step.validate()
-    if step.finetune and not evaluate:
-        raise ValueError("fine-tuning needs the data set: drop --no-eval")
+    if (step.finetune or step.recalibrate_bn) and not evaluate:
+        raise ValueError("fine-tuning and BatchNorm re-estimation need the data set: drop --no-eval")
     source = Path(source)
     dev = engine.resolve_device(device)
     model, spec, config = load_source(source, dev)
@@ -187,6 +191,10 @@ def decompose_source(
         loader = test_loader(spec, data_dir, config.seed if config else 0)
         record["dense"] = _acc(engine.evaluate(model, loader, dev))
         record["decomposed"] = _acc(engine.evaluate(report.model, loader, dev))
+    if step.recalibrate_bn:
+        train_loader = engine.make_loader(_train_split(spec, config, data_dir), 128, True, seed=config.seed if config else 0)
+        used = recalibrate_batchnorm(report.model, train_loader, step.recalibrate_bn, dev)
+        record["bn_recalibrated"] = {"batches": used, **_acc(engine.evaluate(report.model, loader, dev))}
     meta = {**spec.metadata(), "scheme": step.scheme, "criterion": crit.spec()}
     save(report.model, out, metadata=meta)
     if step.finetune:
@@ -214,11 +222,20 @@ def search_criterion(model: nn.Module, spec: engine.ModelSpec, config: Optional[
             "the iterative rank search (search:X) scores ranks on held-out data: train the run with "
             "`holdout: N` (N training examples kept out of training) in its config"
         )
-    image_size = spec.input_size[0] if spec.data == "imagenet" else None
-    train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed, image_size=image_size)
-    _, held = engine.holdout_split(train_set, config.holdout)
+    _, held = engine.holdout_split(_full_train_set(spec, config, data_dir), config.holdout)
     loader = engine.make_loader(held, 256, False)
     return iterative_rank_search(model, scheme, loader, target, spec.input_shape, device=device)
+
+
+def _full_train_set(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):
+    image_size = spec.input_size[0] if spec.data == "imagenet" else None
+    train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed if config else 0, image_size=image_size)
+    return train_set
+
+
+def _train_split(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):
+    """The examples the run trained on (its held-out part excluded)."""
+    return engine.holdout_split(_full_train_set(spec, config, data_dir), config.holdout if config else 0)[0]
 
 
 def _acc(metrics: dict[str, float]) -> dict[str, float]:
