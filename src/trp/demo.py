@@ -27,7 +27,7 @@ __all__ = ["DEMO_CONFIG", "DEMO_CRITERION", "run_demo", "match_conv_macs"]
 # The demo's training run (CPU-sized); the TRP run only changes `method`.
 DEMO_CONFIG = TrainConfig(
     model="resnet20", data="mnist5k", method="baseline", scheme="spatial", epochs=20,
-    batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, energy=0.95, period=20,
+    batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, energy=0.9, period=20,
     nuclear_weight=3e-4, seed=0,
 )
 DEMO_CRITERION: Criterion = Value(0.05)
