@@ -112,6 +112,7 @@ def test_demo_pipeline_on_fake_data(cifar10_root: Path, tmp_path: Path, monkeypa
     base_c, trp_c = results["rows"][1], results["rows"][3]
     assert base_c["conv_macs"] <= trp_c["conv_macs"]  # the baseline is matched at equal or lower cost
     assert trp_c["conv_speedup"] > 1.5
+    assert "BN statistics re-estimated" in names[4] and results["rows"][4]["conv_macs"] == base_c["conv_macs"]
     assert results["trp_seconds"] > 0
     assert "TRP's own cost" in (tmp_path / "demo" / "demo.md").read_text()
 
