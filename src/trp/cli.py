@@ -170,13 +170,6 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
 
 
 # ----------------------------------------------------------------------- decompose
-_load_source = workflow.load_source
-
-
-def _test_loader(spec: engine.ModelSpec, data_dir: Optional[str], seed: int, batch_size: int):
-    return workflow.test_loader(spec, data_dir, seed, batch_size)
-
-
 def _summary_table(summary: CompressionSummary, before: Optional[float], after: Optional[float]) -> Table:
     table = Table(title="decomposition")
     for col in ("", "before", "after", "ratio"):
@@ -407,10 +400,10 @@ def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], devic
     """Evaluate a saved (compact) model on its data set's test split."""
     try:
         dev = engine.resolve_device(device)
-        model, spec, config = _load_source(path, dev)
+        model, spec, config = workflow.load_source(path, dev)
         if seed is None:
             seed = config.seed if config else 0
-        loader = _test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
+        loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
         start = time.perf_counter()
         metrics = engine.evaluate(model, loader, dev)
         seconds = time.perf_counter() - start
