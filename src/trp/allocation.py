@@ -95,9 +95,10 @@ class TargetSpeedup(WholeModelCriterion):
     """Ranks that cut the model's MACs by at least ``x``, keeping the most spectral energy.
 
     Each layer's squared singular values are taken as fractions of the layer's energy;
-    ranks are the prefixes with energy-per-MAC above one threshold shared by all layers
-    (the greedy solution of "keep the most energy within the MAC budget"), with the
-    threshold as low as the budget ``MACs(dense) / x`` allows. ``convs_only`` counts conv
+    singular values are kept best energy-per-MAC first while the model fits the budget
+    ``MACs(dense) / x`` (the greedy solution of "keep the most energy within the MAC
+    budget"), so the MACs land just under the budget even when the weights are exactly
+    low rank. ``convs_only`` counts conv
     MACs only, as the paper does. Needs ``decompose(..., input_shape=...)``.
     """
 
@@ -110,31 +111,35 @@ class TargetSpeedup(WholeModelCriterion):
         self.convs_only = convs_only
 
     def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
-        budget = _dense_total(layers, fixed_macs) / self.x
-        scores = []
-        for layer in layers:
+        dense = _dense_total(layers, fixed_macs)
+        budget = dense / self.x
+        ranks = [1] * len(layers)
+        total = _total(layers, ranks, fixed_macs)
+        if total > budget:
+            raise _unreachable(f"TargetSpeedup({self.x:g})", dense / total)
+        # Every singular value beyond the first of each layer is an item worth its share of the
+        # layer's energy per MAC; take items best first while they fit. Within a layer the
+        # worth never rises with the index, so each layer keeps a prefix; ties (exact zeros of
+        # an already low-rank weight) are taken in index order, so the budget is filled.
+        items = []
+        for li, layer in enumerate(layers):
             energy = pooled_spectrum(layer.sigma).square()
-            share = energy / energy.sum() if energy.sum() > 0 else torch.zeros_like(energy)
+            share = (energy / energy.sum() if energy.sum() > 0 else torch.zeros_like(energy)).tolist()
             per_rank = max(layer.macs(2) - layer.macs(1), 1)
-            scores.append(share / per_rank)
-        thresholds = torch.unique(torch.cat(scores)).flip(0)  # descending: keep more as we go
-
-        def ranks_at(tau: float) -> list[int]:
-            return [max(1, int((s >= tau).sum())) for s in scores]
-
-        if _total(layers, ranks_at(math.inf), fixed_macs) > budget:
-            lowest = _total(layers, [1] * len(layers), fixed_macs)
-            raise _unreachable(f"TargetSpeedup({self.x:g})", _dense_total(layers, fixed_macs) / lowest)
-        # Largest prefix of thresholds whose ranks still fit the budget (cost grows as tau falls).
-        lo, hi = -1, len(thresholds) - 1  # thresholds[lo] fits (lo=-1: tau=inf), find the last that fits
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if _total(layers, ranks_at(float(thresholds[mid])), fixed_macs) <= budget:
-                lo = mid
+            items += [(-share[i] / per_rank, i, li) for i in range(1, len(share))]
+        items.sort()
+        closed: set[int] = set()
+        for _, i, li in items:
+            if li in closed:
+                continue
+            layer = layers[li]
+            step = layer.cost(i + 1) - layer.cost(ranks[li])
+            if total + step <= budget:
+                ranks[li] = i + 1
+                total += step
             else:
-                hi = mid - 1
-        tau = math.inf if lo < 0 else float(thresholds[lo])
-        return {layer.name: r for layer, r in zip(layers, ranks_at(tau))}
+                closed.add(li)  # its later items cannot be taken without this one
+        return {layer.name: r for layer, r in zip(layers, ranks)}
 
     def spec(self) -> str:
         return f"speedup:{self.x:g}" + (":convs" if self.convs_only else "")
@@ -166,11 +171,12 @@ class Global(WholeModelCriterion):
 
     @staticmethod
     def _ranks(normalized: list[Tensor], n_drop: int) -> list[int]:
-        """Ranks after dropping the ``n_drop`` smallest pooled values."""
-        if n_drop <= 0:
-            return [s.numel() for s in normalized]
-        cut = torch.sort(torch.cat(normalized)).values[n_drop - 1]  # values <= cut are dropped
-        return [max(1, int((s > cut).sum())) for s in normalized]
+        """Ranks after dropping the ``n_drop`` smallest pooled values (ties: highest index first)."""
+        order = sorted((float(v), -i, li) for li, s in enumerate(normalized) for i, v in enumerate(s.tolist()))
+        dropped = [0] * len(normalized)
+        for _, _, li in order[:max(n_drop, 0)]:
+            dropped[li] += 1
+        return [max(1, s.numel() - d) for s, d in zip(normalized, dropped)]
 
     def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
         normalized = []
