@@ -134,3 +134,23 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_tradeoff({"a": []}, tmp_path / "y.png")
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_sweep_reports_and_skips_unreachable_targets() -> None:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import trp
+    from trp.sweep import sweep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 2, (16,))), batch_size=8)
+    skipped = []
+    points = sweep(model, "channel", [trp.TargetSpeedup(1.2), trp.TargetSpeedup(100.0)], loader, (1, 8), "cpu",
+                   on_error=lambda c, e: skipped.append((c.spec(), str(e))))
+    assert [p.criterion for p in points] == ["speedup:1.2"]
+    assert skipped and skipped[0][0] == "speedup:100" and "cannot be reached" in skipped[0][1]
+    with pytest.raises(ValueError, match="cannot be reached"):
+        sweep(model, "channel", [trp.TargetSpeedup(100.0)], loader, (1, 8), "cpu")

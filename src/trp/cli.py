@@ -337,7 +337,10 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
             console.print(f"sweeping {run_dir}: {label}, {len(criteria)} criteria")
             pts = sweep(model, sch, criteria, loader, spec.input_shape, dev,
                         on_point=lambda p: console.print(f"  {p.criterion:>18}  {p.conv_speedup:5.2f}x conv  "
-                                                         f"{p.speedup:5.2f}x all  top-1 {p.top1:6.2f}%"))
+                                                         f"{p.speedup:5.2f}x all  top-1 {p.top1:6.2f}%"),
+                        on_error=lambda c, e: console.print(f"  {c.spec():>18}  skipped: {e}"))
+            if not pts:
+                raise ValueError(f"no criterion of the sweep could be applied to {run_dir}")
             path = save_sweep(pts, run_dir / f"sweep-{sch}-{kind}.json",
                               meta={"source": str(run_dir), "label": label, "scheme": sch, "criterion_kind": kind})
             console.print(f"  saved {path}")

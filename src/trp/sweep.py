@@ -62,12 +62,15 @@ def sweep(
     input_shape: Sequence[int],
     device: Union[torch.device, str],
     on_point: Optional[Callable[[SweepPoint], None]] = None,
+    on_error: Optional[Callable[[Any, ValueError], None]] = None,
 ) -> list[SweepPoint]:
     """Decompose ``model`` with ``scheme`` under each criterion and evaluate it on ``loader``.
 
     ``model`` should already be on ``device``; it is not modified. Criteria are passed to
     :func:`trp.decompose_with_report` as they are. ``on_point`` sees each point as it is
-    measured. Returns the points sorted by conv speedup.
+    measured. A criterion that ``decompose`` rejects with ValueError (say, a speedup the
+    model cannot reach) raises, unless ``on_error(criterion, error)`` is given: then that
+    point is reported there and left out. Returns the points sorted by conv speedup.
     """
     if not criteria:
         raise ValueError("no criteria to sweep: pass at least one, e.g. trp.sweep.default_criteria('energy')")
@@ -77,7 +80,13 @@ def sweep(
         with warnings.catch_warnings():
             # decompose reports the skipped layers itself; only its "left dense" notice is muted.
             warnings.filterwarnings("ignore", message=r"trp\.decompose left \d+ selected layer", category=UserWarning)
-            result = decompose_with_report(model, scheme, criterion, input_shape=input_shape)
+            try:
+                result = decompose_with_report(model, scheme, criterion, input_shape=input_shape)
+            except ValueError as err:  # e.g. a target speedup this model cannot reach
+                if on_error is None:
+                    raise
+                on_error(criterion, err)
+                continue
         decomposed = result.model.to(device)
         counts = summarize(model, decomposed, input_shape)
         metrics = evaluate(decomposed, loader, device)
