@@ -39,7 +39,7 @@ def plot_tradeoff(
     if not any(curves.values()) and not markers:
         raise ValueError("nothing to plot: every curve is empty and no markers were given")
 
-    fig = Figure(figsize=(6.4, 4.4), dpi=150)
+    fig = Figure(figsize=(9.0, 4.8), dpi=150)
     ax = fig.add_subplot()
     for label, points in curves.items():
         xy = sorted(
@@ -57,10 +57,10 @@ def plot_tradeoff(
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: curves stay visible
     fig.tight_layout()
 
     path = Path(path)
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
