@@ -89,8 +89,12 @@ def _steps_to_run(config: engine.TrainConfig) -> list[tuple[workflow.DecomposeSt
     by_stem: dict[str, workflow.DecomposeStep] = {}
     for step in steps:
         epochs = 0 if config.data == "mnist5k" else min(step.finetune, 1)
-        by_stem[step.stem] = dataclasses.replace(step, finetune=epochs)
-    return [(step, config.data != "mnist5k" or i == 0) for i, step in enumerate(by_stem.values())]
+        by_stem[step.stem] = dataclasses.replace(step, finetune=epochs, recalibrate_bn=min(step.recalibrate_bn, 1))
+    runs = []
+    for i, step in enumerate(by_stem.values()):
+        evaluate = config.data != "mnist5k" or i == 0
+        runs.append((step if evaluate else dataclasses.replace(step, recalibrate_bn=0), evaluate))
+    return runs
 
 
 def _criterion_spec(text: str) -> str:
