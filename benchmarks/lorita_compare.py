@@ -66,17 +66,38 @@ def criterion_for(mode, model, scheme, target, shape, held_loader):
     return iterative_rank_search(model, scheme, held_loader, target, shape)
 
 
+def render(results: list[dict], targets: list[float], modes: list[str], out: Path) -> None:
+    """Write OUT.md: one row per run and selection mode, top-1 (actual speedup) per target."""
+    headers = ["model", "run", "method", "dense top-1", "selection"] + [f"top-1 @ {t:g}× (actual)" for t in targets]
+    rows = []
+    for r in results:
+        for mode in modes:
+            cells = [r["at"].get(f"{mode}@{t:g}") for t in targets]
+            if not any(cells):
+                continue
+            rows.append([r["model"], Path(r["run"]).name, f"{r['method']} ({r['scheme']})", f"{r['dense_top1']:.2f}", mode]
+                        + [f"{c['top1']:.2f} ({c['speedup']:.2f}×)" if c else "–" for c in cells])
+    table = markdown_table(headers, rows)
+    with atomic_write(out.with_suffix(".md")) as tmp:
+        tmp.write_text(table + "\n")
+    print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--targets", default="2,3,4")
     parser.add_argument("--curve", default="1.5,2,2.5,3,4,5,6")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lorita_compare"))
+    parser.add_argument("--render-only", action="store_true", help="Rewrite OUT.md from OUT.json, measure nothing.")
     args = parser.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
     curve_targets = [float(t) for t in args.curve.split(",")]
     modes = args.modes.split(",")
+    if args.render_only:
+        render(json.loads(args.out.with_suffix(".json").read_text()), targets, modes, args.out)
+        return
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message=r"trp\.decompose left")
 
@@ -117,25 +138,13 @@ def main() -> None:
             points.append(SweepPoint(f"speedup:{x:g}", engine.evaluate(compact, test, "cpu")["top1"], None,
                                      s.macs_after, s.conv_macs_after, s.params_after, s.speedup, s.conv_speedup))
         row["curve"] = [dataclasses.asdict(p) for p in points]
-        curves.setdefault(spec.model, {})[f"{label} ({config.scheme})"] = points
+        curves.setdefault(spec.model, {})[f"{run.name}: {label}"] = points
         results.append(row)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
-    headers = ["model", "method", "dense top-1", "selection"] + [f"top-1 @ {t:g}× (actual)" for t in targets]
-    rows = []
-    for r in results:
-        for mode in modes:
-            cells = [r["at"].get(f"{mode}@{t:g}") for t in targets]
-            if not any(cells):
-                continue
-            rows.append([r["model"], f"{r['method']} ({r['scheme']})", f"{r['dense_top1']:.2f}", mode]
-                        + [f"{c['top1']:.2f} ({c['speedup']:.2f}×)" if c else "–" for c in cells])
-    table = markdown_table(headers, rows)
-    with atomic_write(args.out.with_suffix(".md")) as tmp:
-        tmp.write_text(table + "\n")
-    print(table)
+    render(results, targets, modes, args.out)
     for model_name, model_curves in curves.items():
         png = args.out.parent / f"{args.out.name}-{model_name}.png"
         plot_tradeoff(model_curves, png, title=f"{model_name} on MNIST-5k: top-1 vs MAC reduction (TargetSpeedup)",
