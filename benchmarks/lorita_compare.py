@@ -96,7 +96,12 @@ def main() -> None:
     curve_targets = [float(t) for t in args.curve.split(",")]
     modes = args.modes.split(",")
     if args.render_only:
-        render(json.loads(args.out.with_suffix(".json").read_text()), targets, modes, args.out)
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        render(results, targets, modes, args.out)
+        curves: dict = {}
+        for r in results:
+            curves.setdefault(r["model"], {})[f"{Path(r['run']).name}: {r['method']}"] = [SweepPoint(**p) for p in r["curve"]]
+        plot_curves(curves, args.out)
         return
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message=r"trp\.decompose left")
@@ -145,8 +150,13 @@ def main() -> None:
     with atomic_write(args.out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     render(results, targets, modes, args.out)
+    plot_curves(curves, args.out)
+
+
+def plot_curves(curves: dict, out: Path) -> None:
+    """One PNG per model: top-1 against whole-model MAC reduction, one curve per run."""
     for model_name, model_curves in curves.items():
-        png = args.out.parent / f"{args.out.name}-{model_name}.png"
+        png = out.parent / f"{out.name}-{model_name}.png"
         plot_tradeoff(model_curves, png, title=f"{model_name} on MNIST-5k: top-1 vs MAC reduction (TargetSpeedup)",
                       x="speedup")
         print(f"plot: {png}")
