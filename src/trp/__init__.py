@@ -9,7 +9,7 @@ from .schemes import SCHEMES, LowRank
 from .svd import SVDError
 from .trained_rank import TRP
 
-from . import lorita
+from . import data, lorita, models
 
 __version__ = "0.1.0"
 
@@ -38,5 +38,7 @@ __all__ = [
     "save",
     "load",
     "lorita",
+    "models",
+    "data",
     "__version__",
 ]
