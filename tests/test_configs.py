@@ -116,7 +116,7 @@ def test_config_file_parses(path: Path) -> None:
     settings = engine.read_config_file(path)
     config = engine.TrainConfig.from_dict(settings, source=str(path))
     config.validate()
-    assert config.method in engine.METHODS and config.data in engine.DATASET_INFO
+    assert config.method in engine.METHODS and config.data in trp.data.DATASET_INFO
     if path.parent.name in PAPER_TABLES:  # configs/<data set>/<row>.yaml: a row of the paper's tables
         assert config.data == path.parent.name
         assert config.decompose, f"{path} decomposes nothing: its table row has no compressed result"

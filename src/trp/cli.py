@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import click
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from torch import nn
 
 from . import engine, workflow
 from .counting import count_macs, count_params

@@ -8,7 +8,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion

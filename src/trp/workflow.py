@@ -23,7 +23,7 @@ from torch import nn
 
 from . import engine
 from .criteria import parse_criterion
-from .data import get_datasets
+from .data import DATASET_INFO, get_datasets
 from .decompose import Decomposition, decompose_with_report
 from .batchnorm import recalibrate_batchnorm
 from .io import atomic_write, save
@@ -109,7 +109,7 @@ def load_source(source: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
                 f"{source} holds an over-parameterized LoRITa model in training; wait for the run to "
                 "finish (it writes model.safetensors with the factors multiplied back)"
             )
-        spec = engine.ModelSpec.from_info(config.model, engine.DATASET_INFO[config.data])
+        spec = engine.ModelSpec.from_info(config.model, DATASET_INFO[config.data])
         model = spec.build().to(device)
         model.load_state_dict(engine.read_checkpoint(source, device)["model"])
         return model, spec, config
