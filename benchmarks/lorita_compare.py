@@ -31,6 +31,7 @@ import torch
 
 import trp
 from trp import engine, workflow
+from trp.decompose import fit_criterion
 from trp.io import atomic_write
 from trp.plot import plot_tradeoff
 from trp.report import markdown_table
@@ -43,17 +44,9 @@ MODES = ("energy/MAC", "local", "global", "iterative")
 
 def ratio_for_speedup(model, scheme, target, shape):
     """The largest kept fraction whose MACs are at least ``target`` times lower."""
-    dense = trp.count_macs(model, shape)
-    lo, hi = 1e-4, 1.0
-    best = None
-    for _ in range(20):
-        p = (lo + hi) / 2
-        crit = trp.Ratio(p)
-        if dense / trp.count_macs(trp.decompose(model, scheme, crit, input_shape=shape), shape) >= target:
-            best, lo = crit, p
-        else:
-            hi = p
-    return best or trp.Ratio(1e-4)
+    budget = trp.count_macs(model, shape) / target
+    p, _ = fit_criterion(model, scheme, trp.Ratio, budget, shape, lo=1e-4, hi=1.0, steps=20)
+    return trp.Ratio(p)
 
 
 def criterion_for(mode, model, scheme, target, shape, held_loader):

@@ -49,12 +49,16 @@ class LayerSpectrum:
         return min(self.macs(rank), self.dense_macs)
 
 
-def pooled_spectrum(sigma: Tensor) -> Tensor:
-    """A 1-D spectrum for a batch of spectra ``(..., k)``: root of the summed squares per index."""
+def pooled_spectrum(sigma: Tensor, keep: int = 0) -> Tensor:
+    """Pool a batch of spectra ``(..., k)`` per index: root of the summed squares.
+
+    The first ``keep`` dimensions are kept (e.g. ``keep=1`` for a stack of layers), so the
+    result has shape ``sigma.shape[:keep] + (k,)``, in float64.
+    """
     sigma = sigma.detach().double()
-    if sigma.ndim == 1:
+    if sigma.ndim == keep + 1:
         return sigma
-    return sigma.square().reshape(-1, sigma.shape[-1]).sum(0).sqrt()
+    return sigma.square().flatten(keep, -2).sum(keep).sqrt()
 
 
 class WholeModelCriterion(ABC):
@@ -170,11 +174,16 @@ class Global(WholeModelCriterion):
         self.needs_input_shape = speedup is not None
 
     @staticmethod
-    def _ranks(normalized: list[Tensor], n_drop: int) -> list[int]:
-        """Ranks after dropping the ``n_drop`` smallest pooled values (ties: highest index first)."""
+    def _drop_order(normalized: list[Tensor]) -> list[int]:
+        """Layer index of each pooled value, smallest value first (ties: highest index first)."""
         order = sorted((float(v), -i, li) for li, s in enumerate(normalized) for i, v in enumerate(s.tolist()))
+        return [li for _, _, li in order]
+
+    @staticmethod
+    def _ranks(normalized: list[Tensor], order: list[int], n_drop: int) -> list[int]:
+        """Ranks after dropping the ``n_drop`` first values of ``order``."""
         dropped = [0] * len(normalized)
-        for _, _, li in order[:max(n_drop, 0)]:
+        for li in order[:max(n_drop, 0)]:
             dropped[li] += 1
         return [max(1, s.numel() - d) for s, d in zip(normalized, dropped)]
 
@@ -184,8 +193,9 @@ class Global(WholeModelCriterion):
             s = pooled_spectrum(layer.sigma)
             normalized.append(s / s[0] if s[0] > 0 else torch.zeros_like(s))
         total = sum(s.numel() for s in normalized)
+        order = self._drop_order(normalized)
         if self.drop is not None:
-            ranks = self._ranks(normalized, int(math.floor(self.drop * total + 1e-9)))
+            ranks = self._ranks(normalized, order, int(math.floor(self.drop * total + 1e-9)))
         else:
             budget = _dense_total(layers, fixed_macs) / self.speedup
             lowest = _total(layers, [1] * len(layers), fixed_macs)
@@ -195,11 +205,11 @@ class Global(WholeModelCriterion):
             lo, hi = 0, total  # dropping everything (hi) leaves rank 1 per layer, which fits
             while lo < hi:
                 mid = (lo + hi) // 2
-                if _total(layers, self._ranks(normalized, mid), fixed_macs) <= budget:
+                if _total(layers, self._ranks(normalized, order, mid), fixed_macs) <= budget:
                     hi = mid
                 else:
                     lo = mid + 1
-            ranks = self._ranks(normalized, lo)
+            ranks = self._ranks(normalized, order, lo)
         return {layer.name: r for layer, r in zip(layers, ranks)}
 
     def spec(self) -> str:

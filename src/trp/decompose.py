@@ -22,6 +22,7 @@ __all__ = [
     "Decomposition",
     "decompose",
     "decompose_with_report",
+    "fit_criterion",
     "trace_sizes",
     "recipe_of",
     "apply_recipe",
@@ -196,6 +197,37 @@ def decompose(
     output pixel. The input model is not modified.
     """
     return decompose_with_report(model, scheme, criterion, layers, input_shape).model
+
+
+def fit_criterion(
+    model: nn.Module,
+    scheme: str,
+    make_criterion: Callable[[float], RankCriterion],
+    budget: int,
+    input_shape: Sequence[int],
+    convs_only: bool = False,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    steps: int = 14,
+) -> tuple[float, nn.Module]:
+    """The largest ``t`` in ``(lo, hi)`` (by bisection) whose ``make_criterion(t)`` split has MACs <= ``budget``.
+
+    For a criterion that keeps more as ``t`` grows (``Energy``, ``Ratio``). Returns ``t`` and
+    the decomposed model; when even ``t`` near ``lo`` misses the budget, that smallest split.
+    """
+    best: Optional[tuple[float, nn.Module]] = None
+    low, high = lo, hi
+    for _ in range(steps):
+        t = (low + high) / 2
+        compact = decompose(model, scheme, make_criterion(t), input_shape=input_shape)
+        if count_macs(compact, input_shape, convs_only=convs_only) <= budget:
+            best, low = (t, compact), t
+        else:
+            high = t
+    if best is None:  # even the smallest ranks miss the budget: return those
+        t = lo + (hi - lo) * 1e-6
+        return t, decompose(model, scheme, make_criterion(t), input_shape=input_shape)
+    return best
 
 
 def recipe_of(model: nn.Module) -> dict[str, dict[str, object]]:

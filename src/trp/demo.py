@@ -21,7 +21,7 @@ from torch import nn
 from .batchnorm import recalibrate_batchnorm
 from .counting import count_macs
 from .criteria import Criterion, Energy, Value
-from .decompose import decompose
+from .decompose import decompose, fit_criterion
 from .engine import ProgressFactory, Trainer, TrainConfig, evaluate, make_loader
 from .io import atomic_write
 from .report import markdown_table, summarize
@@ -42,18 +42,7 @@ def match_conv_macs(
     model: nn.Module, scheme: str, target: int, input_shape: tuple[int, ...], steps: int = 14
 ) -> tuple[float, nn.Module]:
     """The largest energy ``e`` (by bisection) whose decomposition has conv MACs <= ``target``."""
-    lo, hi = 0.0, 1.0
-    best: Optional[tuple[float, nn.Module]] = None
-    for _ in range(steps):
-        e = (lo + hi) / 2
-        compact = decompose(model, scheme, Energy(e), input_shape=input_shape)
-        if count_macs(compact, input_shape, convs_only=True) <= target:
-            best, lo = (e, compact), e
-        else:
-            hi = e
-    if best is None:  # even the smallest ranks miss the target: return those
-        return 1e-6, decompose(model, scheme, Energy(1e-6), input_shape=input_shape)
-    return best
+    return fit_criterion(model, scheme, Energy, target, input_shape, convs_only=True, steps=steps)
 
 
 def run_demo(

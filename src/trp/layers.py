@@ -26,12 +26,14 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     A model still holding LoRITa factors raises ValueError: collapse it first.
     """
+    from .lorita import Composed  # lorita builds on this module
+
     inside: set[str] = set()
     found = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if type(module).__name__ == "Composed" and hasattr(module, "factors"):
+        if isinstance(module, Composed):
             raise ValueError(
                 f"layer {name!r} is over-parameterized (LoRITa factors): multiply the factors back "
                 "with trp.lorita.collapse(model) before decomposing or TRP training"

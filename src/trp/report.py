@@ -57,7 +57,11 @@ def summarize(original: nn.Module, compact: nn.Module, input_shape: Sequence[int
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    """A GitHub-flavoured Markdown table (``|`` inside cells escaped)."""
+
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [line(headers), "|" + "|".join("---" for _ in headers) + "|"]
+    lines += [line(r) for r in rows]
     return "\n".join(lines)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .engine import TrainConfig
+from . import report
+from .config import TrainConfig
 from .io import atomic_write
 from .paper import find_paper_result
 
@@ -273,17 +274,16 @@ MARKDOWN_HEADERS = (
 
 def markdown_table(rows: Sequence[ResultRow]) -> str:
     """A Markdown table of ``rows``: MACs and params in millions, accuracies in %, "–" where unknown."""
-    lines = ["| " + " | ".join(MARKDOWN_HEADERS) + " |", "|" + "|".join("---" for _ in MARKDOWN_HEADERS) + "|"]
-    for r in rows:
-        cells = (
+    return report.markdown_table(MARKDOWN_HEADERS, [
+        (
             r.label, r.scheme or MISSING, r.criterion or MISSING, _finetune_cell(r),
             _fmt(r.top1, ".2f"), _fmt(r.top5, ".2f"),
             _fmt(r.conv_macs, ".2f", "M", 1e6), _fmt(r.macs, ".2f", "M", 1e6),
             _fmt(r.conv_speedup, ".2f", "×"), _fmt(r.speedup, ".2f", "×"),
             _fmt(r.params, ".3f", "M", 1e6), _paper_cell(r),
         )
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+        for r in rows
+    ])
 
 
 CSV_FIELDS = tuple(f.name for f in dataclasses.fields(ResultRow))

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from .allocation import pooled_spectrum
 from .criteria import Energy, Value
 from .decompose import RankCriterion, decompose
 from .layers import LayerSelector, select_layers
@@ -181,8 +182,7 @@ class TRP:
             if s.ndim > 2:
                 # One matrix per filter (decouple): one rank per layer, from the energy
                 # pooled over its filters, so the split layer really is rank r.
-                pooled = s.square().flatten(1, -2).sum(1).sqrt()
-                ranks = self.criterion.ranks(pooled).reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
+                ranks = self.criterion.ranks(pooled_spectrum(s, keep=1)).reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
             else:
                 ranks = self.criterion.ranks(s)
             keep = torch.arange(s.shape[-1], device=s.device) < ranks[..., None]
