@@ -8,7 +8,7 @@ selection mode, and evaluated on the test split:
 - ``local``: the same kept fraction in every layer (:class:`trp.Ratio`, bisected to the target);
 - ``global``: LoRITa's pooled normalized singular values (:class:`trp.Global` with ``speedup``);
 - ``iterative``: the per-layer search scored on the run's held-out training images
-  (:func:`trp.search.iterative_rank_search`).
+  (:func:`trp.methods.search.iterative_rank_search`).
 
 A curve of top-1 against speedup (``energy/MAC`` at 1.5x-6x) is plotted per model.
 Each run is decomposed with its own config's scheme (LoRITa's conv + 1x1 factors are the
@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 
 import trp
-from trp import engine, workflow
-from trp.decompose import fit_criterion
-from trp.io import atomic_write
-from trp.plot import plot_tradeoff
-from trp.report import markdown_table
-from trp.results import method_label
-from trp.search import iterative_rank_search
-from trp.sweep import SweepPoint
+from trp.app import engine, workflow
+from trp.core.decompose import fit_criterion
+from trp.deploy.io import atomic_write
+from trp.app.plot import plot_tradeoff
+from trp.app.report import markdown_table
+from trp.app.results import method_label
+from trp.methods.search import iterative_rank_search
+from trp.app.sweep import SweepPoint
 
 MODES = ("energy/MAC", "local", "global", "iterative")
 
@@ -132,7 +132,7 @@ def main() -> None:
         points = []
         for x in curve_targets:
             compact = trp.decompose(model, config.scheme, trp.TargetSpeedup(x), input_shape=shape)
-            s = trp.report.summarize(model, compact, shape)
+            s = trp.app.report.summarize(model, compact, shape)
             points.append(SweepPoint(f"speedup:{x:g}", engine.evaluate(compact, test, "cpu")["top1"], None,
                                      s.macs_after, s.conv_macs_after, s.params_after, s.speedup, s.conv_speedup))
         row["curve"] = [dataclasses.asdict(p) for p in points]

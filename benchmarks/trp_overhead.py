@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 import trp
 from trp.models import create_model
-from trp.report import markdown_table
-from trp.svd import checked_svd
+from trp.app.report import markdown_table
+from trp.core.svd import checked_svd
 
 
 def _sync(device: torch.device) -> None:

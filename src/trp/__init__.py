@@ -1,15 +1,22 @@
-"""trp: low-rank training for PyTorch (Trained Rank Pruning), then split layers in two."""
+"""trp: low-rank training for PyTorch (Trained Rank Pruning), then split layers in two.
 
-from .allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
-from .counting import count_macs, count_params, layer_macs
-from .criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
-from .decompose import Decomposition, LayerReport, decompose, decompose_with_report
-from .io import load, save
-from .schemes import SCHEMES, LowRank
-from .svd import SVDError
-from .trained_rank import TRP
+The package flows one way: :mod:`trp.core` (the split) <- :mod:`trp.methods` (training methods)
+<- :mod:`trp.deploy` (save/load, inference form) <- :mod:`trp.app` (the command line);
+:mod:`trp.models` and :mod:`trp.data` are registries by name. ``scripts/check_imports.py``
+enforces it.
+"""
 
-from . import data, lorita, models
+from .core.allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
+from .core.counting import count_macs, count_params, layer_macs
+from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
+from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report
+from .core.schemes import SCHEMES, LowRank
+from .core.svd import SVDError
+from .deploy.io import load, save
+from .methods import lorita
+from .methods.trained_rank import TRP
+
+from . import data, models
 
 __version__ = "0.1.0"
 

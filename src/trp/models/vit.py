@@ -6,9 +6,9 @@ position embedding, ``depth`` pre-LayerNorm blocks of multi-head self-attention 
 
 Attention uses explicit ``nn.Linear`` layers (``attn.qkv``, ``attn.proj``) and
 ``scaled_dot_product_attention``, so the library can factorize them. With the default
-layer selection of :mod:`trp.layers`, every ``qkv``, ``proj``, ``mlp.fc1`` and ``mlp.fc2``
+layer selection of :mod:`trp.core.layers`, every ``qkv``, ``proj``, ``mlp.fc1`` and ``mlp.fc2``
 is selected; the patch embedding (the first conv) and the ``head`` (the last Linear) are
-not. MAC counts of :mod:`trp.counting` cover the Conv2d/Linear layers only, not the
+not. MAC counts of :mod:`trp.core.counting` cover the Conv2d/Linear layers only, not the
 attention products.
 
 Init: truncated-normal (std 0.02) for Linear weights, the class token and the position

@@ -1,0 +1,191 @@
+"""Decompose a trained run, evaluate it, optionally fine-tune it, and record the result.
+
+This is what ``trp decompose`` and ``trp train --config`` (its ``decompose`` entries) run.
+Each decomposition writes two files next to the run (or model file):
+``decomposed-<scheme>-<criterion>.safetensors`` (the compact model, :func:`trp.save`
+format) and ``decomposed-<scheme>-<criterion>.json``, a summary that ``trp table``
+collects: top-1/top-5 before and after, MACs (convs only and all), parameters,
+speedups, and the fine-tuned accuracy when ``finetune`` epochs were run (the fine-tune
+run directory sits beside it as ``finetune-<scheme>-<criterion>/``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from . import engine
+from ..data import DATASET_INFO, get_datasets
+from ..core.criteria import parse_criterion
+from ..core.decompose import Decomposition, decompose_with_report
+from ..deploy.batchnorm import recalibrate_batchnorm
+from ..deploy.io import atomic_write, save
+from .config import DecomposeStep
+from .report import CompressionSummary, summarize
+
+__all__ = ["DecomposeResult", "load_source", "decompose_source", "finetune_model", "test_loader", "search_criterion"]
+
+SUMMARY_KIND = "trp-decomposition"
+
+
+@dataclass
+class DecomposeResult:
+    """What one decomposition produced."""
+
+    report: Decomposition
+    summary: CompressionSummary
+    record: dict[str, Any]
+    model_path: Path
+    summary_path: Path
+
+
+def load_source(source: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, engine.ModelSpec, Optional[engine.TrainConfig]]:
+    """A trained model from a run directory, its ``checkpoint.pt``, or a model file."""
+    source = Path(source)
+    config = None
+    if source.is_dir():
+        config = engine.load_config(source)
+        source = source / "model.safetensors" if (source / "model.safetensors").exists() else source / "checkpoint.pt"
+    if source.suffix == ".pt":
+        config = config or engine.load_config(source.parent)
+        if config.method == "lorita":
+            raise ValueError(
+                f"{source} holds an over-parameterized LoRITa model in training; wait for the run to "
+                "finish (it writes model.safetensors with the factors multiplied back)"
+            )
+        spec = engine.ModelSpec.from_info(config.model, DATASET_INFO[config.data])
+        model = spec.build().to(device)
+        model.load_state_dict(engine.read_checkpoint(source, device)["model"])
+        return model, spec, config
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist: pass a run directory or a model file")
+    model, spec = engine.load_model_file(source, device)
+    if config is None and (source.parent / "config.json").exists():
+        config = engine.load_config(source.parent)
+    return model, spec, config
+
+
+def test_loader(spec: engine.ModelSpec, data_dir: Optional[str], seed: int, batch_size: int = 512):
+    """The test split of the model's data set."""
+    image_size = spec.input_size[0] if spec.data == "imagenet" else None
+    _, test_set, _ = get_datasets(spec.data, data_dir, seed=seed, image_size=image_size)
+    return engine.make_loader(test_set, batch_size, False)
+
+
+def finetune_model(
+    model_file: Path, out_dir: Path, epochs: int, lr: float, base: Optional[engine.TrainConfig],
+    spec: engine.ModelSpec, data_dir: Optional[str], device: str = "auto",
+    progress: Optional[engine.ProgressFactory] = None, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> engine.Trainer:
+    """Train a (decomposed) model file for ``epochs`` more epochs with plain SGD; return the trainer."""
+    config = engine.TrainConfig(
+        model=spec.model, data=spec.data, data_dir=data_dir, method="finetune", scheme=base.scheme if base else "channel",
+        epochs=epochs, batch_size=base.batch_size if base else 128, lr=lr, milestones=[],
+        momentum=base.momentum if base else 0.9, weight_decay=1e-4, seed=base.seed if base else 0,
+        device=device, init_from=str(model_file), workers=base.workers if base else 0,
+        steps_per_epoch=base.steps_per_epoch if base else None,
+        image_size=spec.input_size[0] if spec.data == "imagenet" else None,
+    )
+    for stale in ("checkpoint.pt", "metrics.jsonl", "model.safetensors"):
+        (Path(out_dir) / stale).unlink(missing_ok=True)
+    trainer = engine.Trainer(config, Path(out_dir), progress)
+    trainer.run(on_epoch=on_epoch)
+    return trainer
+
+
+def decompose_source(
+    source: Path,
+    step: DecomposeStep,
+    *,
+    out: Optional[Path] = None,
+    data_dir: Optional[str] = None,
+    evaluate: bool = True,
+    device: str = "auto",
+    progress: Optional[engine.ProgressFactory] = None,
+    on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> DecomposeResult:
+    """Decompose the model in ``source`` as ``step`` says; write the compact model and its summary."""
+    step.validate()
+    if (step.finetune or step.recalibrate_bn) and not evaluate:
+        raise ValueError("fine-tuning and BatchNorm re-estimation need the data set: drop --no-eval")
+    source = Path(source)
+    dev = engine.resolve_device(device)
+    model, spec, config = load_source(source, dev)
+    data_dir = data_dir or (config.data_dir if config else None)
+    if step.criterion.startswith("search:"):
+        crit = search_criterion(model, spec, config, step.scheme, float(step.criterion.partition(":")[2]), data_dir, dev)
+    else:
+        crit = parse_criterion(step.criterion)
+    report = decompose_with_report(model, step.scheme, crit, input_shape=spec.input_shape)
+    summary = summarize(model, report.model, spec.input_shape)
+    base_dir = source if source.is_dir() else source.parent
+    out = Path(out) if out is not None else base_dir / f"{step.stem}.safetensors"
+    record: dict[str, Any] = {
+        "kind": SUMMARY_KIND, "version": 1, "source": str(source), "model_file": str(out),
+        "scheme": step.scheme, "criterion": step.criterion if step.criterion.startswith("search:") else crit.spec(),
+        "dense": None, "decomposed": None,
+        "macs_before": summary.macs_before, "macs_after": summary.macs_after,
+        "conv_macs_before": summary.conv_macs_before, "conv_macs_after": summary.conv_macs_after,
+        "params_before": summary.params_before, "params_after": summary.params_after,
+        "speedup": summary.speedup, "conv_speedup": summary.conv_speedup,
+        "ranks": {r.name: r.rank for r in report.factorized},
+        "finetune": None,
+    }
+    if evaluate:
+        loader = test_loader(spec, data_dir, config.seed if config else 0)
+        record["dense"] = _acc(engine.evaluate(model, loader, dev))
+        record["decomposed"] = _acc(engine.evaluate(report.model, loader, dev))
+    if step.recalibrate_bn:
+        train_loader = engine.make_loader(_train_split(spec, config, data_dir), 128, True, seed=config.seed if config else 0)
+        used = recalibrate_batchnorm(report.model, train_loader, step.recalibrate_bn, dev)
+        record["bn_recalibrated"] = {"batches": used, **_acc(engine.evaluate(report.model, loader, dev))}
+    meta = {**spec.metadata(), "scheme": step.scheme, "criterion": crit.spec()}
+    save(report.model, out, metadata=meta)
+    if step.finetune:
+        ft_dir = out.parent / out.stem.replace("decomposed-", "finetune-", 1)
+        trainer = finetune_model(out, ft_dir, step.finetune, step.finetune_lr, config, spec, data_dir, device,
+                                 progress, on_epoch)
+        last = trainer.last_row
+        record["finetune"] = {
+            "epochs": step.finetune, "lr": step.finetune_lr, "run_dir": str(ft_dir),
+            "top1": last["test_top1"], "top5": last.get("test_top5"),
+        }
+    summary_path = out.with_suffix(".json")
+    with atomic_write(summary_path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return DecomposeResult(report, summary, record, out, summary_path)
+
+
+def search_criterion(model: nn.Module, spec: engine.ModelSpec, config: Optional[engine.TrainConfig], scheme: str,
+                     target: float, data_dir: Optional[str], device: torch.device):
+    """Ranks from :func:`trp.methods.search.iterative_rank_search` on the run's held-out training examples."""
+    from ..methods.search import iterative_rank_search
+
+    if config is None or config.holdout <= 0:
+        raise ValueError(
+            "the iterative rank search (search:X) scores ranks on held-out data: train the run with "
+            "`holdout: N` (N training examples kept out of training) in its config"
+        )
+    _, held = engine.holdout_split(_full_train_set(spec, config, data_dir), config.holdout)
+    loader = engine.make_loader(held, 256, False)
+    return iterative_rank_search(model, scheme, loader, target, spec.input_shape, device=device)
+
+
+def _full_train_set(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):
+    image_size = spec.input_size[0] if spec.data == "imagenet" else None
+    train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed if config else 0, image_size=image_size)
+    return train_set
+
+
+def _train_split(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):
+    """The examples the run trained on (its held-out part excluded)."""
+    return engine.holdout_split(_full_train_set(spec, config, data_dir), config.holdout if config else 0)[0]
+
+
+def _acc(metrics: dict[str, float]) -> dict[str, float]:
+    return {"top1": metrics["top1"], "top5": metrics["top5"]}

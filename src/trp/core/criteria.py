@@ -1,0 +1,171 @@
+"""Rank criteria: map a descending spectrum of singular values to the rank to keep.
+
+Every criterion is a callable ``criterion(sigma) -> int`` on a 1-D tensor sorted in
+descending order, and also offers ``criterion.ranks(sigma)`` for a batch of spectra of
+shape ``(..., k)`` returning an integer tensor of shape ``(...)``. The kept rank is
+always at least 1 and at most ``k`` (SPEC §1.2).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from .allocation import Global, TargetSpeedup
+
+__all__ = ["Criterion", "Energy", "Value", "Ratio", "FixedRank", "parse_criterion"]
+
+
+class Criterion(ABC):
+    """Base class: subclasses implement :meth:`_ranks` on a batch of spectra."""
+
+    def __call__(self, sigma: Tensor) -> int:
+        """Kept rank for one descending 1-D spectrum."""
+        if sigma.ndim != 1:
+            raise ValueError(f"expected a 1-D spectrum, got shape {tuple(sigma.shape)}")
+        return int(self.ranks(sigma).item())
+
+    def ranks(self, sigma: Tensor) -> Tensor:
+        """Kept ranks for a batch of descending spectra of shape ``(..., k)``."""
+        if sigma.shape[-1] == 0:
+            raise ValueError("empty spectrum: a matrix view with no singular values")
+        r = self._ranks(sigma.detach().float())
+        return r.clamp(min=1, max=sigma.shape[-1]).to(torch.long)
+
+    @abstractmethod
+    def _ranks(self, sigma: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def spec(self) -> str:
+        """The criterion as a CLI string, e.g. ``energy:0.9``."""
+
+
+class Energy(Criterion):
+    """Smallest rank ``r`` with ``sum(σ[:r]²) / sum(σ²) >= e``, for ``e`` in (0, 1]."""
+
+    def __init__(self, e: float) -> None:
+        if not (isinstance(e, (int, float)) and 0.0 < e <= 1.0):
+            raise ValueError(f"Energy: e must lie in (0, 1], got {e!r}")
+        self.e = float(e)
+
+    def _ranks(self, sigma: Tensor) -> Tensor:
+        energy = sigma.square().cumsum(-1)
+        total = energy[..., -1:]
+        # An all-zero spectrum has no energy to keep: rank 1.
+        frac = torch.where(total > 0, energy / total.clamp_min(torch.finfo(energy.dtype).tiny), 1.0)
+        # Count prefixes whose energy is still short of e; a tiny slack absorbs rounding.
+        return (frac < self.e - 1e-6).sum(-1) + 1
+
+    def spec(self) -> str:
+        return f"energy:{self.e:g}"
+
+    def __repr__(self) -> str:
+        return f"Energy({self.e:g})"
+
+
+class Value(Criterion):
+    """Rank ``#{σ >= t}`` for an absolute threshold ``t >= 0`` (at least 1)."""
+
+    def __init__(self, t: float) -> None:
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0.0):
+            raise ValueError(f"Value: t must be a finite number >= 0, got {t!r}")
+        self.t = float(t)
+
+    def _ranks(self, sigma: Tensor) -> Tensor:
+        return (sigma >= self.t).sum(-1)
+
+    def spec(self) -> str:
+        return f"value:{self.t:g}"
+
+    def __repr__(self) -> str:
+        return f"Value({self.t:g})"
+
+
+class Ratio(Criterion):
+    """Keep ``ceil(p · k)`` of the ``k`` singular values, for ``p`` in (0, 1]."""
+
+    def __init__(self, p: float) -> None:
+        if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
+            raise ValueError(f"Ratio: p must lie in (0, 1], got {p!r}")
+        self.p = float(p)
+
+    def _ranks(self, sigma: Tensor) -> Tensor:
+        k = sigma.shape[-1]
+        r = math.ceil(round(self.p * k, 9))
+        return torch.full(sigma.shape[:-1], r, dtype=torch.long, device=sigma.device)
+
+    def spec(self) -> str:
+        return f"ratio:{self.p:g}"
+
+    def __repr__(self) -> str:
+        return f"Ratio({self.p:g})"
+
+
+class FixedRank(Criterion):
+    """Keep ``min(k, len(σ))`` singular values, for an integer ``k >= 1``."""
+
+    def __init__(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"FixedRank: k must be an integer >= 1, got {k!r}")
+        self.k = k
+
+    def _ranks(self, sigma: Tensor) -> Tensor:
+        return torch.full(sigma.shape[:-1], self.k, dtype=torch.long, device=sigma.device)
+
+    def spec(self) -> str:
+        return f"rank:{self.k}"
+
+    def __repr__(self) -> str:
+        return f"FixedRank({self.k})"
+
+
+def _speedup(v: str, cls_name: str):
+    number, _, scope = v.partition(":")
+    if scope not in ("", "convs"):
+        raise ValueError(f"the scope after the speedup must be 'convs', got {scope!r}")
+    if cls_name == "TargetSpeedup":
+        return TargetSpeedup(float(number), convs_only=scope == "convs")
+    return Global(speedup=float(number), convs_only=scope == "convs")
+
+
+def _global(v: str):
+    return Global(drop=float(v))
+
+
+_PARSERS = {
+    "energy": lambda v: Energy(float(v)),
+    "value": lambda v: Value(float(v)),
+    "ratio": lambda v: Ratio(float(v)),
+    "rank": lambda v: FixedRank(int(v)),
+    "speedup": lambda v: _speedup(v, "TargetSpeedup"),
+    "global": _global,
+    "global-speedup": lambda v: _speedup(v, "Global"),
+}
+
+
+def parse_criterion(text: str):
+    """Parse a criterion string.
+
+    Per layer: ``energy:0.9``, ``value:0.05``, ``ratio:0.5``, ``rank:8``. Whole model
+    (:mod:`trp.core.allocation`): ``speedup:3`` (:class:`TargetSpeedup`; ``speedup:3:convs``
+    counts conv MACs only), ``global:0.5`` (:class:`Global` dropping half of the pooled
+    normalized singular values) and ``global-speedup:3``.
+    """
+    kind, sep, value = text.partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in _PARSERS:
+        raise ValueError(
+            f"criterion {text!r} not understood: use energy:E, value:T, ratio:P, rank:K, "
+            "speedup:X, global:P or global-speedup:X (e.g. value:0.05)"
+        )
+    try:
+        return _PARSERS[kind](value.strip())
+    except ValueError as err:
+        if kind == "rank" and "invalid literal" in str(err):
+            raise ValueError(f"criterion {text!r}: rank needs an integer, e.g. rank:8") from None
+        if "could not convert" in str(err):
+            raise ValueError(f"criterion {text!r}: {value!r} is not a number") from None
+        raise

@@ -1,0 +1,108 @@
+"""Save and load (decomposed) models: safetensors weights plus the decomposition recipe.
+
+A file holds the model's ``state_dict`` as safetensors and, in the safetensors
+metadata, the recipe ``{layer name: {"scheme", "rank"}}`` of every factorized layer.
+Loading replays the recipe on a freshly built original model, then loads the weights.
+Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.decompose import apply_recipe, recipe_of
+
+__all__ = ["save", "load", "read_metadata", "atomic_write"]
+
+PathLike = Union[str, os.PathLike]
+FORMAT = "trp"
+FORMAT_VERSION = "1"
+
+
+class atomic_write:
+    """Context manager yielding a temporary path that replaces ``path`` only on success."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        self.tmp = Path(tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def save(model: nn.Module, path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:
+    """Write ``model``'s weights and decomposition recipe to ``path`` (atomically).
+
+    ``metadata`` adds string entries (e.g. how to rebuild the original model).
+    """
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, recipe=json.dumps(recipe_of(model)))
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The metadata stored in a file written by :func:`save` (``recipe`` included)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: check the path (trp.save writes one file)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt, "
+            "or not written by trp.save: save the model again"
+        ) from err
+    return dict(meta)
+
+
+def load(path: PathLike, model: nn.Module) -> nn.Module:
+    """Rebuild the saved structure on ``model`` (the original, freshly built) and load weights.
+
+    ``model`` is modified in place and returned.
+    """
+    meta = read_metadata(path)
+    try:
+        recipe = json.loads(meta.get("recipe", "{}"))
+        if not isinstance(recipe, dict):
+            raise TypeError("recipe is not a mapping")
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{path}: the stored decomposition recipe is corrupt ({err})") from err
+    apply_recipe(model, recipe)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read the weights ({err}); the file is corrupt") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path} does not fit this model ({str(err).splitlines()[0]} ...): build the same "
+            "architecture, input channels and classes the checkpoint was saved from"
+        ) from err
+    return model

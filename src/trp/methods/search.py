@@ -1,0 +1,148 @@
+"""Iterative per-layer rank search scored on held-out data (LoRITa's third rank selection).
+
+Starting from the largest ranks that still save MACs, each round tries shrinking every
+layer's rank by ``shrink`` (e.g. 25%), measures the held-out loss of each trial with
+that one layer truncated (the others at their current ranks), and keeps the trial
+that costs the least loss per MAC saved. Rounds continue until the model's MACs are
+``target_speedup`` times lower. Trials swap truncated dense weights in place (the same
+function as the split layers), so no model is rebuilt; the cost is about
+``rounds × layers`` forward passes over the held-out batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..core.allocation import LayerRanks
+from ..core.counting import count_macs
+from ..core.decompose import trace_sizes
+from ..core.layers import LayerSelector, select_layers
+from ..core.schemes import scheme_for
+from ..core.svd import checked_svd
+
+__all__ = ["iterative_rank_search"]
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    total, n = 0.0, 0
+    for x, y in batches:
+        total += F.cross_entropy(model(x), y, reduction="sum").item()
+        n += y.numel()
+    return total / n
+
+
+def iterative_rank_search(
+    model: nn.Module,
+    scheme: str,
+    loader: DataLoader,
+    target_speedup: float,
+    input_shape: Sequence[int],
+    layers: LayerSelector = None,
+    shrink: float = 0.25,
+    max_batches: int = 4,
+    device: Optional[torch.device | str] = None,
+) -> LayerRanks:
+    """Per-layer ranks reaching ``target_speedup`` (whole-model MACs) chosen on held-out data.
+
+    ``loader`` should be held-out data (not the test split); its first ``max_batches``
+    batches score every trial. Returns a :class:`trp.LayerRanks` to pass to
+    :func:`trp.decompose`. ``model`` is not modified.
+    """
+    if not (isinstance(target_speedup, (int, float)) and math.isfinite(target_speedup) and target_speedup > 1):
+        raise ValueError(f"target_speedup must be a number > 1, got {target_speedup!r}")
+    if not 0 < shrink < 1:
+        raise ValueError(f"shrink must lie in (0, 1), got {shrink!r}")
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    work = copy.deepcopy(model).to(device).eval()
+    targets, _ = select_layers(work, layers)
+    if not targets:
+        raise ValueError("nothing to search: no factorizable layer is selected")
+    batches = []
+    for i, (x, y) in enumerate(loader):
+        if i >= max_batches:
+            break
+        batches.append((x.to(device), y.to(device)))
+    if not batches:
+        raise ValueError("the held-out loader is empty")
+
+    sizes = trace_sizes(work, [m for _, m in targets], input_shape)
+    total_dense = count_macs(work, input_shape)
+    budget = total_dense / target_speedup
+    state = []  # per layer: name, module, scheme, svd, dense macs, current rank
+    for name, module in targets:
+        sch = scheme_for(module, scheme)
+        u, s, vh = checked_svd(sch.to_matrix(module.weight.detach()), f"layer {name!r}")
+        out_hw, in_hw = sizes[module]
+        dense = sch.macs(module, None, out_hw, in_hw)
+        # Largest rank that still saves MACs (rank >= it: the layer stays dense).
+        rank = int(s.shape[-1])
+        while rank > 1 and sch.macs(module, rank, out_hw, in_hw) >= dense:
+            rank -= 1
+        state.append({"name": name, "module": module, "sch": sch, "svd": (u, s, vh), "dense": dense,
+                      "orig": module.weight.detach().clone(), "hw": (out_hw, in_hw), "rank": None, "start": rank})
+
+    def cost(entry: dict, rank: Optional[int]) -> int:
+        if rank is None:
+            return entry["dense"]
+        return min(entry["sch"].macs(entry["module"], rank, *entry["hw"]), entry["dense"])
+
+    def set_rank(entry: dict, rank: Optional[int]) -> None:
+        w = entry["orig"]
+        if rank is not None:
+            u, s, vh = entry["svd"]
+            m = (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+            w = entry["sch"].from_matrix(m, tuple(w.shape)).to(w.dtype)
+        entry["module"].weight.data.copy_(w)
+
+    def next_rank(entry: dict) -> Optional[int]:
+        now = entry["rank"] if entry["rank"] is not None else entry["start"] + 1
+        if now <= 1:
+            return None
+        trial = max(1, min(now - 1, math.floor(now * (1 - shrink))))
+        return trial if cost(entry, entry["rank"]) - cost(entry, trial) > 0 else None
+
+    def score(entry: dict, base: float) -> Optional[float]:
+        """Held-out loss increase per MAC saved by this layer's next shrink."""
+        trial = next_rank(entry)
+        if trial is None:
+            return None
+        set_rank(entry, trial)
+        value = (_loss(work, batches) - base) / (cost(entry, entry["rank"]) - cost(entry, trial))
+        set_rank(entry, entry["rank"])
+        return value
+
+    fixed = total_dense - sum(e["dense"] for e in state)
+    current = fixed + sum(cost(e, e["rank"]) for e in state)
+    base = _loss(work, batches)
+    # Lazy greedy: scores go stale as other layers shrink; the best one is re-measured
+    # before it is used, and used only if it is still the best.
+    scores = {i: score(e, base) for i, e in enumerate(state)}
+    fresh = set(scores)
+    while current > budget:
+        live = {i: v for i, v in scores.items() if v is not None}
+        if not live:
+            raise ValueError(
+                f"target speedup {target_speedup:g}x cannot be reached: every selected layer is at rank 1 "
+                f"({total_dense / current:.2f}x); select more layers or lower the target"
+            )
+        i = min(live, key=live.get)
+        if i not in fresh:
+            scores[i] = score(state[i], base)
+            fresh.add(i)
+            continue
+        e = state[i]
+        e["rank"] = next_rank(e)
+        set_rank(e, e["rank"])
+        current = fixed + sum(cost(x, x["rank"]) for x in state)
+        base = _loss(work, batches)
+        fresh = set()
+    return LayerRanks({e["name"]: e["rank"] for e in state if e["rank"] is not None})
