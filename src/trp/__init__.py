@@ -12,6 +12,8 @@ from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_cri
 from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report
 from .core.schemes import SCHEMES, LowRank
 from .core.svd import SVDError
+from .deploy.export import ExportResult, export_onnx, ort_session
+from .deploy.fold import fold_batchnorm
 from .deploy.io import load, save
 from .methods import lorita
 from .methods.trained_rank import TRP
@@ -44,6 +46,10 @@ __all__ = [
     "layer_macs",
     "save",
     "load",
+    "fold_batchnorm",
+    "export_onnx",
+    "ExportResult",
+    "ort_session",
     "lorita",
     "models",
     "data",
