@@ -176,6 +176,7 @@ def fold_batchnorm_with_report(model: nn.Module) -> FoldReport:
         parent, _, attr = bn_name.rpartition(".")
         setattr(new.get_submodule(parent) if parent else new, attr, nn.Identity())
         report.folded.append((bn_name, layer_name))
+    new.eval()
     for p in new.parameters():
         p.requires_grad_(False)
     new.train = types.MethodType(_eval_only_train, new)  # type: ignore[method-assign]
