@@ -14,22 +14,9 @@ import trp
 from trp.deploy.fold import fold_batchnorm_with_report
 from trp.models import create_model, resnet20
 
+from _bn import randomize_bn  # noqa: E402
+
 RTOL = 1e-5
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters (fresh ones are identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(n, generator=g) * 2 - 1)
-    return model
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
