@@ -1,8 +1,8 @@
 """Before/after comparison of a model and its decomposition, and plain-text tables.
 
 MACs follow :mod:`trp.core.counting` (Conv2d and Linear only, one multiply-add = 1). The MAC
-reduction is MACs before / MACs after (SPEC §1.4; the paper calls it speedup), reported for convs only (the paper's count) and
-for the whole model (convs + linears).
+reduction is MACs before / MACs after (SPEC §1.4; the paper calls it "speedup", but it is not
+measured time), reported for convs only (the paper's count) and for the whole model.
 """
 
 from __future__ import annotations

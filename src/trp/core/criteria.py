@@ -150,8 +150,8 @@ def parse_criterion(text: str):
     """Parse a criterion string.
 
     Per layer: ``energy:0.9``, ``value:0.05``, ``ratio:0.5``, ``rank:8``. Whole model
-    (:mod:`trp.core.allocation`): ``speedup:3`` (:class:`TargetSpeedup`; ``speedup:3:convs``
-    counts conv MACs only), ``global:0.5`` (:class:`Global` dropping half of the pooled
+    (:mod:`trp.core.allocation`): ``speedup:3`` (:class:`TargetSpeedup`, a MAC reduction of 3;
+    ``speedup:3:convs`` counts conv MACs only), ``global:0.5`` (:class:`Global` dropping half of the pooled
     normalized singular values) and ``global-speedup:3``.
     """
     kind, sep, value = text.partition(":")
@@ -159,7 +159,7 @@ def parse_criterion(text: str):
     if not sep or kind not in _PARSERS:
         raise ValueError(
             f"criterion {text!r} not understood: use energy:E, value:T, ratio:P, rank:K, "
-            "speedup:X, global:P or global-speedup:X (e.g. value:0.05)"
+            "speedup:X (a MAC reduction), global:P or global-speedup:X (e.g. value:0.05)"
         )
     try:
         return _PARSERS[kind](value.strip())
