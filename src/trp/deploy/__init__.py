@@ -1,2 +1,2 @@
-"""From a split model to one that ships: save/load (safetensors + recipe) and BatchNorm
-handling after a split. Built on :mod:`trp.core`."""
+"""From a split model to one that ships: save/load (safetensors + recipe), BatchNorm handling
+after a split, BatchNorm folding and ONNX export checked in ONNX Runtime. Built on :mod:`trp.core`."""
