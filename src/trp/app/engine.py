@@ -15,6 +15,7 @@ import json
 import math
 import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,6 +30,7 @@ from ..data import DatasetInfo, get_datasets
 from ..deploy.io import atomic_write, check_file, parse_json_field, read_metadata, read_recipe, save
 from ..deploy.io import load as load_weights
 from ..models import create_model
+from .rundir import RunLock, append_metrics, check_writable, disk_error, read_metrics, remove_leftovers
 from ..methods.trained_rank import TRP
 
 __all__ = [
@@ -247,6 +249,7 @@ class Trainer:
                 self.model, config.scheme, config.energy, period=None,
                 nuclear_weight=config.nuclear_weight, subgradient_period=config.period,
             )
+        self.lock = RunLock(self.run_dir)
         self.epoch = 0  # epochs completed
         self.last_row: dict[str, Any] = {}
         self.train_seconds = 0.0
@@ -301,6 +304,7 @@ class Trainer:
             raise FileNotFoundError(
                 f"nothing to resume: {self.checkpoint_path} does not exist (the run never finished an epoch)"
             )
+        self._own()
         state = read_checkpoint(self.checkpoint_path, self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -311,7 +315,7 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.trp_seconds = float(state.get("trp_seconds", 0.0))
         if self.metrics_path.exists():
-            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            rows = read_metrics(self.metrics_path)
             kept = [r for r in rows if r["epoch"] <= self.epoch]
             self.last_row = kept[-1] if kept else {}
             with atomic_write(self.metrics_path) as tmp:
@@ -363,13 +367,35 @@ class Trainer:
             "epoch_seconds": seconds, "trp_seconds": trp_seconds,
         }
 
+    def _own(self) -> None:
+        """Lock the run directory (see :mod:`trp.app.rundir`) and clear interrupted writes' leftovers."""
+        if self.lock.held or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            return
+        self.lock.acquire()
+        removed = remove_leftovers(self.run_dir)
+        if removed:
+            warnings.warn(f"removed {len(removed)} temporary file(s) left by interrupted writes in {self.run_dir}",
+                          stacklevel=3)
+        size = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        check_writable(self.run_dir, need_bytes=4 * size + 2**20, what="run directory")
+
     def run(
         self, stop_after: Optional[int] = None, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None
     ) -> dict[str, Any]:
         """Train to ``config.epochs`` (or stop after epoch ``stop_after``); return the last metrics row.
 
-        ``on_epoch`` receives each epoch's metrics row as it is logged.
+        ``on_epoch`` receives each epoch's metrics row as it is logged. The run directory is
+        locked while this runs; a failed write (full disk, permissions) raises ValueError.
         """
+        self._own()
+        try:
+            return self._run(stop_after, on_epoch)
+        except OSError as err:
+            raise disk_error(err) from err
+        finally:
+            self.lock.release()
+
+    def _run(self, stop_after: Optional[int], on_epoch: Optional[Callable[[dict[str, Any]], None]]) -> dict[str, Any]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         test_loader = make_loader(self.test_set, 512, False, workers=self.config.workers)
@@ -392,8 +418,7 @@ class Trainer:
             row.update({f"test_{k}": v for k, v in evaluate(self.model, test_loader, self.device).items()})
             if self.pruner and self.pruner.ranks:
                 row["mean_rank"] = sum(self.pruner.ranks.values()) / len(self.pruner.ranks)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(self.metrics_path, row)
             self._write_checkpoint()
             self.last_row = row
             if on_epoch:
