@@ -18,7 +18,7 @@ from . import engine, workflow
 from ..core.counting import count_macs, count_params
 from ..core.decompose import Decomposition
 from ..deploy.io import atomic_write
-from .config import DecomposeStep
+from .config import DecomposeStep, parse_milestones, resume_config
 from .report import CompressionSummary
 from ..core.schemes import SCHEMES
 
@@ -119,11 +119,11 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
     """
     ctx = click.get_current_context()
     try:
+        opts["milestones"] = parse_milestones(milestones) if milestones else None
         if resume:
             run_dir = Path(resume)
-            config = engine.load_config(run_dir)
+            config = _resume_config(ctx, run_dir, opts, out, config_file)
         else:
-            opts["milestones"] = [int(m) for m in milestones.split(",") if m.strip()] if milestones else None
             settings = engine.read_config_file(config_file) if config_file else {}
             for name, value in opts.items():
                 given = ctx.get_parameter_source(name) in (
@@ -166,6 +166,19 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
             run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
         except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
             _fail(err)
+
+
+def _resume_config(ctx: click.Context, run_dir: Path, opts: dict[str, Any], out: Optional[str],
+                   config_file: Optional[Path]) -> "engine.TrainConfig":
+    """The saved run's config; options given with --resume are checked against it."""
+    if config_file is not None:
+        raise ValueError("--resume continues a run with its saved config.json: drop --config")
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise ValueError(f"--resume {run_dir} writes to that run directory: drop --out {out}")
+    given = {name: value for name, value in opts.items()
+             if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                   click.core.ParameterSource.ENVIRONMENT)}
+    return resume_config(engine.load_config(run_dir), given)
 
 
 # ----------------------------------------------------------------------- decompose
@@ -403,6 +416,7 @@ def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], devic
     try:
         dev = engine.resolve_device(device)
         model, spec, config = workflow.load_source(path, dev)
+        engine.check_finite(model, str(path))
         if seed is None:
             seed = config.seed if config else 0
         loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)

@@ -44,6 +44,7 @@ __all__ = [
     "make_loader",
     "resolve_device",
     "load_model_file",
+    "check_finite",
     "load_config",
     "read_checkpoint",
     "read_config_file",
@@ -121,10 +122,24 @@ MAX_INPUT_SIDE = 4096
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available, else CPU; a device this machine lacks raises ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: trp runs on cpu, cuda or mps")
+    return device
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0) -> DataLoader:
@@ -305,6 +320,13 @@ class Trainer:
                 f"nothing to resume: {self.checkpoint_path} does not exist (the run never finished an epoch)"
             )
         self._own()
+        try:
+            self._resume()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _resume(self) -> None:
         state = read_checkpoint(self.checkpoint_path, self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -312,6 +334,9 @@ class Trainer:
         if self.pruner is not None and state.get("trp") is not None:
             self.pruner.load_state_dict(state["trp"])
         self.epoch = int(state["epoch"])
+        if self.epoch > self.config.epochs:
+            raise ValueError(f"{self.run_dir} has already trained {self.epoch} epochs: --epochs "
+                             f"{self.config.epochs} would end before that; give --epochs {self.epoch} or more")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.trp_seconds = float(state.get("trp_seconds", 0.0))
         if self.metrics_path.exists():
@@ -447,6 +472,14 @@ def train(
         trainer.resume()
     trainer.run(stop_after=stop_after)
     return trainer
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """ValueError naming the first parameter or buffer of ``model`` holding NaN or Inf."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{what}: {name} holds NaN or Inf; the training diverged or the file is corrupt. "
+                             "Evaluate a healthy checkpoint (retrain with a lower --lr)")
 
 
 def load_model_file(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
