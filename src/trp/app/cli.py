@@ -1,26 +1,65 @@
-"""The ``trp`` command line: train, decompose, evaluate, demo."""
+"""The ``trp`` command line: train, decompose, evaluate, demo.
+
+Importing this module imports no torch: the library is loaded by the commands that use it,
+so ``trp --help`` and ``trp --version`` answer at once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import engine, workflow
-from ..core.counting import count_macs, count_params
-from ..core.decompose import Decomposition
-from ..deploy.io import atomic_write
-from .config import DecomposeStep, parse_milestones, resume_config
-from .report import CompressionSummary
-from ..core.schemes import SCHEMES
+from .config import METHODS, OPTIMIZERS, DecomposeStep, parse_milestones, resume_config
+
+if TYPE_CHECKING:
+    from ..core.decompose import Decomposition
+    from .report import CompressionSummary
+
+
+class _LazyModule:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+engine: Any = _LazyModule("trp.app.engine")
+workflow: Any = _LazyModule("trp.app.workflow")
+
+# The conv schemes' names, for option choices without importing torch (a test pins them to trp.SCHEMES).
+SCHEMES = ("channel", "decouple", "spatial")
+
+
+def count_macs(*args: Any, **kwargs: Any) -> int:
+    from ..core.counting import count_macs as count
+
+    return count(*args, **kwargs)
+
+
+def count_params(*args: Any, **kwargs: Any) -> int:
+    from ..core.counting import count_params as count
+
+    return count(*args, **kwargs)
+
+
+def atomic_write(path: Path):
+    from ..deploy.io import atomic_write as write
+
+    return write(path)
+
 
 # Wide enough for the layer table when the output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -81,11 +120,11 @@ def main() -> None:
 @click.option("--model", default="resnet20", show_default=True, help="Model name from the registry.")
 @click.option("--data", default="mnist5k", show_default=True, help="mnist5k, cifar10 or cifar100.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Local CIFAR folder (required for CIFAR).")
-@click.option("--method", type=click.Choice(engine.METHODS), default="trp", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="trp", show_default=True)
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default="channel", show_default=True)
 @click.option("--epochs", type=int, default=164, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--optimizer", type=click.Choice(engine.OPTIMIZERS), default="sgd", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True)
 @click.option("--lr", type=float, default=0.1, show_default=True)
 @click.option("--milestones", default=None, help="Comma-separated epochs where lr is divided by 10 "
               "[default: 81/164 and 122/164 of --epochs].")

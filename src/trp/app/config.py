@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.criteria import parse_criterion
-from ..core.schemes import get_scheme
-from ..data import DATASET_INFO
+# The library is imported where it is used, so the command line's --help needs no torch.
 
 __all__ = [
     "METHODS", "OPTIMIZERS", "DEFAULT_WEIGHT_DECAY", "RESUMABLE", "DecomposeStep", "TrainConfig", "load_config",
@@ -57,6 +55,9 @@ class DecomposeStep:
         return step
 
     def validate(self) -> None:
+        from ..core.criteria import parse_criterion
+        from ..core.schemes import get_scheme
+
         get_scheme(self.scheme)
         if self.criterion.startswith("search:"):
             target = self.criterion.partition(":")[2]
@@ -138,6 +139,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        from ..data import DATASET_INFO
+
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.data not in DATASET_INFO:
