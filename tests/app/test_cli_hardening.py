@@ -18,9 +18,13 @@ def _run(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _one_line_error(result, *needles: str) -> str:
+def _one_line_error(result, *needles: str, after_status: bool = False) -> str:
+    """The output is one ``Error:`` line (after one status line when ``after_status``)."""
     assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    if after_status:
+        assert len(lines) == 2 and lines[0].startswith("decomposing "), result.output
+        lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert "Traceback" not in result.output
     for needle in needles:
@@ -129,3 +133,47 @@ def test_evaluate_refuses_non_finite_weights(run2: tuple[Path, Path], tmp_path: 
 def test_evaluate_bogus_device(run2: tuple[Path, Path]) -> None:
     root, run = run2
     _one_line_error(_run("evaluate", run, "--data-dir", root, "--device", "cuda:x"), "is not a device")
+
+
+def test_unwritable_output_checked_before_the_work(run2: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import trp.app.workflow
+
+    _, run = run2
+    monkeypatch.setattr(trp.app.workflow, "decompose_with_report", lambda *a, **k: pytest.fail("decomposed first"))
+    _one_line_error(_run("decompose", run, "--criterion", "rank:2", "--out", "/proc/trp-no/model.safetensors",
+                         "--no-eval"), "cannot create output folder /proc/trp-no", "choose another location", after_status=True)
+    _one_line_error(_run("train", "--model", "mlp", "--data", "cifar10", "--data-dir", "/nonexistent", "--epochs", "1",
+                         "--out", "/proc/trp-no-run"), "Error: ")
+
+
+def test_full_disk_is_one_line(run2: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import trp.app.workflow
+
+    _, run = run2
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m.safetensors"))
+
+    monkeypatch.setattr(trp.app.workflow, "save", full)
+    _one_line_error(_run("decompose", run, "--criterion", "rank:2", "--out", tmp_path / "m.safetensors", "--no-eval"),
+                    "no space left writing", "free some space", after_status=True)
+
+
+def test_decompose_shows_progress_per_layer(run2: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trp.app.workflow
+
+    seen = []
+    real = trp.app.workflow.decompose_with_report
+
+    def spy(*args, **kwargs):
+        on_layer = kwargs["on_layer"]
+        kwargs["on_layer"] = lambda *a: (seen.append(a), on_layer(*a))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trp.app.workflow, "decompose_with_report", spy)
+    _, run = run2
+    result = _run("decompose", run, "--criterion", "rank:2", "--out", tmp_path / "m.safetensors", "--no-eval")
+    assert result.exit_code == 0, result.output
+    assert seen and seen[-1][1] == seen[-1][2] == len(seen)

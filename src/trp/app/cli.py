@@ -94,7 +94,12 @@ def progress_bars(enabled: bool = True) -> Iterator[Optional[engine.ProgressFact
 
 
 def _fail(err: Exception) -> None:
-    raise click.ClickException(str(err)) from err
+    """Exit with a one-line ``Error: ...`` (failed writes say whether space or permissions are the cause)."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        from .rundir import disk_error
+
+        err = disk_error(err)
+    raise click.ClickException(" ".join(str(err).split())) from err
 
 
 def _epoch_line(row: dict[str, Any]) -> None:
@@ -184,7 +189,7 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
                 trainer.resume()
                 console.print(f"resuming {run_dir} after epoch {trainer.epoch}")
             trainer.run(on_epoch=_epoch_line)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         _fail(err)
     table = Table(title=f"run {run_dir}")
     for col in ("method", "scheme", "test top-1", "MACs", "params", "train time", "TRP time"):
@@ -203,7 +208,7 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
         try:
             steps = [DecomposeStep.from_dict(d, config.scheme) for d in config.decompose]
             run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
-        except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+        except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
             _fail(err)
 
 
@@ -313,7 +318,7 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
         for step in steps:
             step.validate()
         run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
         _fail(err)
 
 
@@ -334,7 +339,7 @@ def finetune_cmd(model_file: Path, epochs: int, lr: float, out: Optional[Path], 
         with progress_bars(not no_progress) as bars:
             trainer = workflow.finetune_model(model_file, out, epochs, lr, config, spec,
                                               data_dir or (config.data_dir if config else None), device, bars, _epoch_line)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
         _fail(err)
     console.print(f"fine-tuned model: {trainer.model_path}  (top-1 {trainer.last_row['test_top1']:.2f}%)")
 
@@ -399,7 +404,7 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
         if plot:
             plot_tradeoff(curves, plot, title=title)
             console.print(f"plot: {plot}")
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(err)
 
 
@@ -440,7 +445,7 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
                 raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
             plot_tradeoff(curves, plot, title=title, markers=markers)
             console.print(f"plot: {plot}")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         _fail(err)
 
 
@@ -462,7 +467,7 @@ def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], devic
         start = time.perf_counter()
         metrics = engine.evaluate(model, loader, dev)
         seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(err)
     table = Table(title=str(path))
     for col in ("top-1", "top-5", "loss", "MACs", "conv MACs", "params", "eval time"):
@@ -488,7 +493,7 @@ def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool) -> None
     try:
         with progress_bars(not no_progress) as bars:
             run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         _fail(err)
 
 
