@@ -104,9 +104,10 @@ def _top_needs(criterion: RankCriterion, matrix: Tensor) -> Optional[tuple[int, 
     if isinstance(criterion, Value):
         return 64, lambda top: bool(top[-1] < criterion.t), lambda top: top
     if isinstance(criterion, Energy):
-        flat = matrix.detach().double()
-        scale = flat.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-        total = (flat / scale).square().sum()
+        matrix = matrix.detach()
+        scale = torch.maximum(matrix.max(), -matrix.min()).double().clamp_min(torch.finfo(torch.float64).tiny)
+        # The squared Frobenius norm, normalised, in row blocks: no full float64 copy of a large weight.
+        total = sum((rows.double() / scale).square().sum() for rows in matrix.split(1024))
 
         def with_rest(top: Tensor) -> Tensor:
             top = top.double() / scale
