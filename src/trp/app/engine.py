@@ -5,7 +5,9 @@ A run directory holds ``config.json`` (the resolved configuration), ``metrics.js
 loads with ``torch.load(weights_only=True)``) and, when training ends, ``model.safetensors``
 (:func:`trp.save` format, with the metadata needed to rebuild the model). Each epoch
 reseeds the random generators from ``(seed, epoch)``, so a run resumed from its last
-checkpoint ends exactly where an uninterrupted run would (on CPU).
+checkpoint ends exactly where an uninterrupted run would (on CPU). While a run writes, it holds
+``run.lock`` (:mod:`trp.app.rundir`); model files are untrusted and checked on the ``meta``
+device before anything is allocated (:func:`load_model_file`).
 """
 
 from __future__ import annotations
