@@ -4,54 +4,83 @@ The package flows one way: :mod:`trp.core` (the split) <- :mod:`trp.methods` (tr
 <- :mod:`trp.deploy` (save/load, inference form) <- :mod:`trp.app` (the command line);
 :mod:`trp.models` and :mod:`trp.data` are registries by name. ``scripts/check_imports.py``
 enforces it.
+
+The public names below are imported on first use (PEP 562), so ``import trp`` and the
+command line's ``--help`` stay fast: ``from trp import decompose`` and ``trp.decompose`` work
+as usual.
 """
 
-from .core.allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
-from .core.counting import count_macs, count_params, layer_macs
-from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
-from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report
-from .core.schemes import SCHEMES, LowRank
-from .core.svd import SVDError
-from .deploy.export import ExportResult, export_onnx, ort_session
-from .deploy.fold import fold_batchnorm
-from .deploy.io import load, save
-from .methods import lorita
-from .methods.trained_rank import TRP
+from __future__ import annotations
 
-from . import data, models
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TRP",
-    "Criterion",
-    "Energy",
-    "Value",
-    "Ratio",
-    "FixedRank",
-    "parse_criterion",
-    "TargetSpeedup",
-    "Global",
-    "LayerRanks",
-    "WholeModelCriterion",
-    "decompose",
-    "decompose_with_report",
-    "Decomposition",
-    "LayerReport",
-    "LowRank",
-    "SCHEMES",
-    "SVDError",
-    "count_macs",
-    "count_params",
-    "layer_macs",
-    "save",
-    "load",
-    "fold_batchnorm",
-    "export_onnx",
-    "ExportResult",
-    "ort_session",
-    "lorita",
-    "models",
-    "data",
-    "__version__",
-]
+# Public name -> (module, attribute); attribute None: the module itself.
+_PUBLIC: dict[str, tuple[str, str | None]] = {
+    "TRP": ("trp.methods.trained_rank", "TRP"),
+    "Criterion": ("trp.core.criteria", "Criterion"),
+    "Energy": ("trp.core.criteria", "Energy"),
+    "Value": ("trp.core.criteria", "Value"),
+    "Ratio": ("trp.core.criteria", "Ratio"),
+    "FixedRank": ("trp.core.criteria", "FixedRank"),
+    "parse_criterion": ("trp.core.criteria", "parse_criterion"),
+    "TargetSpeedup": ("trp.core.allocation", "TargetSpeedup"),
+    "Global": ("trp.core.allocation", "Global"),
+    "LayerRanks": ("trp.core.allocation", "LayerRanks"),
+    "WholeModelCriterion": ("trp.core.allocation", "WholeModelCriterion"),
+    "decompose": ("trp.core.decompose", "decompose"),
+    "decompose_with_report": ("trp.core.decompose", "decompose_with_report"),
+    "Decomposition": ("trp.core.decompose", "Decomposition"),
+    "LayerReport": ("trp.core.decompose", "LayerReport"),
+    "LowRank": ("trp.core.schemes", "LowRank"),
+    "SCHEMES": ("trp.core.schemes", "SCHEMES"),
+    "SVDError": ("trp.core.svd", "SVDError"),
+    "count_macs": ("trp.core.counting", "count_macs"),
+    "count_params": ("trp.core.counting", "count_params"),
+    "layer_macs": ("trp.core.counting", "layer_macs"),
+    "save": ("trp.deploy.io", "save"),
+    "load": ("trp.deploy.io", "load"),
+    "fold_batchnorm": ("trp.deploy.fold", "fold_batchnorm"),
+    "export_onnx": ("trp.deploy.export", "export_onnx"),
+    "ExportResult": ("trp.deploy.export", "ExportResult"),
+    "ort_session": ("trp.deploy.export", "ort_session"),
+    "lorita": ("trp.methods.lorita", None),
+    "models": ("trp.models", None),
+    "data": ("trp.data", None),
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use and keep it (PEP 562)."""
+    try:
+        module, attr = _PUBLIC[name]
+    except KeyError:
+        raise AttributeError(f"module 'trp' has no attribute {name!r}") from None
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from . import data, models
+    from .core.allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
+    from .core.counting import count_macs, count_params, layer_macs
+    from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
+    from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report
+    from .core.schemes import SCHEMES, LowRank
+    from .core.svd import SVDError
+    from .deploy.export import ExportResult, export_onnx, ort_session
+    from .deploy.fold import fold_batchnorm
+    from .deploy.io import load, save
+    from .methods import lorita
+    from .methods.trained_rank import TRP

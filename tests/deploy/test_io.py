@@ -223,13 +223,13 @@ def test_corrupt_recipe(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in _trained().state_dict().items()}, str(path),
               metadata={"recipe": "{not json"})
-    with pytest.raises(ValueError, match="recipe is corrupt"):
+    with pytest.raises(ValueError, match="'recipe' is not valid JSON.*corrupt"):
         trp.load(path, build("net"))
     save_file({"a": torch.zeros(1)}, str(path), metadata={"recipe": "[1, 2]"})
-    with pytest.raises(ValueError, match="recipe is corrupt"):
+    with pytest.raises(ValueError, match="'recipe' must be a mapping.*corrupt"):
         trp.load(path, build("net"))
     save_file({"a": torch.zeros(1)}, str(path), metadata={"recipe": '{"conv1": {"scheme": "channel", "rank": 0}}'})
-    with pytest.raises(ValueError, match="invalid rank"):
+    with pytest.raises(ValueError, match=r"recipe\['conv1'\]\.rank must be an integer from 1 to"):
         trp.load(path, build("net"))
 
 

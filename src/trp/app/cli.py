@@ -1,26 +1,65 @@
-"""The ``trp`` command line: train, decompose, evaluate, export, demo."""
+"""The ``trp`` command line: train, decompose, evaluate, export, sweep, table, demo.
+
+Importing this module imports no torch: the library is loaded by the commands that use it,
+so ``trp --help`` and ``trp --version`` answer at once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import engine, workflow
-from ..core.counting import count_macs, count_params
-from ..core.decompose import Decomposition
-from ..deploy.io import atomic_write
-from .config import DecomposeStep
-from .report import CompressionSummary
-from ..core.schemes import SCHEMES
+from .config import METHODS, OPTIMIZERS, DecomposeStep, parse_milestones, resume_config
+
+if TYPE_CHECKING:
+    from ..core.decompose import Decomposition
+    from .report import CompressionSummary
+
+
+class _LazyModule:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+engine: Any = _LazyModule("trp.app.engine")
+workflow: Any = _LazyModule("trp.app.workflow")
+
+# The conv schemes' names, for option choices without importing torch (a test pins them to trp.SCHEMES).
+SCHEMES = ("channel", "decouple", "spatial")
+
+
+def count_macs(*args: Any, **kwargs: Any) -> int:
+    from ..core.counting import count_macs as count
+
+    return count(*args, **kwargs)
+
+
+def count_params(*args: Any, **kwargs: Any) -> int:
+    from ..core.counting import count_params as count
+
+    return count(*args, **kwargs)
+
+
+def atomic_write(path: Path):
+    from ..deploy.io import atomic_write as write
+
+    return write(path)
+
 
 # Wide enough for the layer table when the output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -55,7 +94,12 @@ def progress_bars(enabled: bool = True) -> Iterator[Optional[engine.ProgressFact
 
 
 def _fail(err: Exception) -> None:
-    raise click.ClickException(str(err)) from err
+    """Exit with a one-line ``Error: ...`` (failed writes say whether space or permissions are the cause)."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        from .rundir import disk_error
+
+        err = disk_error(err)
+    raise click.ClickException(" ".join(str(err).split())) from err
 
 
 def _epoch_line(row: dict[str, Any]) -> None:
@@ -81,11 +125,11 @@ def main() -> None:
 @click.option("--model", default="resnet20", show_default=True, help="Model name from the registry.")
 @click.option("--data", default="mnist5k", show_default=True, help="mnist5k, cifar10 or cifar100.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Local CIFAR folder (required for CIFAR).")
-@click.option("--method", type=click.Choice(engine.METHODS), default="trp", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="trp", show_default=True)
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default="channel", show_default=True)
 @click.option("--epochs", type=int, default=164, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--optimizer", type=click.Choice(engine.OPTIMIZERS), default="sgd", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True)
 @click.option("--lr", type=float, default=0.1, show_default=True)
 @click.option("--milestones", default=None, help="Comma-separated epochs where lr is divided by 10 "
               "[default: 81/164 and 122/164 of --epochs].")
@@ -119,11 +163,11 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
     """
     ctx = click.get_current_context()
     try:
+        opts["milestones"] = parse_milestones(milestones) if milestones else None
         if resume:
             run_dir = Path(resume)
-            config = engine.load_config(run_dir)
+            config = _resume_config(ctx, run_dir, opts, out, config_file)
         else:
-            opts["milestones"] = [int(m) for m in milestones.split(",") if m.strip()] if milestones else None
             settings = engine.read_config_file(config_file) if config_file else {}
             for name, value in opts.items():
                 given = ctx.get_parameter_source(name) in (
@@ -145,7 +189,7 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
                 trainer.resume()
                 console.print(f"resuming {run_dir} after epoch {trainer.epoch}")
             trainer.run(on_epoch=_epoch_line)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         _fail(err)
     table = Table(title=f"run {run_dir}")
     for col in ("method", "scheme", "test top-1", "MACs", "params", "train time", "TRP time"):
@@ -164,8 +208,21 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
         try:
             steps = [DecomposeStep.from_dict(d, config.scheme) for d in config.decompose]
             run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
-        except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+        except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
             _fail(err)
+
+
+def _resume_config(ctx: click.Context, run_dir: Path, opts: dict[str, Any], out: Optional[str],
+                   config_file: Optional[Path]) -> "engine.TrainConfig":
+    """The saved run's config; options given with --resume are checked against it."""
+    if config_file is not None:
+        raise ValueError("--resume continues a run with its saved config.json: drop --config")
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise ValueError(f"--resume {run_dir} writes to that run directory: drop --out {out}")
+    given = {name: value for name, value in opts.items()
+             if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                   click.core.ParameterSource.ENVIRONMENT)}
+    return resume_config(engine.load_config(run_dir), given)
 
 
 # ----------------------------------------------------------------------- decompose
@@ -261,7 +318,7 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
         for step in steps:
             step.validate()
         run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
         _fail(err)
 
 
@@ -282,7 +339,7 @@ def finetune_cmd(model_file: Path, epochs: int, lr: float, out: Optional[Path], 
         with progress_bars(not no_progress) as bars:
             trainer = workflow.finetune_model(model_file, out, epochs, lr, config, spec,
                                               data_dir or (config.data_dir if config else None), device, bars, _epoch_line)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
         _fail(err)
     console.print(f"fine-tuned model: {trainer.model_path}  (top-1 {trainer.last_row['test_top1']:.2f}%)")
 
@@ -347,7 +404,7 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
         if plot:
             plot_tradeoff(curves, plot, title=title)
             console.print(f"plot: {plot}")
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(err)
 
 
@@ -388,7 +445,7 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
                 raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
             plot_tradeoff(curves, plot, title=title, markers=markers)
             console.print(f"plot: {plot}")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         _fail(err)
 
 
@@ -403,13 +460,14 @@ def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], devic
     try:
         dev = engine.resolve_device(device)
         model, spec, config = workflow.load_source(path, dev)
+        engine.check_finite(model, str(path))
         if seed is None:
             seed = config.seed if config else 0
         loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
         start = time.perf_counter()
         metrics = engine.evaluate(model, loader, dev)
         seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(err)
     table = Table(title=str(path))
     for col in ("top-1", "top-5", "loss", "MACs", "conv MACs", "params", "eval time"):
@@ -471,7 +529,7 @@ def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool) -> None
     try:
         with progress_bars(not no_progress) as bars:
             run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         _fail(err)
 
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..core.criteria import parse_criterion
-from ..core.schemes import get_scheme
-from ..data import DATASET_INFO
+# The library is imported where it is used, so the command line's --help needs no torch.
 
-__all__ = ["METHODS", "OPTIMIZERS", "DEFAULT_WEIGHT_DECAY", "DecomposeStep", "TrainConfig", "load_config", "read_config_file"]
+__all__ = [
+    "METHODS", "OPTIMIZERS", "DEFAULT_WEIGHT_DECAY", "RESUMABLE", "DecomposeStep", "TrainConfig", "load_config",
+    "read_config_file", "resume_config", "parse_milestones",
+]
 
 METHODS = ("baseline", "nuclear", "trp", "lorita", "finetune")
 
@@ -54,6 +55,9 @@ class DecomposeStep:
         return step
 
     def validate(self) -> None:
+        from ..core.criteria import parse_criterion
+        from ..core.schemes import get_scheme
+
         get_scheme(self.scheme)
         if self.criterion.startswith("search:"):
             target = self.criterion.partition(":")[2]
@@ -135,6 +139,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        from ..data import DATASET_INFO
+
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.data not in DATASET_INFO:
@@ -161,7 +167,44 @@ class TrainConfig:
             raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
         if not isinstance(self.decompose, list) or not all(isinstance(d, dict) for d in self.decompose):
             raise ValueError("decompose must be a list of mappings like {scheme: channel, criterion: energy:0.9}")
+        self._validate_ranges()
 
+    def _validate_ranges(self) -> None:
+        """Types and ranges of the numeric settings (each error names the field and the fix)."""
+        def number(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+            if not ok:
+                span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                raise ValueError(f"{name} must be a number in {span}, got {v!r}")
+
+        def integer(name: str, low: int, high: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise ValueError(f"{name} must be an integer from {low} to {high}, got {v!r}")
+
+        number("momentum", 0.0, 1.0)
+        number("gamma", 0.0, 1.0, low_open=True)
+        number("energy", 0.0, 1.0, low_open=True)
+        number("nuclear_weight", 0.0, math.inf, high_open=True)
+        integer("seed", 0, MAX_SEED)
+        integer("period", 1, 10**9)
+        integer("workers", 0, 1024)
+        integer("epochs", 0, 10**6)
+        integer("batch_size", 1, 10**7)
+        integer("image_size", 1, 4096, optional=True)
+        if self.milestones is not None:
+            m = self.milestones
+            if (not isinstance(m, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in m)):
+                raise ValueError(f"milestones must be a list of epochs (integers), e.g. [81, 122], got {m!r}")
+            if any(e < 1 for e in m) or m != sorted(set(m)):
+                raise ValueError(f"milestones must be increasing epochs >= 1 (lr is divided after each), got {m}")
+
+
+MAX_SEED = 2**32 - 1  # NumPy's and the data split's limit
 
 _FLOATS = {"lr", "momentum", "weight_decay", "gamma", "energy", "nuclear_weight"}
 _INTS = {"epochs", "batch_size", "period", "seed", "workers", "factor", "image_size", "steps_per_epoch", "holdout"}
@@ -169,6 +212,13 @@ _INTS = {"epochs", "batch_size", "period", "seed", "workers", "factor", "image_s
 
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Numbers as numbers (YAML reads ``1e-4`` as a string); ValueError naming the key otherwise."""
+    if key == "milestones" and value is not None:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{source}: milestones must be a list of epochs, e.g. [81, 122], got {value!r}")
+        try:
+            return [_coerce("epochs", v, source) for v in value]
+        except ValueError:
+            raise ValueError(f"{source}: milestones must be a list of epochs (integers), got {value!r}") from None
     if value is None or key not in _FLOATS | _INTS:
         return value
     if key in _INTS and isinstance(value, int) and not isinstance(value, bool):
@@ -180,13 +230,54 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise ValueError
         number = float(value)
         if key in _INTS:
-            if not number.is_integer():
+            if not number.is_integer() or abs(number) > 2**63:
                 raise ValueError
             return int(number)
         return number
     except (TypeError, ValueError):
         kind = "an integer" if key in _INTS else "a number"
         raise ValueError(f"{source}: {key} must be {kind}, got {value!r}") from None
+
+
+# Settings a resumed run may change: more epochs, and how (not what) it computes.
+RESUMABLE = ("epochs", "workers", "device", "data_dir")
+
+
+def parse_milestones(text: str) -> list[int]:
+    """``"81,122"`` -> ``[81, 122]``; ValueError naming the option otherwise."""
+    try:
+        return [int(m) for m in text.split(",") if m.strip()]
+    except ValueError:
+        raise ValueError(f"--milestones {text!r}: give comma-separated epochs, e.g. --milestones 81,122") from None
+
+
+def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """The saved run's config with the options ``given`` for a resume applied.
+
+    Only :data:`RESUMABLE` settings may differ from the saved run; any other given
+    option that contradicts it raises ValueError naming every such option.
+    """
+    conflicts, changes = [], {}
+    for name, value in given.items():
+        value = _coerce(name, value, "--resume")
+        old = getattr(saved, name)
+        if value == old:
+            continue
+        if name in RESUMABLE:
+            changes[name] = value
+        else:
+            conflicts.append(f"--{name.replace('_', '-')} {value} (the run has {old})")
+    if conflicts:
+        raise ValueError(
+            f"--resume continues the run as it was configured; these options contradict it: {', '.join(conflicts)}. "
+            f"Drop them (only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change), "
+            "or start a new run with --out"
+        )
+    if "epochs" in changes and saved.milestones is None:
+        changes["milestones"] = saved.resolved_milestones()  # the schedule stays the saved run's
+    config = dataclasses.replace(saved, **changes)
+    config.validate()
+    return config
 
 
 def load_config(run_dir: Path) -> TrainConfig:
@@ -209,7 +300,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML ({where}{problem}): fix the file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

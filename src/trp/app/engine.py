@@ -5,7 +5,9 @@ A run directory holds ``config.json`` (the resolved configuration), ``metrics.js
 loads with ``torch.load(weights_only=True)``) and, when training ends, ``model.safetensors``
 (:func:`trp.save` format, with the metadata needed to rebuild the model). Each epoch
 reseeds the random generators from ``(seed, epoch)``, so a run resumed from its last
-checkpoint ends exactly where an uninterrupted run would (on CPU).
+checkpoint ends exactly where an uninterrupted run would (on CPU). While a run writes, it holds
+``run.lock`` (:mod:`trp.app.rundir`); model files are untrusted and checked on the ``meta``
+device before anything is allocated (:func:`load_model_file`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import METHODS, OPTIMIZERS, TrainConfig, load_config, read_config_file
 from ..data import DatasetInfo, get_datasets
-from ..deploy.io import atomic_write, read_metadata, save
+from ..deploy.io import atomic_write, check_file, parse_json_field, read_metadata, read_recipe, save
 from ..deploy.io import load as load_weights
 from ..models import create_model
+from .rundir import RunLock, append_metrics, check_writable, disk_error, read_metrics, remove_leftovers
 from ..methods.trained_rank import TRP
 
 __all__ = [
@@ -41,6 +46,7 @@ __all__ = [
     "make_loader",
     "resolve_device",
     "load_model_file",
+    "check_finite",
     "load_config",
     "read_checkpoint",
     "read_config_file",
@@ -73,20 +79,69 @@ class ModelSpec:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> "ModelSpec":
+        """The spec stored in a file's metadata, every field checked (the file is untrusted)."""
         if "trp_model" not in meta:
             raise ValueError(
                 f"{path} does not say which model it holds (no 'trp_model' metadata): "
                 "it was not written by `trp train` / `trp decompose`; load it in Python with trp.load"
             )
-        d = json.loads(meta["trp_model"])
-        return cls(d["model"], int(d["in_channels"]), int(d["num_classes"]), tuple(d["input_size"]), d.get("data", ""))
+        d = parse_json_field(meta, "trp_model", path)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: metadata field 'trp_model' must be a mapping, got {type(d).__name__}")
+        field = f"{path}: metadata field trp_model"
+
+        def integer(key: str, low: int, high: int, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+                raise ValueError(f"{field}.{key} must be an integer from {low} to {high}, got {shown}; "
+                                 "the file is corrupt or crafted")
+            return value
+
+        for key in ("model", "in_channels", "num_classes", "input_size"):
+            if key not in d:
+                raise ValueError(f"{field} lacks {key!r}; the file is corrupt")
+        if not isinstance(d["model"], str) or len(d["model"]) > 200:
+            raise ValueError(f"{field}.model must be a model name, got {str(d['model'])[:40]!r}")
+        data = d.get("data", "")
+        if not isinstance(data, str) or len(data) > 200:
+            raise ValueError(f"{field}.data must be a data set name, got {str(data)[:40]!r}")
+        size = d["input_size"]
+        if not isinstance(size, list) or len(size) != 2:
+            raise ValueError(f"{field}.input_size must be [height, width], got {str(size)[:40]}")
+        return cls(
+            d["model"],
+            integer("in_channels", 1, MAX_CHANNELS, d["in_channels"]),
+            integer("num_classes", 1, MAX_CLASSES, d["num_classes"]),
+            (integer("input_size", 1, MAX_INPUT_SIDE, size[0]), integer("input_size", 1, MAX_INPUT_SIDE, size[1])),
+            data,
+        )
+
+
+# Sanity bounds on the sizes a model file may declare (checked before anything is built).
+MAX_CHANNELS = 1024
+MAX_CLASSES = 100_000
+MAX_INPUT_SIDE = 4096
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available, else CPU; a device this machine lacks raises ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: trp runs on cpu, cuda or mps")
+    return device
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0) -> DataLoader:
@@ -127,11 +182,24 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
         raise FileNotFoundError(f"{path} does not exist: the run has no checkpoint yet")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} is not a plain trp checkpoint: it holds objects that are refused because loading "
+            f"them could run code ({_unpickler_reason(err)}); do not load it, start the run again"
+        ) from None
     except Exception as err:
-        raise ValueError(f"{path} is corrupt or not a trp checkpoint ({err}); start the run again") from err
+        raise ValueError(f"{path} is corrupt or not a trp checkpoint ({err}); start the run again") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a trp training checkpoint (no 'model' entry)")
     return state
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The refused item from torch's weights-only error, without its advice to load unsafely."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [line for line in lines if "weights_only" not in line and "Weights only" not in line
+               and "arbitrary code" not in line and "documentation" not in line]
+    return reasons[0][:200] if reasons else "unsupported content"
 
 
 def holdout_split(train_set: Dataset, holdout: int) -> tuple[Dataset, Dataset]:
@@ -198,6 +266,7 @@ class Trainer:
                 self.model, config.scheme, config.energy, period=None,
                 nuclear_weight=config.nuclear_weight, subgradient_period=config.period,
             )
+        self.lock = RunLock(self.run_dir)
         self.epoch = 0  # epochs completed
         self.last_row: dict[str, Any] = {}
         self.train_seconds = 0.0
@@ -213,7 +282,7 @@ class Trainer:
                 f"{spec.num_classes} classes; this run trains a {self.spec.model} with "
                 f"{self.spec.in_channels} and {self.spec.num_classes}"
             )
-        if json.loads(meta.get("recipe", "{}")) and self.config.method != "finetune":
+        if read_recipe(meta, path) and self.config.method != "finetune":
             raise ValueError(
                 f"--init-from {path} is a decomposed model; start from a dense one, "
                 "or fine-tune it with method 'finetune'"
@@ -252,6 +321,14 @@ class Trainer:
             raise FileNotFoundError(
                 f"nothing to resume: {self.checkpoint_path} does not exist (the run never finished an epoch)"
             )
+        self._own()
+        try:
+            self._resume()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _resume(self) -> None:
         state = read_checkpoint(self.checkpoint_path, self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -259,10 +336,13 @@ class Trainer:
         if self.pruner is not None and state.get("trp") is not None:
             self.pruner.load_state_dict(state["trp"])
         self.epoch = int(state["epoch"])
+        if self.epoch > self.config.epochs:
+            raise ValueError(f"{self.run_dir} has already trained {self.epoch} epochs: --epochs "
+                             f"{self.config.epochs} would end before that; give --epochs {self.epoch} or more")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.trp_seconds = float(state.get("trp_seconds", 0.0))
         if self.metrics_path.exists():
-            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            rows = read_metrics(self.metrics_path)
             kept = [r for r in rows if r["epoch"] <= self.epoch]
             self.last_row = kept[-1] if kept else {}
             with atomic_write(self.metrics_path) as tmp:
@@ -314,13 +394,35 @@ class Trainer:
             "epoch_seconds": seconds, "trp_seconds": trp_seconds,
         }
 
+    def _own(self) -> None:
+        """Lock the run directory (see :mod:`trp.app.rundir`) and clear interrupted writes' leftovers."""
+        if self.lock.held or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            return
+        self.lock.acquire()
+        removed = remove_leftovers(self.run_dir)
+        if removed:
+            warnings.warn(f"removed {len(removed)} temporary file(s) left by interrupted writes in {self.run_dir}",
+                          stacklevel=3)
+        size = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        check_writable(self.run_dir, need_bytes=4 * size + 2**20, what="run directory")
+
     def run(
         self, stop_after: Optional[int] = None, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None
     ) -> dict[str, Any]:
         """Train to ``config.epochs`` (or stop after epoch ``stop_after``); return the last metrics row.
 
-        ``on_epoch`` receives each epoch's metrics row as it is logged.
+        ``on_epoch`` receives each epoch's metrics row as it is logged. The run directory is
+        locked while this runs; a failed write (full disk, permissions) raises ValueError.
         """
+        self._own()
+        try:
+            return self._run(stop_after, on_epoch)
+        except OSError as err:
+            raise disk_error(err) from err
+        finally:
+            self.lock.release()
+
+    def _run(self, stop_after: Optional[int], on_epoch: Optional[Callable[[dict[str, Any]], None]]) -> dict[str, Any]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         test_loader = make_loader(self.test_set, 512, False, workers=self.config.workers)
@@ -343,8 +445,7 @@ class Trainer:
             row.update({f"test_{k}": v for k, v in evaluate(self.model, test_loader, self.device).items()})
             if self.pruner and self.pruner.ranks:
                 row["mean_rank"] = sum(self.pruner.ranks.values()) / len(self.pruner.ranks)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(self.metrics_path, row)
             self._write_checkpoint()
             self.last_row = row
             if on_epoch:
@@ -375,9 +476,28 @@ def train(
     return trainer
 
 
+def check_finite(model: nn.Module, what: str) -> None:
+    """ValueError naming the first parameter or buffer of ``model`` holding NaN or Inf."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{what}: {name} holds NaN or Inf; the training diverged or the file is corrupt. "
+                             "Evaluate a healthy checkpoint (retrain with a lower --lr)")
+
+
 def load_model_file(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
-    """Rebuild and load a model saved by ``trp train`` / ``trp decompose``."""
+    """Rebuild and load a model saved by ``trp train`` / ``trp decompose``.
+
+    The file is checked against the model on the ``meta`` device first (no memory used),
+    so a crafted file fails with ValueError before anything is allocated.
+    """
     path = Path(path)
     spec = ModelSpec.from_metadata(read_metadata(path), path)
+    with torch.device("meta"):
+        skeleton = spec.build()
+    try:
+        check_file(path, skeleton)
+    except ValueError as err:
+        raise ValueError(f"{err} (the file's trp_model metadata says {spec.model}, {spec.in_channels} input "
+                         f"channels, {spec.num_classes} classes)") from None
     model = spec.build().to(device)
     return load_weights(path, model), spec

@@ -27,6 +27,7 @@ from ..deploy.batchnorm import recalibrate_batchnorm
 from ..deploy.io import atomic_write, save
 from .config import DecomposeStep
 from .report import CompressionSummary, summarize
+from .rundir import check_writable
 
 __all__ = ["DecomposeResult", "load_source", "decompose_source", "finetune_model", "test_loader", "search_criterion"]
 
@@ -115,13 +116,16 @@ def decompose_source(
         raise ValueError("fine-tuning and BatchNorm re-estimation need the data set: drop --no-eval")
     source = Path(source)
     dev = engine.resolve_device(device)
+    target = Path(out) if out is not None else (source if source.is_dir() else source.parent) / f"{step.stem}.safetensors"
+    check_writable(target.parent, what="output folder")  # before the long work, not after it
     model, spec, config = load_source(source, dev)
     data_dir = data_dir or (config.data_dir if config else None)
     if step.criterion.startswith("search:"):
         crit = search_criterion(model, spec, config, step.scheme, float(step.criterion.partition(":")[2]), data_dir, dev)
     else:
         crit = parse_criterion(step.criterion)
-    report = decompose_with_report(model, step.scheme, crit, input_shape=spec.input_shape)
+    report = decompose_with_report(model, step.scheme, crit, input_shape=spec.input_shape,
+                                   on_layer=_svd_progress(progress))
     summary = summarize(model, report.model, spec.input_shape)
     base_dir = source if source.is_dir() else source.parent
     out = Path(out) if out is not None else base_dir / f"{step.stem}.safetensors"
@@ -185,6 +189,21 @@ def _full_train_set(spec: engine.ModelSpec, config: Optional[engine.TrainConfig]
 def _train_split(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):
     """The examples the run trained on (its held-out part excluded)."""
     return engine.holdout_split(_full_train_set(spec, config, data_dir), config.holdout if config else 0)[0]
+
+
+def _svd_progress(progress: Optional[engine.ProgressFactory]) -> Optional[Callable[[str, int, int], None]]:
+    """A per-layer progress callback for decompose_with_report, drawn with ``progress`` bars."""
+    if progress is None:
+        return None
+    advance: Optional[Callable[[int], None]] = None
+
+    def on_layer(name: str, done: int, total: int) -> None:
+        nonlocal advance
+        if advance is None:
+            advance = progress(total, "spectra of the layers")
+        advance(1)
+
+    return on_layer
 
 
 def _acc(metrics: dict[str, float]) -> dict[str, float]:

@@ -22,6 +22,8 @@ __all__ = ["Criterion", "Energy", "Value", "Ratio", "FixedRank", "parse_criterio
 class Criterion(ABC):
     """Base class: subclasses implement :meth:`_ranks` on a batch of spectra."""
 
+    scale_free = False  # True: ranks depend on ratios of singular values only (spectra are normalised first)
+
     def __call__(self, sigma: Tensor) -> int:
         """Kept rank for one descending 1-D spectrum."""
         if sigma.ndim != 1:
@@ -32,7 +34,11 @@ class Criterion(ABC):
         """Kept ranks for a batch of descending spectra of shape ``(..., k)``."""
         if sigma.shape[-1] == 0:
             raise ValueError("empty spectrum: a matrix view with no singular values")
-        r = self._ranks(sigma.detach().float())
+        sigma = sigma.detach()
+        if self.scale_free:  # the rank depends on ratios only: normalise before squaring (no overflow)
+            top = sigma.abs().amax(-1, keepdim=True)
+            sigma = torch.where(top > 0, sigma / torch.where(top > 0, top, torch.ones_like(top)), sigma)
+        r = self._ranks(sigma.float())
         return r.clamp(min=1, max=sigma.shape[-1]).to(torch.long)
 
     @abstractmethod
@@ -45,6 +51,8 @@ class Criterion(ABC):
 
 class Energy(Criterion):
     """Smallest rank ``r`` with ``sum(σ[:r]²) / sum(σ²) >= e``, for ``e`` in (0, 1]."""
+
+    scale_free = True
 
     def __init__(self, e: float) -> None:
         if not (isinstance(e, (int, float)) and 0.0 < e <= 1.0):

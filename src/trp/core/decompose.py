@@ -8,14 +8,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion
 from .counting import count_macs, probe_forward
-from .criteria import Criterion, Energy
+from .criteria import Criterion, Energy, FixedRank, Value
 from .layers import LayerSelector, select_layers, set_module
 from .schemes import LowRank, get_scheme, scheme_for
-from .svd import checked_svd
+from .svd import FULL_SVD_MAX, checked_svd, top_svd
 
 __all__ = [
     "LayerReport",
@@ -92,14 +93,59 @@ def _kept_rank(criterion: RankCriterion, sigma: Tensor) -> int:
     return max(int(criterion(row)) for row in sigma.reshape(-1, sigma.shape[-1]))
 
 
+def _top_needs(criterion: RankCriterion, matrix: Tensor) -> Optional[tuple[int, Callable[[Tensor], bool], Callable[[Tensor], Tensor]]]:
+    """For a criterion that needs only the top of a spectrum: ``(start, enough, for_rank)``, else None.
+
+    ``enough(top)`` says whether the top singular values decide the rank; ``for_rank(top)`` is
+    the spectrum to give the criterion (for Energy, the top plus one value standing for the rest).
+    """
+    if isinstance(criterion, FixedRank):
+        return criterion.k, lambda top: top.numel() >= criterion.k, lambda top: top
+    if isinstance(criterion, Value):
+        return 64, lambda top: bool(top[-1] < criterion.t), lambda top: top
+    if isinstance(criterion, Energy):
+        matrix = matrix.detach()
+        scale = torch.maximum(matrix.max(), -matrix.min()).double().clamp_min(torch.finfo(torch.float64).tiny)
+        # The squared Frobenius norm, normalised, in row blocks: no full float64 copy of a large weight.
+        total = sum((rows.double() / scale).square().sum() for rows in matrix.split(1024))
+
+        def with_rest(top: Tensor) -> Tensor:
+            top = top.double() / scale
+            rest = (total - top.square().sum()).clamp_min(0).sqrt()
+            return torch.cat([top, rest.reshape(1)])
+
+        return 64, lambda top: criterion(with_rest(top)) <= top.numel(), with_rest
+    return None
+
+
+def _layer_svd(criterion: RankCriterion, matrix: Tensor, what: str) -> tuple[tuple[Tensor, Tensor, Tensor], Optional[Tensor]]:
+    """The SVD a layer needs under ``criterion`` and, when truncated, the spectrum to choose its rank from."""
+    needs = None if isinstance(criterion, WholeModelCriterion) else _top_needs(criterion, matrix)
+    if needs is None or matrix.ndim != 2 or min(matrix.shape) <= FULL_SVD_MAX:
+        return checked_svd(matrix, what), None
+    start, enough, for_rank = needs
+    u, s, vh = top_svd(matrix, what, enough, start=start)
+    if s.shape[-1] == min(matrix.shape):  # fell back to the full SVD
+        return (u, s, vh), None
+    return (u, s, vh), for_rank(s)
+
+
+LayerProgress = Callable[[str, int, int], None]
+
+
 def decompose_with_report(
     model: nn.Module,
     scheme: str = "channel",
     criterion: Optional[RankCriterion] = None,
     layers: LayerSelector = None,
     input_shape: Optional[Sequence[int]] = None,
+    *,
+    on_layer: Optional[LayerProgress] = None,
 ) -> Decomposition:
-    """Like :func:`decompose`, also returning what happened to each selected layer."""
+    """Like :func:`decompose`, also returning what happened to each selected layer.
+
+    ``on_layer(name, done, total)`` is called as each layer's spectrum is computed (progress).
+    """
     get_scheme(scheme)  # unknown scheme -> ValueError before any work
     criterion = Energy(0.9) if criterion is None else criterion
     if not callable(criterion):
@@ -123,12 +169,17 @@ def decompose_with_report(
     sizes = trace_sizes(new, [m for _, m in targets], input_shape) if input_shape else {}
 
     # Pass 1: spectra and MAC costs of every target.
-    entries = []
-    for name, module in targets:
+    # Large layers under a per-layer criterion get only the top of their spectrum (core.svd.top_svd).
+    entries, rank_spectra = [], {}
+    for i, (name, module) in enumerate(targets):
         sch = scheme_for(module, scheme)
-        u, s, vh = checked_svd(sch.to_matrix(module.weight.detach()), f"layer {name!r}")
+        (u, s, vh), for_rank = _layer_svd(criterion, sch.to_matrix(module.weight.detach()), f"layer {name!r}")
+        if for_rank is not None:
+            rank_spectra[name] = for_rank
         out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
         entries.append((name, module, sch, (u, s, vh), out_hw, in_hw))
+        if on_layer is not None:
+            on_layer(name, i + 1, len(targets))
 
     # Pass 2: ranks, per layer or for the whole model at once.
     if whole:
@@ -147,18 +198,18 @@ def decompose_with_report(
         counted_names = {sp.name for sp in spectra}
         ranks.update({e[0]: int(e[3][1].shape[-1]) for e in entries if e[0] not in counted_names})
     else:
-        ranks = {name: _kept_rank(criterion, svd[1]) for name, _, _, svd, _, _ in entries}
+        ranks = {name: _kept_rank(criterion, rank_spectra.get(name, svd[1])) for name, _, _, svd, _, _ in entries}
 
     # Pass 3: factorize where MACs drop.
     for name, module, sch, (u, s, vh), out_hw, in_hw in entries:
-        max_rank = s.shape[-1]
+        max_rank = sch.max_rank(module)
         before = sch.macs(module, None, out_hw, in_hw)
         if name not in ranks:
             report.layers.append(LayerReport(name, sch.name, "dense", None, max_rank, before, before,
                                              reason=f"{criterion!r} gives it no rank"))
             continue
         rank = ranks[name]
-        if not 1 <= rank <= max_rank:
+        if not 1 <= rank <= s.shape[-1]:  # a truncated spectrum: the rank lies within it
             raise ValueError(f"criterion {criterion!r} returned rank {rank} for layer {name!r} (1..{max_rank})")
         after = sch.macs(module, rank, out_hw, in_hw)
         entry = LayerReport(name, sch.name, "dense", rank, max_rank, before, after)

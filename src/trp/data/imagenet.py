@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from torchvision import transforms
+from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -24,6 +25,7 @@ __all__ = [
     "imagenet",
     "imagenet_layout",
     "imagenet_transform",
+    "load_image",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,6 +95,19 @@ def _class_folders(split_dir: Path, data_dir: Path) -> list[str]:
     return names
 
 
+def load_image(path: str) -> Image.Image:
+    """An image file as RGB; an unreadable or corrupt file raises ValueError naming it and the fix."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"corrupt or unreadable image {path} ({type(err).__name__}: {err}): replace or remove it, "
+            "then start again (PIL's verify() on each file finds all such images)"
+        ) from None
+
+
 def imagenet(
     data_dir: str | os.PathLike[str],
     train: bool,
@@ -132,7 +147,7 @@ def imagenet(
                 f"splits the same class folders ({layout})."
             )
 
-    dataset = ImageFolder(str(root / split), transform=transform, allow_empty=True)
+    dataset = ImageFolder(str(root / split), transform=transform, allow_empty=True, loader=load_image)
     counts = Counter(dataset.targets)
     empty = [c for c in dataset.classes if counts[dataset.class_to_idx[c]] == 0]
     if empty:

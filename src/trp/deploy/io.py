@@ -3,16 +3,22 @@
 A file holds the model's ``state_dict`` as safetensors and, in the safetensors
 metadata, the recipe ``{layer name: {"scheme", "rank"}}`` of every factorized layer.
 Loading replays the recipe on a freshly built original model, then loads the weights.
-Nothing is pickled.
+Nothing is pickled. A file is untrusted: its recipe is checked against the model (known
+layers and schemes, ranks within each layer's maximum) and the stored tensor shapes against
+the rebuilt model before any weight is read, so a crafted file cannot make loading allocate
+more than the model itself; every failure is a ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import struct
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -20,8 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.decompose import apply_recipe, recipe_of
+from ..core.schemes import scheme_for
 
-__all__ = ["save", "load", "read_metadata", "atomic_write"]
+__all__ = [
+    "save", "load", "read_metadata", "read_recipe", "parse_json_field", "stored_shapes",
+    "check_recipe", "check_shapes", "check_file", "atomic_write", "remove_stale_temporaries",
+]
 
 PathLike = Union[str, os.PathLike]
 FORMAT = "trp"
@@ -46,6 +56,9 @@ class atomic_write:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # writers that recreate the file make it 0600 again
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
@@ -57,10 +70,31 @@ def save(model: nn.Module, path: PathLike, metadata: Optional[dict[str, str]] = 
     ``metadata`` adds string entries (e.g. how to rebuild the original model).
     """
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.update(format=FORMAT, format_version=FORMAT_VERSION, recipe=json.dumps(recipe_of(model)))
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION,
+                recipe=json.dumps(recipe_of(model), sort_keys=True))
+    meta = dict(sorted(meta.items()))  # fixed key order: the same model gives the same bytes
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        _canonical_header(tmp)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted (safetensors writes them in hash order)."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # same entries, same length: rewrite in place, padded as safetensors pads
+            f.seek(8)
+            f.write(text + b" " * (length - len(text)))
+            return
+    padded = text + b" " * (-len(text) % 8)
+    with open(path, "rb") as src, open(path.with_name(path.name + ".hdr"), "wb") as dst:
+        dst.write(struct.pack("<Q", len(padded)) + padded)
+        src.seek(8 + length)
+        shutil.copyfileobj(src, dst)
+    os.replace(path.with_name(path.name + ".hdr"), path)
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
@@ -79,30 +113,157 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     return dict(meta)
 
 
+MAX_JSON_CHARS = 1_000_000  # a recipe of 10 000 layers is far below this
+
+
+def parse_json_field(meta: dict[str, str], key: str, path: PathLike, default: str = "{}") -> Any:
+    """The JSON value stored under metadata ``key``; ValueError naming the file and field otherwise."""
+    text = meta.get(key, default)
+    if len(text) > MAX_JSON_CHARS:
+        raise ValueError(f"{path}: metadata field {key!r} is {len(text):,} characters long "
+                         f"(at most {MAX_JSON_CHARS:,}); the file is corrupt or crafted")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path}: metadata field {key!r} is nested too deeply to be a trp recipe; "
+                         "the file is corrupt or crafted") from None
+    except ValueError as err:  # JSONDecodeError, and huge integer literals
+        raise ValueError(f"{path}: metadata field {key!r} is not valid JSON ({err}); "
+                         "the file is corrupt: save the model again") from None
+
+
+def read_recipe(meta: dict[str, str], path: PathLike) -> dict[str, Any]:
+    """The decomposition recipe stored in ``meta`` (a mapping; its entries are checked by :func:`check_recipe`)."""
+    recipe = parse_json_field(meta, "recipe", path)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: metadata field 'recipe' must be a mapping {{layer: {{scheme, rank}}}}, "
+                         f"got {type(recipe).__name__}; the file is corrupt")
+    return recipe
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_recipe(model: nn.Module, recipe: dict[str, Any], source: PathLike = "recipe") -> None:
+    """Check every entry of ``recipe`` against ``model`` without building anything.
+
+    Each layer must exist and be a Conv2d/Linear, each entry a mapping with a known
+    ``scheme`` and an integer ``rank`` between 1 and the layer's maximum rank under it.
+    """
+    modules = dict(model.named_modules())
+    for name, entry in recipe.items():
+        field = f"recipe[{_short(name)}]"
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(
+                f"{source}: {field} splits a layer this model lacks: build the same architecture "
+                "(model name, input channels, classes) the file was saved from"
+            )
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"{source}: {field} splits a {type(module).__name__}; only Conv2d and Linear split")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: {field} must be a mapping {{scheme, rank}}, got {_short(entry)}")
+        unknown = sorted(str(k) for k in entry if k not in ("scheme", "rank"))
+        if unknown:
+            raise ValueError(f"{source}: {field} has unknown key(s) {_short(unknown)}; known: rank, scheme")
+        scheme = entry.get("scheme")
+        if not isinstance(scheme, str):
+            raise ValueError(f"{source}: {field}.scheme must be a scheme name, got {_short(scheme)}")
+        try:
+            sch = scheme_for(module, scheme)
+        except ValueError as err:
+            raise ValueError(f"{source}: {field}.scheme: {err}") from None
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ValueError(f"{source}: {field} splits a grouped conv, which no scheme supports")
+        rank = entry.get("rank")
+        max_rank = sch.max_rank(module)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+            raise ValueError(
+                f"{source}: {field}.rank must be an integer from 1 to {max_rank} (the layer's maximum "
+                f"rank under scheme {scheme!r}), got {_short(rank)}"
+            )
+
+
+def stored_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor stored in a safetensors file (read from the header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"{path}: cannot read the tensor table ({err}); the file is truncated or corrupt") from None
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: PathLike = "file") -> None:
+    """ValueError listing every missing, unexpected or differently shaped tensor (nothing cut off)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k}: stored {list(shapes[k])}, model {list(expected[k])}"
+             for k in sorted(set(expected) & set(shapes)) if shapes[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_listed(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches {_listed(wrong)}")
+    if problems:
+        raise ValueError(
+            f"{source} does not fit this model ({'; '.join(problems)}): build the same architecture, "
+            "input channels and classes the file was saved from"
+        )
+
+
+def check_file(path: PathLike, model: nn.Module) -> dict[str, str]:
+    """Check ``path`` against ``model`` and give ``model`` its recipe's structure; read no weights.
+
+    Returns the file's metadata. Build ``model`` on the ``meta`` device to check a file
+    without allocating anything.
+    """
+    meta = read_metadata(path)
+    recipe = read_recipe(meta, path)
+    shapes = stored_shapes(path)
+    check_recipe(model, recipe, path)
+    apply_recipe(model, recipe)
+    check_shapes(model, shapes, path)
+    return meta
+
+
 def load(path: PathLike, model: nn.Module) -> nn.Module:
     """Rebuild the saved structure on ``model`` (the original, freshly built) and load weights.
 
-    ``model`` is modified in place and returned.
+    ``model`` is modified in place and returned. Everything in the file is checked against
+    ``model`` before weights are read (see the module docstring); a bad file raises ValueError.
     """
-    meta = read_metadata(path)
-    try:
-        recipe = json.loads(meta.get("recipe", "{}"))
-        if not isinstance(recipe, dict):
-            raise TypeError("recipe is not a mapping")
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ValueError(f"{path}: the stored decomposition recipe is corrupt ({err})") from err
-    apply_recipe(model, recipe)
+    check_file(path, model)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     try:
         state = load_file(str(path), device=str(device))
     except Exception as err:
-        raise ValueError(f"{path}: cannot read the weights ({err}); the file is corrupt") from err
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{path} does not fit this model ({str(err).splitlines()[0]} ...): build the same "
-            "architecture, input channels and classes the checkpoint was saved from"
-        ) from err
+        raise ValueError(f"{path}: cannot read the weights ({err}); the file is corrupt") from None
+    model.load_state_dict(state, strict=True)  # names and shapes checked above
     return model
+
+
+def remove_stale_temporaries(path: PathLike) -> list[Path]:
+    """Delete the temporary files interrupted :class:`atomic_write` calls left for ``path``; return them."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob wildcards escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
