@@ -20,11 +20,13 @@ from ..core.criteria import parse_criterion
 from ..core.schemes import get_scheme
 from ..data import DATASET_INFO
 
-__all__ = ["METHODS", "OPTIMIZERS", "DEFAULT_WEIGHT_DECAY", "DecomposeStep", "TrainConfig", "load_config", "read_config_file"]
+__all__ = ["METHODS", "OPTIMIZERS", "PRECISIONS", "DEFAULT_WEIGHT_DECAY", "DecomposeStep", "TrainConfig", "load_config", "read_config_file"]
 
 METHODS = ("baseline", "nuclear", "trp", "lorita", "finetune")
 
 OPTIMIZERS = ("sgd", "adamw")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Weight decay when the config leaves it unset: LoRITa relies on it (SPEC §2).
 DEFAULT_WEIGHT_DECAY = {"lorita": 1e-3}
@@ -109,6 +111,8 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None  # stop each epoch after this many batches (smoke tests)
     holdout: int = 0  # last training examples kept out of training, for rank searches (see holdout_split)
     decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA only)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)
 
     def __post_init__(self) -> None:
         if self.weight_decay is None:
@@ -159,6 +163,8 @@ class TrainConfig:
             raise ValueError(f"factor must be an integer >= 2 for method 'lorita', got {self.factor!r}")
         if self.method == "finetune" and not self.init_from:
             raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.decompose, list) or not all(isinstance(d, dict) for d in self.decompose):
             raise ValueError("decompose must be a list of mappings like {scheme: channel, criterion: energy:0.9}")
 
