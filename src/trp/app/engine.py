@@ -12,6 +12,8 @@ trains a ``DistributedDataParallel`` copy on its share of every global batch
 (``batch_size`` stays the global batch, so the learning-rate recipe is unchanged), the test
 set is split across the ranks and the counts summed, and rank 0 alone writes the run
 directory. Checkpoints do not depend on the number of processes: resume at any N.
+``precision`` bf16/fp16 runs the forward pass under autocast (fp16 with a GradScaler, whose
+gradients are unscaled before TRP adds its sub-gradient); weights stay float32.
 """
 
 from __future__ import annotations
@@ -216,6 +218,8 @@ class Trainer:
                 self.model, config.scheme, config.energy, period=None,
                 nuclear_weight=config.nuclear_weight, subgradient_period=config.period,
             )
+        # fp16 needs loss scaling (its range is narrow); bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         # What the training step calls: the DistributedDataParallel wrapper under torchrun.
         self.net: nn.Module = (distributed.wrap_ddp(self.model, self.device, config.sync_bn)
                                if self.env.distributed else self.model)
@@ -263,6 +267,7 @@ class Trainer:
             "trp": self.pruner.state_dict() if self.pruner else None,
             "train_seconds": self.train_seconds,
             "trp_seconds": self.trp_seconds,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         with atomic_write(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
@@ -282,6 +287,8 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.trp_seconds = float(state.get("trp_seconds", 0.0))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.metrics_path.exists():
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r["epoch"] <= self.epoch]
@@ -310,16 +317,25 @@ class Trainer:
         start = time.perf_counter()
         for x, y in loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out = self.net(x)
-            loss = F.cross_entropy(out, y)
+            with self._autocast():
+                out = self.net(x)
+                loss = F.cross_entropy(out, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is not None:  # fp16: unscale before the sub-gradient is added
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
             if self.pruner:
                 self.pruner.regularize()
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             if self.pruner:
                 self.pruner.step()
-            loss_sum += loss.detach() * y.numel()
+            loss_sum += loss.detach().float() * y.numel()
             correct += out.detach().argmax(1).eq(y).sum()
             total += y.numel()
             steps += 1
@@ -390,6 +406,11 @@ class Trainer:
             save(self.final_model(), self.model_path, metadata=self.spec.metadata())
         distributed.barrier()
         return row
+
+    def _autocast(self) -> torch.autocast:
+        """The forward pass's autocast region for ``config.precision`` (disabled for fp32)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _evaluate(self, loader: DataLoader) -> dict[str, float]:
         """Test metrics; under torchrun each rank scores its shard (rank 0's BatchNorm statistics)."""
