@@ -99,3 +99,35 @@ def test_global_batch_must_split_evenly(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="divisible by the number of processes 2"):
         train_loader(list(range(10)), 15, DistEnv(0, 2, 0), lambda e: list(range(10)), 0)
+
+
+def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from trp.app import cli
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    launched: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    result = CliRunner().invoke(cli.main, ["train", "--model", "mlp", "--nproc", "3", "--sync-bn", "--precision",
+                                           "bf16", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (command,) = launched
+    assert command[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
+    args = command[6:]
+    assert args[:2] == ["trp", "train"] and "--nproc" not in args
+    pairs = dict(zip(args[2:], args[3:]))
+    assert pairs["--model"] == "mlp" and pairs["--precision"] == "bf16" and pairs["--out"] == str(tmp_path / "r")
+    assert "--sync-bn" in args and "--no-progress" in args and "--epochs" not in args  # defaults stay defaults
+
+
+def test_nproc_must_agree_with_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from trp.app import cli
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(cli.main, ["train", "--nproc", "4"])
+    assert result.exit_code != 0 and "leave out --nproc" in result.output

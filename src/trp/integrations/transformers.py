@@ -37,6 +37,12 @@ try:
 except ImportError as err:  # pragma: no cover - exercised with the import blocked
     raise missing_extra("trp.integrations.transformers", "transformers", err) from err
 
+if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - old transformers
+    raise ImportError(
+        "trp.integrations.transformers needs a transformers whose TrainerCallback has on_pre_optimizer_step "
+        "(the hook after backward and before the optimizer step): upgrade with `pip install -U 'trp[transformers]'`"
+    )
+
 __all__ = ["TRPCallback", "STATE_FILE"]
 
 STATE_FILE = "trp_state.pt"
