@@ -169,7 +169,8 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(err)
     finally:
-        distributed.shutdown()
+        if distributed.launched_by_torchrun():
+            distributed.shutdown()
     if not trainer.env.is_main:
         return
     table = Table(title=f"run {run_dir}")

@@ -296,7 +296,8 @@ class Trainer:
             if self.env.is_main:
                 with atomic_write(self.metrics_path) as tmp:
                     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        distributed.barrier()  # every rank has read the files before rank 0 writes again
+        if self.env.distributed:
+            distributed.barrier()  # every rank has read the files before rank 0 writes again
 
     # -- training --------------------------------------------------------------------
     def _train_epoch(self) -> dict[str, float]:
@@ -404,7 +405,8 @@ class Trainer:
                 return row
         if main:
             save(self.final_model(), self.model_path, metadata=self.spec.metadata())
-        distributed.barrier()
+        if self.env.distributed:
+            distributed.barrier()
         return row
 
     def _autocast(self) -> torch.autocast:
