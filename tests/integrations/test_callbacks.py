@@ -7,6 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -76,22 +77,33 @@ def _blocked(monkeypatch: pytest.MonkeyPatch, package: str, module: str) -> str:
 
 
 # --------------------------------------------------------------------------- Lightning
-def _lightning_module(net: nn.Module):
-    import lightning.pytorch as pl
+class LitNet(pl.LightningModule):
+    """A plain LightningModule around a network (module level: ddp_spawn pickles it)."""
 
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
 
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
 
-    return Module()
+
+class UnshuffledLitNet(LitNet):
+    """Each rank takes examples rank, rank + world, ... in order: together a global batch of BATCH."""
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+        data = TensorDataset(*_data())
+        return DataLoader(data, batch_size=BATCH // 2, sampler=DistributedSampler(data, shuffle=False))
+
+
+def _lightning_module(net: nn.Module) -> LitNet:
+    return LitNet(net)
 
 
 def _lightning_fit(tmp_path: Path, callback, epochs: int, ckpt: Path | None = None):
@@ -227,3 +239,21 @@ def test_transformers_resume_reads_the_trp_state_of_the_checkpoint(tmp_path: Pat
 def test_transformers_callback_without_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     message = _blocked(monkeypatch, "transformers", "trp.integrations.transformers")
     assert "pip install 'trp[transformers]'" in message
+
+
+@pytest.mark.slow
+def test_lightning_callback_under_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+    """Lightning's ddp_spawn on CPU (gloo): each rank sees half of every batch; the saved split equals one process's."""
+    from trp.integrations.lightning import TRPCallback
+
+    callback = TRPCallback(**SETTINGS, save_path=tmp_path / "split.safetensors", final_criterion=trp.Energy(0.999))
+    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback], default_root_dir=tmp_path, use_distributed_sampler=False)
+    trainer.fit(UnshuffledLitNet(_fresh()))
+    model, pruner = _hand_loop(BATCH, EPOCHS)
+    loaded = trp.load(tmp_path / "split.safetensors", _lightning_module(Net()))
+    reference = pruner.decompose(trp.Energy(0.999))
+    x = _data()[0]
+    torch.testing.assert_close(loaded.net(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert [type(m) for m in loaded.net.modules()] == [type(m) for m in reference.modules()]
