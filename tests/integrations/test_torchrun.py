@@ -131,3 +131,16 @@ def test_nproc_must_agree_with_torchrun(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = CliRunner().invoke(cli.main, ["train", "--nproc", "4"])
     assert result.exit_code != 0 and "leave out --nproc" in result.output
+
+
+def test_sync_batchnorm_on_cpu_says_it_needs_cuda() -> None:
+    from trp.integrations.distributed import wrap_ddp
+
+    with pytest.raises(ValueError, match="SyncBatchNorm needs CUDA"):
+        wrap_ddp(torch.nn.BatchNorm2d(3), torch.device("cpu"), sync_batchnorm=True)
+
+
+def test_strip_option_removes_both_spellings() -> None:
+    from trp.integrations.distributed import strip_option
+
+    assert strip_option(["train", "--nproc", "2", "--lr", "0.1", "--nproc=3"], "--nproc") == ["train", "--lr", "0.1"]
