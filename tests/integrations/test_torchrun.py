@@ -138,9 +138,3 @@ def test_sync_batchnorm_on_cpu_says_it_needs_cuda() -> None:
 
     with pytest.raises(ValueError, match="SyncBatchNorm needs CUDA"):
         wrap_ddp(torch.nn.BatchNorm2d(3), torch.device("cpu"), sync_batchnorm=True)
-
-
-def test_strip_option_removes_both_spellings() -> None:
-    from trp.integrations.distributed import strip_option
-
-    assert strip_option(["train", "--nproc", "2", "--lr", "0.1", "--nproc=3"], "--nproc") == ["train", "--lr", "0.1"]

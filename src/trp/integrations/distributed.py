@@ -35,7 +35,6 @@ __all__ = [
     "broadcast_buffers",
     "barrier",
     "torchrun_command",
-    "strip_option",
     "unwrap_model",
 ]
 
@@ -175,18 +174,3 @@ def torchrun_command(nproc: int, args: Sequence[str], module: str = "trp") -> li
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", module, *args]
-
-
-def strip_option(args: Sequence[str], name: str) -> list[str]:
-    """``args`` without ``name VALUE`` / ``name=VALUE``."""
-    out: list[str] = []
-    skip = False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == name:
-            skip = True
-        elif not a.startswith(name + "="):
-            out.append(a)
-    return out
-
