@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import subprocess
 import sys
+import warnings
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import METHODS, OPTIMIZERS, DecomposeStep, parse_milestones, resume_config
+from .config import METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_milestones, resume_config
 
 if TYPE_CHECKING:
     from ..core.decompose import Decomposition
@@ -38,6 +41,7 @@ class _LazyModule:
 
 engine: Any = _LazyModule("trp.app.engine")
 workflow: Any = _LazyModule("trp.app.workflow")
+distributed: Any = _LazyModule("trp.integrations.distributed")
 
 # The conv schemes' names, for option choices without importing torch (a test pins them to trp.SCHEMES).
 SCHEMES = ("channel", "decouple", "spatial")
@@ -154,14 +158,29 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/MODEL-DATA-METHOD-SCHEME].")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue this run directory from its last checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes to train on (data parallel): launches torchrun; or run `torchrun --nproc_per_node N "
+                   "-m trp train ...` yourself. --batch-size stays the global batch.")
+@click.option("--sync-bn", is_flag=True, help="With several processes: SyncBatchNorm (CUDA only).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Autocast precision; fp16 uses a GradScaler.")
 def train(resume: Optional[str], out: Optional[str], no_progress: bool, milestones: Optional[str],
-          config_file: Optional[Path], **opts: Any) -> None:
+          config_file: Optional[Path], nproc: int, **opts: Any) -> None:
     """Train a model (baseline, nuclear-norm only, TRP, LoRITa, fine-tune) and write a run directory.
 
     With --config, the file's settings replace the defaults and options given on the
     command line replace the file's; a config's `decompose` entries run after training.
     """
     ctx = click.get_current_context()
+    if distributed.launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if ctx.get_parameter_source("nproc") == click.core.ParameterSource.COMMANDLINE and nproc != world:
+            raise click.ClickException(f"--nproc {nproc} under torchrun with {world} processes: leave out --nproc")
+        if int(os.environ["RANK"]) != 0:
+            warnings.simplefilter("ignore")  # rank 0 says it once
+    elif nproc > 1:
+        command = distributed.torchrun_command(nproc, ["train", *_given_options(ctx, skip={"nproc"})])
+        sys.exit(subprocess.run(command).returncode)
     try:
         opts["milestones"] = parse_milestones(milestones) if milestones else None
         if resume:
@@ -183,14 +202,20 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
                 raise click.ClickException(
                     f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --out"
                 )
-        with progress_bars(not no_progress) as bars:
+        with progress_bars(not no_progress and _is_main()) as bars:
             trainer = engine.Trainer(config, run_dir, bars)
             if resume:
                 trainer.resume()
-                console.print(f"resuming {run_dir} after epoch {trainer.epoch}")
+                if trainer.env.is_main:
+                    console.print(f"resuming {run_dir} after epoch {trainer.epoch}")
             trainer.run(on_epoch=_epoch_line)
     except (ValueError, OSError, FloatingPointError) as err:
         _fail(err)
+    finally:
+        if distributed.launched_by_torchrun():
+            distributed.shutdown()
+    if not trainer.env.is_main:
+        return
     table = Table(title=f"run {run_dir}")
     for col in ("method", "scheme", "test top-1", "MACs", "params", "train time", "TRP time"):
         table.add_column(col)
@@ -223,6 +248,27 @@ def _resume_config(ctx: click.Context, run_dir: Path, opts: dict[str, Any], out:
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.ENVIRONMENT)}
     return resume_config(engine.load_config(run_dir), given)
+
+
+def _is_main() -> bool:
+    return not distributed.launched_by_torchrun() or int(os.environ["RANK"]) == 0
+
+
+def _given_options(ctx: click.Context, skip: set[str]) -> list[str]:
+    """The options given on the command line, as arguments again (for relaunching under torchrun)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        name = param.name or ""
+        if name in skip or ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            if value:
+                args.append(flag)
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 # ----------------------------------------------------------------------- decompose

@@ -19,13 +19,15 @@ from typing import Any, Optional
 # The library is imported where it is used, so the command line's --help needs no torch.
 
 __all__ = [
-    "METHODS", "OPTIMIZERS", "DEFAULT_WEIGHT_DECAY", "RESUMABLE", "DecomposeStep", "TrainConfig", "load_config",
-    "read_config_file", "resume_config", "parse_milestones",
+    "METHODS", "OPTIMIZERS", "PRECISIONS", "DEFAULT_WEIGHT_DECAY", "RESUMABLE", "DecomposeStep", "TrainConfig",
+    "load_config", "read_config_file", "resume_config", "parse_milestones",
 ]
 
 METHODS = ("baseline", "nuclear", "trp", "lorita", "finetune")
 
 OPTIMIZERS = ("sgd", "adamw")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Weight decay when the config leaves it unset: LoRITa relies on it (SPEC §2).
 DEFAULT_WEIGHT_DECAY = {"lorita": 1e-3}
@@ -113,6 +115,8 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None  # stop each epoch after this many batches (smoke tests)
     holdout: int = 0  # last training examples kept out of training, for rank searches (see holdout_split)
     decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA only)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)
 
     def __post_init__(self) -> None:
         if self.weight_decay is None:
@@ -165,6 +169,8 @@ class TrainConfig:
             raise ValueError(f"factor must be an integer >= 2 for method 'lorita', got {self.factor!r}")
         if self.method == "finetune" and not self.init_from:
             raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.decompose, list) or not all(isinstance(d, dict) for d in self.decompose):
             raise ValueError("decompose must be a list of mappings like {scheme: channel, criterion: energy:0.9}")
         self._validate_ranges()

@@ -5,7 +5,15 @@ A run directory holds ``config.json`` (the resolved configuration), ``metrics.js
 loads with ``torch.load(weights_only=True)``) and, when training ends, ``model.safetensors``
 (:func:`trp.save` format, with the metadata needed to rebuild the model). Each epoch
 reseeds the random generators from ``(seed, epoch)``, so a run resumed from its last
-checkpoint ends exactly where an uninterrupted run would (on CPU). While a run writes, it holds
+checkpoint ends exactly where an uninterrupted run would (on CPU).
+
+Under ``torchrun`` the run is data parallel (:mod:`trp.integrations.distributed`): each rank
+trains a ``DistributedDataParallel`` copy on its share of every global batch
+(``batch_size`` stays the global batch, so the learning-rate recipe is unchanged), the test
+set is split across the ranks and the counts summed, and rank 0 alone writes the run
+directory. Checkpoints do not depend on the number of processes: resume at any N.
+``precision`` bf16/fp16 runs the forward pass under autocast (fp16 with a GradScaler, whose
+gradients are unscaled before TRP adds its sub-gradient); weights stay float32. While a run writes, rank 0 holds
 ``run.lock`` (:mod:`trp.app.rundir`); model files are untrusted and checked on the ``meta``
 device before anything is allocated (:func:`load_model_file`).
 """
@@ -31,6 +39,7 @@ from .config import METHODS, OPTIMIZERS, TrainConfig, load_config, read_config_f
 from ..data import DatasetInfo, get_datasets
 from ..deploy.io import atomic_write, check_file, parse_json_field, read_metadata, read_recipe, save
 from ..deploy.io import load as load_weights
+from ..integrations import distributed
 from ..models import create_model
 from .rundir import RunLock, append_metrics, check_writable, disk_error, read_metrics, remove_leftovers
 from ..methods.trained_rank import TRP
@@ -154,8 +163,11 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (in %) of ``model`` on ``loader``."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, across_ranks: bool = False) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (in %) of ``model`` on ``loader``.
+
+    ``across_ranks``: each rank's loader holds a disjoint shard; the counts are summed over ranks.
+    """
     was_training = model.training
     model.eval()
     total, loss_sum, top1, top5 = 0, 0.0, 0, 0
@@ -170,6 +182,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
         top5 += hits.any(dim=1).sum().item()
         total += y.numel()
     model.train(was_training)
+    if across_ranks:
+        loss_sum, top1, top5, total = distributed.all_reduce_sums([loss_sum, top1, top5, total], device)
     if total == 0:
         raise ValueError("evaluation data set is empty")
     return {"loss": loss_sum / total, "top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total}
@@ -218,6 +232,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def _loader_order(n: int, seed: int) -> list[int]:
+    """The order in which ``make_loader(dataset of n, shuffle=True, seed)`` visits the examples."""
+    return next(iter(make_loader(range(n), n, True, seed))).tolist()  # type: ignore[arg-type]
+
+
 ProgressFactory = Callable[[int, str], Any]
 
 
@@ -228,8 +247,9 @@ class Trainer:
         config.validate()
         self.config = config
         self.run_dir = Path(run_dir)
-        self.progress = progress
         self.device = resolve_device(config.device)
+        self.env, self.device = distributed.init_from_env(self.device)
+        self.progress = progress if self.env.is_main else None
         train_set, test_set, info = get_datasets(config.data, config.data_dir, seed=config.seed, image_size=config.image_size)
         self.spec = ModelSpec.from_info(config.model, info)
         train_set, _ = holdout_split(train_set, config.holdout)
@@ -267,6 +287,11 @@ class Trainer:
                 nuclear_weight=config.nuclear_weight, subgradient_period=config.period,
             )
         self.lock = RunLock(self.run_dir)
+        # fp16 needs loss scaling (its range is narrow); bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        # What the training step calls: the DistributedDataParallel wrapper under torchrun.
+        self.net: nn.Module = (distributed.wrap_ddp(self.model, self.device, config.sync_bn)
+                               if self.env.distributed else self.model)
         self.epoch = 0  # epochs completed
         self.last_row: dict[str, Any] = {}
         self.train_seconds = 0.0
@@ -311,6 +336,7 @@ class Trainer:
             "trp": self.pruner.state_dict() if self.pruner else None,
             "train_seconds": self.train_seconds,
             "trp_seconds": self.trp_seconds,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         with atomic_write(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
@@ -341,21 +367,30 @@ class Trainer:
                              f"{self.config.epochs} would end before that; give --epochs {self.epoch} or more")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.trp_seconds = float(state.get("trp_seconds", 0.0))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.metrics_path.exists():
             rows = read_metrics(self.metrics_path)
             kept = [r for r in rows if r["epoch"] <= self.epoch]
             self.last_row = kept[-1] if kept else {}
-            with atomic_write(self.metrics_path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if self.env.is_main:
+                with atomic_write(self.metrics_path) as tmp:
+                    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.env.distributed:
+            distributed.barrier()  # every rank has read the files before rank 0 writes again
 
     # -- training --------------------------------------------------------------------
     def _train_epoch(self) -> dict[str, float]:
         cfg = self.config
         torch.manual_seed(_epoch_seed(cfg.seed, self.epoch))
-        loader = make_loader(self.train_set, cfg.batch_size, True, _epoch_seed(cfg.seed, self.epoch), cfg.workers)
+        if self.env.distributed:  # same global batches as the single-process loader
+            order = lambda epoch: _loader_order(len(self.train_set), _epoch_seed(cfg.seed, epoch))  # noqa: E731
+            loader = distributed.train_loader(self.train_set, cfg.batch_size, self.env, order, self.epoch, cfg.workers)
+        else:
+            loader = make_loader(self.train_set, cfg.batch_size, True, _epoch_seed(cfg.seed, self.epoch), cfg.workers)
         self.model.train()
         # Sums stay on the device: no host sync inside the step.
-        total = 0
+        total, steps = 0, 0
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         bar = self.progress(len(loader), f"epoch {self.epoch + 1}/{cfg.epochs}") if self.progress else None
@@ -363,23 +398,36 @@ class Trainer:
         start = time.perf_counter()
         for x, y in loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
+            with self._autocast():
+                out = self.net(x)
+                loss = F.cross_entropy(out, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is not None:  # fp16: unscale before the sub-gradient is added
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
             if self.pruner:
                 self.pruner.regularize()
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             if self.pruner:
                 self.pruner.step()
-            loss_sum += loss.detach() * y.numel()
+            loss_sum += loss.detach().float() * y.numel()
             correct += out.detach().argmax(1).eq(y).sum()
             total += y.numel()
+            steps += 1
             if bar:
                 bar(1)
-            if cfg.steps_per_epoch is not None and total >= cfg.steps_per_epoch * cfg.batch_size:
+            if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
                 break
-        mean_loss = loss_sum.item() / total
+        loss_total, correct_total, total = [loss_sum.item(), correct.item(), total]
+        if self.env.distributed:
+            loss_total, correct_total, total = distributed.all_reduce_sums([loss_total, correct_total, total], self.device)
+        mean_loss = loss_total / total
         if not math.isfinite(mean_loss):
             raise FloatingPointError(
                 f"loss became {mean_loss} in epoch {self.epoch + 1}: training diverged; "
@@ -390,7 +438,7 @@ class Trainer:
         self.train_seconds += seconds
         self.trp_seconds += trp_seconds
         return {
-            "train_loss": mean_loss, "train_top1": 100.0 * correct.item() / total,
+            "train_loss": mean_loss, "train_top1": 100.0 * correct_total / total,
             "epoch_seconds": seconds, "trp_seconds": trp_seconds,
         }
 
@@ -423,18 +471,21 @@ class Trainer:
             self.lock.release()
 
     def _run(self, stop_after: Optional[int], on_epoch: Optional[Callable[[dict[str, Any]], None]]) -> dict[str, Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
-        test_loader = make_loader(self.test_set, 512, False, workers=self.config.workers)
+        main = self.env.is_main  # rank 0 alone writes the run directory
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        test_loader = make_loader(distributed.eval_shard(self.test_set, self.env), 512, False, workers=self.config.workers)
         row: dict[str, Any] = self.last_row
         if self.config.epochs == 0 and not row:  # evaluate the given weights only
             row = {"epoch": 0, "lr": 0.0, "train_loss": None, "train_top1": None,
                    "epoch_seconds": 0.0, "trp_seconds": 0.0}
-            row.update({f"test_{k}": v for k, v in evaluate(self.model, test_loader, self.device).items()})
-            with atomic_write(self.metrics_path) as tmp:
-                tmp.write_text(json.dumps(row) + "\n")
+            row.update({f"test_{k}": v for k, v in self._evaluate(test_loader).items()})
+            if main:
+                with atomic_write(self.metrics_path) as tmp:
+                    tmp.write_text(json.dumps(row) + "\n")
             self.last_row = row
-            if on_epoch:
+            if on_epoch and main:
                 on_epoch(row)
         while self.epoch < self.config.epochs:
             lr = self.optimizer.param_groups[0]["lr"]
@@ -442,18 +493,33 @@ class Trainer:
             self.scheduler.step()
             self.epoch += 1
             row = {"epoch": self.epoch, "lr": lr, **stats}
-            row.update({f"test_{k}": v for k, v in evaluate(self.model, test_loader, self.device).items()})
+            row.update({f"test_{k}": v for k, v in self._evaluate(test_loader).items()})
             if self.pruner and self.pruner.ranks:
                 row["mean_rank"] = sum(self.pruner.ranks.values()) / len(self.pruner.ranks)
-            append_metrics(self.metrics_path, row)
-            self._write_checkpoint()
+            if main:
+                append_metrics(self.metrics_path, row)
+                self._write_checkpoint()
             self.last_row = row
-            if on_epoch:
+            if on_epoch and main:
                 on_epoch(row)
             if stop_after is not None and self.epoch >= stop_after:
                 return row
-        save(self.final_model(), self.model_path, metadata=self.spec.metadata())
+        if main:
+            save(self.final_model(), self.model_path, metadata=self.spec.metadata())
+        if self.env.distributed:
+            distributed.barrier()
         return row
+
+    def _autocast(self) -> torch.autocast:
+        """The forward pass's autocast region for ``config.precision`` (disabled for fp32)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _evaluate(self, loader: DataLoader) -> dict[str, float]:
+        """Test metrics; under torchrun each rank scores its shard (rank 0's BatchNorm statistics)."""
+        if self.env.distributed:
+            distributed.broadcast_buffers(self.model)
+        return evaluate(self.model, loader, self.device, across_ranks=self.env.distributed)
 
     def final_model(self) -> nn.Module:
         """The trained model in its deployable structure (LoRITa factors multiplied back)."""

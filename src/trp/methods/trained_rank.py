@@ -19,6 +19,16 @@ then adds at every step until the next projection (one ``add_`` per layer). With
 sub-gradient ``U Vᵀ`` over the nonzero singular values is refreshed every
 ``subgradient_period`` steps. With a ``GradScaler``, call ``scaler.unscale_(optimizer)``
 before ``regularize()``, as for gradient clipping.
+
+Data parallel: ``TRP(ddp_model)`` trains the module inside the ``DistributedDataParallel``
+(or ``DataParallel``, ``torch.compile``) wrapper, so layer names and a decomposed model carry
+no ``module.`` prefix. Call ``regularize()`` after ``loss.backward()``: by then DDP has
+averaged the gradients over the ranks, and the sub-gradient, computed from the same weights
+on every rank, is added once on each, so the gradients stay identical across ranks and equal
+a single process's on the global batch. Under ``torch.distributed`` each rank computes the
+SVDs of its share of the layers and broadcasts them (see :mod:`trp.methods.sharded`): all
+ranks end every projection with bit-identical weights; ``shard=False`` turns this off (needed
+when only some ranks run TRP).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from ..core.decompose import RankCriterion, decompose
 from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.svd import checked_svd
+from .sharded import ShardSetting, assign_owners, broadcast_results, resolve_group, unwrap_model
 
 __all__ = ["TRP"]
 
@@ -54,6 +65,7 @@ class TRP:
         nuclear_weight: float = 3e-4,
         layers: LayerSelector = None,
         subgradient_period: Optional[int] = None,
+        shard: ShardSetting = None,
     ) -> None:
         get_scheme(scheme)
         if not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
@@ -68,6 +80,8 @@ class TRP:
         if period is None and nuclear_weight == 0:
             raise ValueError("period=None and nuclear_weight=0 would do nothing: set one of them")
 
+        self._group = resolve_group(model, shard)
+        model = unwrap_model(model)
         self.model = model
         self.scheme = scheme
         self.criterion = Energy(energy)
@@ -166,11 +180,42 @@ class TRP:
 
     @torch.no_grad()
     def _refresh(self, project: bool) -> None:
+        if self._group is not None:
+            return self._refresh_sharded(project)
         for names in self._groups().values():
             # Inside an autocast region the reconstruction matmuls below would run in
             # bf16/fp16, and the projected weight would not be exactly low rank.
             with torch.autocast(device_type=self._params[names[0]].device.type, enabled=False):
                 self._refresh_group(names, project)
+
+    def _refresh_sharded(self, project: bool) -> None:
+        """Each rank refreshes its share of the layers; the owners broadcast the results."""
+        import torch.distributed as dist
+
+        world, me = dist.get_world_size(self._group), dist.get_rank(self._group)
+        costs = []
+        for name in self.layer_names:  # SVD cost ~ batch · rows · cols · min(rows, cols)
+            shape = self._schemes[name].to_matrix(self._params[name].detach()[None]).shape
+            costs.append(float(math.prod(shape) * min(shape[-2:])))
+        owners = dict(zip(self.layer_names, assign_owners(costs, world)))
+        for names in self._groups().values():
+            mine = [n for n in names if owners[n] == me]
+            if mine:
+                with torch.autocast(device_type=self._params[mine[0]].device.type, enabled=False):
+                    self._refresh_group(mine, project)
+        results: dict[str, list[Tensor]] = {}
+        for name, param in self._params.items():
+            if owners[name] != me:
+                self._subgrad[name] = torch.empty_like(param)
+            results[name] = [self._subgrad[name]]
+            if project:
+                kept = torch.tensor([self.ranks.get(name, 0) if owners[name] == me else 0],
+                                    dtype=torch.int64, device=param.device)
+                results[name] += [param.data, kept]
+        broadcast_results(results, owners, self._group)
+        if project:
+            for name in self.layer_names:
+                self.ranks[name] = int(results[name][2].item())
 
     def _refresh_group(self, names: list[str], project: bool) -> None:
         scheme = self._schemes[names[0]]

@@ -1,0 +1,104 @@
+"""TRP under data parallelism: unwrapping model wrappers, and sharding the SVD work over ranks.
+
+With ``DistributedDataParallel`` every rank holds the same weights, so every rank would
+compute the same SVDs. Instead each rank computes the SVDs of its share of the target
+layers and broadcasts the results (the projected weights, the sub-gradients and the kept
+ranks); all ranks end with bit-identical tensors, whatever their hardware's rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["unwrap_model", "resolve_group", "assign_owners", "broadcast_results"]
+
+ShardSetting = Union[bool, None, "dist.ProcessGroup"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def _find_ddp(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+
+
+def resolve_group(model: nn.Module, shard: ShardSetting) -> Optional["dist.ProcessGroup"]:
+    """The process group to shard over, or None for single-process work.
+
+    ``shard=None`` (auto): the DDP wrapper's group, else the default group when
+    ``torch.distributed`` is initialized with more than one rank. ``False``: never.
+    ``True``: the default group, which must be initialized. A ProcessGroup: that group.
+    """
+    if shard is False:
+        return None
+    if shard is None or shard is True:
+        ddp = _find_ddp(model)
+        if ddp is not None:
+            group = ddp.process_group
+        elif dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        elif shard is True:
+            raise ValueError(
+                "shard=True needs torch.distributed initialized (torch.distributed.init_process_group) "
+                "or a DistributedDataParallel model; pass shard=None to shard only when it is"
+            )
+        else:
+            return None
+        return group if dist.get_world_size(group) > 1 else None
+    if dist.is_available() and isinstance(shard, dist.ProcessGroup):
+        return shard
+    raise TypeError(f"shard must be None, True, False or a torch.distributed ProcessGroup, got {shard!r}")
+
+
+def assign_owners(costs: list[float], world_size: int) -> list[int]:
+    """Owner rank of each item: largest cost first, each to the least-loaded rank (ties: lowest rank)."""
+    loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
+def broadcast_results(
+    tensors: dict[str, list[Tensor]], owners: dict[str, int], group: "dist.ProcessGroup"
+) -> None:
+    """Copy, in place on every rank, the tensors of each name from the rank that owns it.
+
+    ``tensors[name]`` must have the same shapes and dtypes on every rank (non-owners pass
+    buffers to overwrite). One broadcast per owner rank and dtype.
+    """
+    world = dist.get_world_size(group)
+    for src in range(world):
+        names = sorted(n for n, r in owners.items() if r == src)
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for n in names:
+            for t in tensors[n]:
+                by_dtype.setdefault(t.dtype, []).append(t)
+        for dtype in sorted(by_dtype, key=str):
+            parts = by_dtype[dtype]
+            flat = torch.cat([t.reshape(-1) for t in parts])
+            dist.broadcast(flat, src=dist.get_global_rank(group, src), group=group)
+            offset = 0
+            for t in parts:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
