@@ -79,8 +79,10 @@ def main() -> None:
 # --------------------------------------------------------------------------- train
 @main.command()
 @click.option("--model", default="resnet20", show_default=True, help="Model name from the registry.")
-@click.option("--data", default="mnist5k", show_default=True, help="mnist5k, cifar10 or cifar100.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Local CIFAR folder (required for CIFAR).")
+@click.option("--data", default="mnist5k", show_default=True, help="mnist5k, fashion-mnist, cifar10, cifar100 or imagenet.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Local data folder (required for CIFAR and ImageNet; "
+              "Fashion-MNIST defaults to the Debian package's folder).")
+@click.option("--hflip", is_flag=True, help="Fashion-MNIST: also flip training images horizontally.")
 @click.option("--method", type=click.Choice(engine.METHODS), default="trp", show_default=True)
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default="channel", show_default=True)
 @click.option("--epochs", type=int, default=164, show_default=True)

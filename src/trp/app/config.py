@@ -108,6 +108,7 @@ class TrainConfig:
     image_size: Optional[int] = None  # ImageNet crop size (default 224)
     steps_per_epoch: Optional[int] = None  # stop each epoch after this many batches (smoke tests)
     holdout: int = 0  # last training examples kept out of training, for rank searches (see holdout_split)
+    hflip: bool = False  # Fashion-MNIST: add random horizontal flips to the augmentation
     decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
 
     def __post_init__(self) -> None:

@@ -162,7 +162,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.device = resolve_device(config.device)
-        train_set, test_set, info = get_datasets(config.data, config.data_dir, seed=config.seed, image_size=config.image_size)
+        train_set, test_set, info = get_datasets(
+            config.data, config.data_dir, seed=config.seed, image_size=config.image_size, hflip=config.hflip
+        )
         self.spec = ModelSpec.from_info(config.model, info)
         train_set, _ = holdout_split(train_set, config.holdout)
         self.train_set, self.test_set = train_set, test_set
