@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,10 @@ import pytest
 import torch
 from torchvision import transforms
 
+from conftest import FASHION_N_TEST as N_TEST
+from conftest import FASHION_N_TRAIN as N_TRAIN
+from conftest import idx_bytes as _idx
+from conftest import make_fake_fashion_mnist as write_fashion
 from trp.data import (
     FASHION_MNIST_DEBIAN_DIR,
     FASHION_MNIST_MEAN,
@@ -20,34 +22,6 @@ from trp.data import (
     get_datasets,
     list_datasets,
 )
-
-N_TRAIN, N_TEST = 24, 8
-
-
-def _idx(array: np.ndarray) -> bytes:
-    """The IDX encoding of a uint8 array: magic (0, 0, 0x08, ndim), big-endian dims, data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_fashion(folder: Path, gz: bool, seed: int = 0, n_train: int = N_TRAIN) -> dict[str, np.ndarray]:
-    """Write the four IDX files of a tiny Fashion-MNIST into ``folder``; return the arrays written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, N_TEST, dtype=np.uint8),
-    }
-    for stem, array in arrays.items():
-        data = _idx(array)
-        if gz:
-            (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / stem).write_bytes(data)
-    return arrays
-
 
 def _unnormalize(image: torch.Tensor) -> torch.Tensor:
     return image * FASHION_MNIST_STD[0] + FASHION_MNIST_MEAN[0]

@@ -127,6 +127,10 @@ def test_warmup_projects_by_energy_then_by_the_target() -> None:
     assert pruner.ranks == reference.ranks
     for n in pruner.layer_names:
         assert torch.equal(model.get_submodule(n).weight, energy_twin.get_submodule(n).weight)
+    warm_ranks = dict(pruner.ranks)
+    pruner.project(final=True)  # the final projection uses the target even inside the warm-up
+    assert pruner.ranks == pruner.allocated != warm_ranks
+    pruner.allocated = {}
     pruner.step()
     pruner.step()  # iteration 4: the target takes over
     assert pruner.ranks == pruner.allocated

@@ -136,10 +136,17 @@ class TRP:
             self._refresh(project=False)
         self.seconds += time.perf_counter() - start
 
-    def project(self) -> None:
-        """Replace each target weight by its energy-rank truncation now."""
+    def project(self, final: bool = False) -> None:
+        """Replace each target weight by its truncation now: at the energy rank, or at the target's ranks.
+
+        With a ``target``, its ranks apply once the warm-up is over, or with ``final=True`` (the
+        projection that ends training, so that the model is exactly at the target's ranks).
+        """
         start = time.perf_counter()
-        self._refresh(project=True)
+        if final and self.target is not None:
+            self._refresh_target(project=True)
+        else:
+            self._refresh(project=True)
         self.seconds += time.perf_counter() - start
 
     def decompose(
