@@ -78,6 +78,7 @@ def test_warmup_epochs_become_iterations(fashion_root: Path, tmp_path: Path) -> 
         (dict(target_latency=2.0), "not both"),
         (dict(target_speedup=1.0), "reduction factor > 1"),
         (dict(target_warmup=-1), "target_warmup"),
+        (dict(target_speedup=None, target_warmup=2), "set target_speedup or target_latency"),
     ],
 )
 def test_bad_target_config(fashion_root: Path, kw: dict, pattern: str) -> None:

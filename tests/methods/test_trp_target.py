@@ -216,6 +216,7 @@ def test_state_dict_keeps_the_target() -> None:
         (dict(target=trp.TargetSpeedup(3), input_shape=SHAPE, period=None), ValueError, "period"),
         (dict(target=trp.Energy(0.9), input_shape=SHAPE), TypeError, "whole-model criterion"),
         (dict(target=trp.TargetSpeedup(3), input_shape=SHAPE, warmup=-1), ValueError, "warmup"),
+        (dict(warmup=10), ValueError, "needs target"),
     ],
 )
 def test_bad_target_arguments(kwargs: dict, error: type, pattern: str) -> None:

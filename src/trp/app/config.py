@@ -187,6 +187,8 @@ class TrainConfig:
                     raise ValueError(f"{key} must be a reduction factor > 1, got {value}")
         if self.target_warmup < 0:
             raise ValueError(f"target_warmup must be a number of epochs >= 0, got {self.target_warmup}")
+        if self.target_warmup and self.target_criterion is None:
+            raise ValueError("target_warmup counts epochs before a target takes over: set target_speedup or target_latency")
         if not isinstance(self.decompose, list) or not all(isinstance(d, dict) for d in self.decompose):
             raise ValueError("decompose must be a list of mappings like {scheme: channel, criterion: energy:0.9}")
 

@@ -112,6 +112,8 @@ class TRP:
         self.allocated: dict[str, int] = {}  # the target's ranks at the last refresh
         if target is not None:
             self._init_target(targets, period, input_shape, example_inputs, warmup)
+        elif warmup:
+            raise ValueError("warmup counts the iterations before the target takes over: it needs target=...")
 
     # -- the two calls of the training loop ---------------------------------------------
     def regularize(self) -> None:
