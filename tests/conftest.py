@@ -1,8 +1,10 @@
-"""Shared fixtures: fake CIFAR folders in the real on-disk format."""
+"""Shared fixtures: fake CIFAR, ImageNet and Fashion-MNIST folders in the real on-disk formats."""
 
 from __future__ import annotations
 
+import gzip
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,39 @@ def make_fake_imagefolder(
 @pytest.fixture
 def imagefolder_root(tmp_path: Path) -> Path:
     return make_fake_imagefolder(tmp_path / "imagenet")
+
+
+# -- Fashion-MNIST: the four IDX files --------------------------------------------------------
+FASHION_N_TRAIN, FASHION_N_TEST = 24, 8
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: magic (0, 0, 0x08, ndim), big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def make_fake_fashion_mnist(folder: Path, gz: bool, seed: int = 0, n_train: int = FASHION_N_TRAIN) -> dict[str, np.ndarray]:
+    """Write the four IDX files of a tiny Fashion-MNIST into ``folder``; return the arrays written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (FASHION_N_TEST, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, FASHION_N_TEST, dtype=np.uint8),
+    }
+    for stem, array in arrays.items():
+        data = idx_bytes(array)
+        if gz:
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / stem).write_bytes(data)
+    return arrays
+
+
+@pytest.fixture
+def fashion_root(tmp_path: Path) -> Path:
+    """A folder holding a tiny gzipped Fashion-MNIST (24 training and 8 test images)."""
+    make_fake_fashion_mnist(tmp_path / "fashion", gz=True)
+    return tmp_path / "fashion"

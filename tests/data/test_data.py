@@ -230,7 +230,7 @@ def test_dataset_info_frozen() -> None:
 
 
 def test_list_datasets() -> None:
-    assert list_datasets() == ["mnist5k", "cifar10", "cifar100", "imagenet"]
+    assert list_datasets() == ["mnist5k", "fashion-mnist", "cifar10", "cifar100", "imagenet"]
 
 
 def test_get_datasets_unknown_name() -> None:

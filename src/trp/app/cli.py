@@ -127,8 +127,10 @@ def main() -> None:
 # --------------------------------------------------------------------------- train
 @main.command()
 @click.option("--model", default="resnet20", show_default=True, help="Model name from the registry.")
-@click.option("--data", default="mnist5k", show_default=True, help="mnist5k, cifar10 or cifar100.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Local CIFAR folder (required for CIFAR).")
+@click.option("--data", default="mnist5k", show_default=True, help="mnist5k, fashion-mnist, cifar10, cifar100 or imagenet.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Local data folder (required for CIFAR and ImageNet; "
+              "Fashion-MNIST defaults to the Debian package's folder).")
+@click.option("--hflip", is_flag=True, help="Fashion-MNIST: also flip training images horizontally.")
 @click.option("--method", type=click.Choice(METHODS), default="trp", show_default=True)
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default="channel", show_default=True)
 @click.option("--epochs", type=int, default=164, show_default=True)
@@ -146,9 +148,17 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--factor", type=int, default=2, show_default=True, help="lorita: linear maps per layer (N).")
+@click.option("--target-speedup", type=float, default=None, help="TRP: project toward this whole-model MAC "
+              "reduction (ranks from TargetSpeedup at every projection; the run splits with it).")
+@click.option("--target-latency", type=float, default=None, help="TRP: project toward this measured latency "
+              "reduction (trp.TargetLatency).")
+@click.option("--target-warmup", type=int, default=0, show_default=True, help="TRP with a target: energy-driven "
+              "projections for the first N epochs, then the target's.")
 @click.option("--holdout", type=int, default=0, show_default=True, help="Keep the last N training examples out of "
               "training (scores `trp decompose --criterion search:X`).")
 @click.option("--image-size", type=int, default=None, help="ImageNet crop size [default: 224].")
+@click.option("--steps-per-epoch", type=int, default=None, help="Stop each epoch after this many batches "
+              "(smoke runs) [default: the whole training set].")
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Start from this model file "
               "(e.g. a baseline run's model.safetensors; a decomposed one with --method finetune).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local pretrained weights "
@@ -222,16 +232,19 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
     last = trainer.last_row
     final = trainer.final_model()
     table.add_row(
-        config.method, config.scheme if config.method != "baseline" else "-",
+        config.method + (f" → {config.target_criterion}" if config.target_criterion else ""),
+        config.scheme if config.method != "baseline" else "-",
         f"{last['test_top1']:.2f}%", f"{count_macs(final, trainer.spec.input_shape) / 1e6:.2f}M",
         f"{count_params(final):,}", f"{trainer.train_seconds:.1f}s",
         f"{trainer.trp_seconds:.1f}s ({100 * trainer.trp_seconds / max(trainer.train_seconds, 1e-9):.1f}%)",
     )
     console.print(table)
     console.print(f"model: {trainer.model_path}")
-    if config.decompose:
+    if config.decompose or config.target_criterion:
         try:
-            steps = [DecomposeStep.from_dict(d, config.scheme) for d in config.decompose]
+            # A run trained toward a target is split with that target unless its config says otherwise.
+            entries = config.decompose or [{"criterion": config.target_criterion}]
+            steps = [DecomposeStep.from_dict(d, config.scheme) for d in entries]
             run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
         except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
             _fail(err)
@@ -333,7 +346,7 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: the run's scheme, else channel]")
 @click.option("--criterion", default=None, help="Per layer: energy:E, value:T, ratio:P, rank:K; whole model: "
-              "speedup:X, global:P, global-speedup:X (speedup = MAC reduction) [default: the run config's decompose entries, else value:0.05].")
+              "speedup:X, global:P, global-speedup:X (speedup = MAC reduction) [default: the run config's decompose entries, else its target, else value:0.05].")
 @click.option("--target-speedup", type=float, default=None, help="Same as --criterion speedup:X: a whole-model MAC reduction of X (not measured time).")
 @click.option("--finetune", type=int, default=0, show_default=True, help="Fine-tune the compact model for this many epochs.")
 @click.option("--finetune-lr", type=float, default=0.01, show_default=True)
@@ -359,7 +372,8 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
                 and not recalibrate_bn):
             steps = [DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
         else:
-            steps = [DecomposeStep(default_scheme, criterion or "value:0.05", finetune, finetune_lr,
+            default = config.default_criterion() if config else "value:0.05"
+            steps = [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr,
                                             recalibrate_bn)]
         for step in steps:
             step.validate()
@@ -462,7 +476,7 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
 def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Path], title: str) -> None:
     """Collect run directories into one comparison table, with the paper's numbers beside each row."""
     from .plot import plot_tradeoff
-    from .results import collect, markdown_table, tradeoff_notes, write_csv
+    from .results import collect, markdown_table, seed_table, tradeoff_notes, write_csv
     from .sweep import load_sweep
 
     try:
@@ -472,10 +486,14 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
         console.print(text, markup=False, highlight=False, soft_wrap=True)
         for note in notes:
             console.print(f"- {note}", markup=False, highlight=False)
+        seeds = seed_table(rows)
+        if seeds:
+            console.print("\nRows trained with several seeds:\n" + seeds, markup=False, highlight=False, soft_wrap=True)
         if out:
             md = out.with_suffix(".md")
             with atomic_write(md) as tmp:
-                tmp.write_text(text + "\n\n" + "".join(f"- {n}\n" for n in notes))
+                tmp.write_text(text + "\n\n" + "".join(f"- {n}\n" for n in notes)
+                               + (f"\nRows trained with several seeds:\n\n{seeds}\n" if seeds else ""))
             write_csv(rows, out.with_suffix(".csv"))
             console.print(f"wrote {md} and {out.with_suffix('.csv')}")
         if plot:

@@ -114,6 +114,10 @@ class TrainConfig:
     image_size: Optional[int] = None  # ImageNet crop size (default 224)
     steps_per_epoch: Optional[int] = None  # stop each epoch after this many batches (smoke tests)
     holdout: int = 0  # last training examples kept out of training, for rank searches (see holdout_split)
+    hflip: bool = False  # Fashion-MNIST: add random horizontal flips to the augmentation
+    target_speedup: Optional[float] = None  # trp: project toward this whole-model MAC reduction (TargetSpeedup)
+    target_latency: Optional[float] = None  # trp: project toward this measured latency reduction (trp.TargetLatency)
+    target_warmup: int = 0  # trp with a target: energy-driven projections for the first N epochs
     decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA only)
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)
@@ -134,6 +138,19 @@ class TrainConfig:
                 f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
             )
         return cls(**{k: _coerce(k, v, source) for k, v in data.items()})
+
+    @property
+    def target_criterion(self) -> Optional[str]:
+        """The whole-model criterion a target run trains toward, as a criterion string (None: no target)."""
+        if self.target_speedup is not None:
+            return f"speedup:{self.target_speedup:g}"
+        if self.target_latency is not None:
+            return f"latency:{self.target_latency:g}"
+        return None
+
+    def default_criterion(self) -> str:
+        """The criterion of the run's default decomposition: its target, else ``value:0.05`` (SPEC §1.3)."""
+        return self.target_criterion or "value:0.05"
 
     def resolved_milestones(self) -> list[int]:
         """Epochs after which lr is multiplied by ``gamma`` (each at most once, none at epoch 0)."""
@@ -171,6 +188,19 @@ class TrainConfig:
             raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.target_speedup is not None and self.target_latency is not None:
+            raise ValueError("give either target_speedup or target_latency, not both")
+        for key in ("target_speedup", "target_latency"):
+            value = getattr(self, key)
+            if value is not None:
+                if self.method != "trp":
+                    raise ValueError(f"{key} sets the ranks of TRP's projections: use it with method 'trp', not {self.method!r}")
+                if not (math.isfinite(value) and value > 1):
+                    raise ValueError(f"{key} must be a reduction factor > 1, got {value}")
+        if self.target_warmup < 0:
+            raise ValueError(f"target_warmup must be a number of epochs >= 0, got {self.target_warmup}")
+        if self.target_warmup and self.target_criterion is None:
+            raise ValueError("target_warmup counts epochs before a target takes over: set target_speedup or target_latency")
         if not isinstance(self.decompose, list) or not all(isinstance(d, dict) for d in self.decompose):
             raise ValueError("decompose must be a list of mappings like {scheme: channel, criterion: energy:0.9}")
         self._validate_ranges()
@@ -212,8 +242,9 @@ class TrainConfig:
 
 MAX_SEED = 2**32 - 1  # NumPy's and the data split's limit
 
-_FLOATS = {"lr", "momentum", "weight_decay", "gamma", "energy", "nuclear_weight"}
-_INTS = {"epochs", "batch_size", "period", "seed", "workers", "factor", "image_size", "steps_per_epoch", "holdout"}
+_FLOATS = {"lr", "momentum", "weight_decay", "gamma", "energy", "nuclear_weight", "target_speedup", "target_latency"}
+_INTS = {"epochs", "batch_size", "period", "seed", "workers", "factor", "image_size", "steps_per_epoch", "holdout",
+         "target_warmup"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:

@@ -42,6 +42,7 @@ from ..deploy.io import load as load_weights
 from ..integrations import distributed
 from ..models import create_model
 from .rundir import RunLock, append_metrics, check_writable, disk_error, read_metrics, remove_leftovers
+from ..core.allocation import TargetSpeedup
 from ..methods.trained_rank import TRP
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "read_checkpoint",
     "read_config_file",
     "holdout_split",
+    "make_target",
 ]
 
 @dataclass(frozen=True)
@@ -250,7 +252,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.env, self.device = distributed.init_from_env(self.device)
         self.progress = progress if self.env.is_main else None
-        train_set, test_set, info = get_datasets(config.data, config.data_dir, seed=config.seed, image_size=config.image_size)
+        train_set, test_set, info = get_datasets(config.data, config.data_dir, seed=config.seed, image_size=config.image_size,
+                                                    hflip=config.hflip)
         self.spec = ModelSpec.from_info(config.model, info)
         train_set, _ = holdout_split(train_set, config.holdout)
         self.train_set, self.test_set = train_set, test_set
@@ -278,7 +281,12 @@ class Trainer:
         )
         self.pruner: Optional[TRP] = None
         if config.method == "trp":
-            self.pruner = TRP(self.model, config.scheme, config.energy, config.period, config.nuclear_weight)
+            target = make_target(config, self.model, self.spec.input_shape, self.device)
+            self.pruner = TRP(
+                self.model, config.scheme, config.energy, config.period, config.nuclear_weight,
+                target=target, input_shape=self.spec.input_shape if target is not None else None,
+                warmup=config.target_warmup * self._steps_per_epoch() if target is not None else 0,
+            )
         elif config.method == "nuclear":
             if config.nuclear_weight <= 0:
                 raise ValueError("method 'nuclear' needs --nuclear-weight > 0")
@@ -296,6 +304,10 @@ class Trainer:
         self.last_row: dict[str, Any] = {}
         self.train_seconds = 0.0
         self.trp_seconds = 0.0
+
+    def _steps_per_epoch(self) -> int:
+        steps = math.ceil(len(self.train_set) / self.config.batch_size)  # type: ignore[arg-type]
+        return min(steps, self.config.steps_per_epoch) if self.config.steps_per_epoch else steps
 
     def _init_from(self, path: Path) -> None:
         """Start from the weights of a dense model of the same architecture."""
@@ -424,6 +436,10 @@ class Trainer:
                 bar(1)
             if cfg.steps_per_epoch is not None and steps >= cfg.steps_per_epoch:
                 break
+        if self.pruner is not None and self.pruner.target is not None and self.epoch + 1 == cfg.epochs:
+            # A target run ends projected: the saved model is exactly at the allocated ranks, so the
+            # split with the same criterion (the run's default decomposition) loses nothing.
+            self.pruner.project(final=True)
         loss_total, correct_total, total = [loss_sum.item(), correct.item(), total]
         if self.env.distributed:
             loss_total, correct_total, total = distributed.all_reduce_sums([loss_total, correct_total, total], self.device)
@@ -528,6 +544,33 @@ class Trainer:
 
             return collapse(self.model)
         return self.model
+
+
+def make_target(config: TrainConfig, model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> Any:
+    """The whole-model criterion a ``trp`` run trains toward (``target_speedup``/``target_latency``), or None."""
+    if config.target_speedup is not None:
+        return TargetSpeedup(config.target_speedup)
+    if config.target_latency is None:
+        return None
+    import importlib
+
+    # trp.TargetLatency and trp.profile_layers come from trp.deploy (measured latency); looked up on the
+    # package so that a build without them gives a clear error rather than an ImportError.
+    package = importlib.import_module("trp")
+    criterion = getattr(package, "TargetLatency", None)
+    if criterion is None:
+        raise ValueError(
+            "--target-latency needs trp.TargetLatency (the measured-latency criterion), which this build of trp "
+            "lacks; use --target-speedup X (MAC reduction) instead"
+        )
+    profile = getattr(package, "profile_layers", None)
+    try:
+        if profile is None:
+            return criterion(config.target_latency)
+        example = torch.zeros(input_shape, device=device)
+        return criterion(config.target_latency, table=profile(model, example, config.scheme))
+    except TypeError as err:
+        raise ValueError(f"--target-latency could not build trp.TargetLatency({config.target_latency:g}): {err}") from err
 
 
 def train(

@@ -3,7 +3,7 @@
 :func:`collect` reads run directories written by ``trp train`` (``config.json``,
 ``metrics.jsonl``) and the ``decomposed-*.json`` summaries ``trp decompose`` writes next
 to them, and returns one :class:`ResultRow` per model: the dense one, each decomposition
-and each fine-tuned decomposition. Rows carry the published number for the same method
+and each fine-tuned decomposition; :func:`seed_table` averages rows that differ only in seed. Rows carry the published number for the same method
 (:mod:`trp.app.paper`) where there is one. :func:`markdown_table`, :func:`write_csv` and
 :func:`tradeoff_notes` turn rows into tables and plain sentences.
 """
@@ -33,6 +33,7 @@ __all__ = [
     "markdown_table",
     "write_csv",
     "tradeoff_notes",
+    "seed_table",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -58,7 +59,8 @@ def method_label(config: dict, decomposed_scheme: Optional[str] = None) -> str:
     """The row label of a run (``config`` as in ``config.json``), or of its decomposition.
 
     Dense models: "baseline", "Nu only", "TRP1"/"TRP2"/"TRP-decouple" (+"+Nu" with a
-    nuclear term), "LoRITa N=<factor>", "fine-tuned". With ``decomposed_scheme``, a
+    nuclear term, + " → 3× MACs" or " → 2× latency" when trained toward a target),
+    "LoRITa N=<factor>", "fine-tuned". With ``decomposed_scheme``, a
     baseline run becomes that scheme's classic method (e.g. "Zhang et al. (channel)"), a
     nuclear-only run "Nu only + <scheme>", and a TRP run decomposed with another scheme
     than it was trained with gets " / <scheme>" appended. Unknown methods keep their name.
@@ -74,6 +76,10 @@ def method_label(config: dict, decomposed_scheme: Optional[str] = None) -> str:
         return "Nu only" if decomposed_scheme is None else f"Nu only + {decomposed_scheme}"
     if method == "trp":
         label = SCHEME_LABELS.get(scheme, f"TRP-{scheme}") + ("+Nu" if nuclear > 0 else "")
+        if _cfg(config, "target_speedup"):
+            label += f" → {float(_cfg(config, 'target_speedup')):g}× MACs"
+        elif _cfg(config, "target_latency"):
+            label += f" → {float(_cfg(config, 'target_latency')):g}× latency"
         if decomposed_scheme is not None and decomposed_scheme != scheme:
             label += f" / {decomposed_scheme}"
         return label
@@ -364,3 +370,40 @@ def tradeoff_notes(rows: Sequence[ResultRow], tolerance: float = 0.1) -> list[st
                 text = f"{desc(t)} does NOT beat {desc(b)}: it is {_points(diff)} points lower"
             notes.append(prefix + text + ".")
     return notes
+
+
+# -- seeds --------------------------------------------------------------------------------
+SEED_HEADERS = ("model", "label", "criterion", "fine-tuned", "seeds", "top-1 mean", "top-1 per seed", "spread",
+                "all-MAC reduction")
+
+
+def _seed_of(run_dir: str) -> Optional[int]:
+    config = _read_json(Path(run_dir) / "config.json")
+    return _int(_cfg(config, "seed")) if isinstance(config, dict) else None
+
+
+def seed_table(rows: Sequence[ResultRow]) -> Optional[str]:
+    """Markdown table of the rows trained with several seeds: mean top-1, each seed's, and the spread.
+
+    Rows are the same result when model, data, label, scheme, criterion and fine-tuning agree
+    and only the run's seed differs; the spread is max − min. None when no row has two seeds.
+    """
+    groups: dict[tuple, list[tuple[int, ResultRow]]] = {}
+    for r in rows:
+        if r.top1 is None:
+            continue
+        key = (r.model, r.data, r.label, r.scheme, r.criterion, r.finetuned, r.finetune_epochs)
+        groups.setdefault(key, []).append((_seed_of(r.run_dir) if r.run_dir else None, r))
+    table = []
+    for key, members in groups.items():
+        seeds = sorted({s for s, _ in members if s is not None})
+        if len(seeds) < 2:
+            continue
+        accs = [r.top1 for _, r in sorted(members, key=lambda m: (m[0] is None, m[0]))]
+        reductions = [r.speedup for _, r in members if r.speedup is not None]
+        table.append((
+            key[0], key[2], key[4] or MISSING, _finetune_cell(members[0][1]), ", ".join(map(str, seeds)),
+            f"{sum(accs) / len(accs):.2f}", ", ".join(f"{a:.2f}" for a in accs), f"{max(accs) - min(accs):.2f}",
+            f"{min(reductions):.2f}–{max(reductions):.2f}×" if reductions else MISSING,
+        ))
+    return report.markdown_table(SEED_HEADERS, table) if table else None

@@ -182,7 +182,8 @@ def search_criterion(model: nn.Module, spec: engine.ModelSpec, config: Optional[
 
 def _full_train_set(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):
     image_size = spec.input_size[0] if spec.data == "imagenet" else None
-    train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed if config else 0, image_size=image_size)
+    train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed if config else 0, image_size=image_size,
+                                   hflip=config.hflip if config else False)
     return train_set
 
 

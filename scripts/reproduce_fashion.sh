@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The full Fashion-MNIST benchmark (issue 12): ResNet-20 and ResNet-56 on the 60,000/10,000 images,
+# each as baseline, TRP1+Nu, TRP2+Nu, TRP2+Nu toward 3x MACs, TRP2+Nu toward 2x measured latency and
+# LoRITa N=2 (configs/fashion/*.yaml); the baseline split to the same MAC reduction as each TRP row,
+# without fine-tuning, with BatchNorm re-estimated and with a short fine-tune; top-1 on all 10,000
+# test images; two seeds (0 and 1) for the headline rows (baseline and the target rows).
+#
+#   bash scripts/reproduce_fashion.sh            # the full benchmark (days of 2-core CPU; resumable)
+#   TRP_SMOKE=1 bash scripts/reproduce_fashion.sh  # every step, 1 epoch of 5 batches, on a subset:
+#                                                  # 6,000 training images (5,000 held out) and 1,000 test images
+#
+# Epochs (configs/fashion/): ResNet-20 30, ResNet-56 15, batch 128, lr 0.1 divided by 10 at 49% and 74%
+# of the epochs. Time, measured as CPU time of one thread (batch 128, TRP2+Nu, the machine shared, so
+# noisy): ResNet-20 0.71 s per step, 430 steps per epoch = about 5.1 CPU-minutes per epoch (5.5 with
+# the test pass over 10,000 images); ResNet-56 1.95 s per step = about 14 (15) CPU-minutes.
+# Total: 7 runs per model without the latency rows (9 with them), LoRITa about 1.3x a plain run,
+# plus the baselines' fine-tunes: about 47 CPU-hours (about 60 with the latency rows), that is
+# about 24 (30) hours on 2 cores with TRP_JOBS=2.
+#
+# Resumable: rerun the same command after an interruption; finished runs are skipped, a run with a
+# checkpoint continues with `trp train --resume`, finished decompositions are skipped.
+# Environment: TRP_JOBS (runs trained at once, default 2: one per core, one thread each),
+# TRP_MODELS (default "resnet20 resnet56"), TRP_RUNS (default runs/fashion, runs/fashion-smoke when
+# smoke), TRP_DATA_DIR (default: the Debian package's folder /usr/share/datasets/fashion-mnist).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${TRP_NO_SETUP:-}" ] || bash scripts/setup.sh
+TRP="${TRP_BIN:-.venv/bin/trp}"
+PY="${TRP_PYTHON:-.venv/bin/python}"
+# One thread per process (CPU training is deterministic for a given thread count) and two processes.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+JOBS="${TRP_JOBS:-2}"
+MODELS="${TRP_MODELS:-resnet20 resnet56}"
+FT_EPOCHS=3        # the baselines' short fine-tune after the split (lr 0.01)
+BN_BATCHES=50      # training batches to re-estimate BatchNorm statistics on after the split
+EXTRA=()
+if [ -n "${TRP_SMOKE:-}" ]; then
+  RUNS="${TRP_RUNS:-runs/fashion-smoke}"
+  EXTRA=(--epochs 1 --steps-per-epoch 5)
+  FT_EPOCHS=1
+  BN_BATCHES=2
+else
+  RUNS="${TRP_RUNS:-runs/fashion}"
+fi
+mkdir -p "$RUNS" docs/img
+# Fail early, with the install command, when the data are missing.
+"$PY" -c "import sys; from trp.data import fashion_mnist_files; fashion_mnist_files(sys.argv[1] or None)" "${TRP_DATA_DIR:-}"
+if [ -n "${TRP_SMOKE:-}" ]; then  # the smoke run's subset: the first images of each split, as plain IDX files
+  "$PY" - "${TRP_DATA_DIR:-}" "$RUNS/data" <<'PY'
+import struct, sys
+from pathlib import Path
+from trp.data import fashion_mnist
+out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
+for train, stem, n in ((True, "train", 6000), (False, "t10k", 1000)):
+    ds = fashion_mnist(sys.argv[1] or None, train=train)
+    for kind, array in (("images-idx3", ds.data[:n]), ("labels-idx1", ds.targets[:n].byte())):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+        (out / f"{stem}-{kind}-ubyte").write_bytes(header + array.numpy().tobytes())
+PY
+  TRP_DATA_DIR="$RUNS/data"
+fi
+DATA=()
+[ -z "${TRP_DATA_DIR:-}" ] || DATA=(--data-dir "$TRP_DATA_DIR")
+
+HAVE_LATENCY=$("$PY" -c "import trp; print(int(hasattr(trp, 'TargetLatency')))")
+HAVE_BENCH=$("$TRP" bench --help >/dev/null 2>&1 && echo 1 || echo 0)
+
+# train CONFIG SEED: train (or resume) one run into $RUNS/<config>-s<seed>, then run its decompositions.
+train() {
+  local config=$1 seed=$2
+  local run="$RUNS/$(basename "$config" .yaml)-s$seed"
+  if [ -f "$run/.decomposed" ]; then return 0; fi
+  if [ -f "$run/model.safetensors" ]; then  # trained; its decompositions were interrupted
+    "$TRP" decompose "$run" "${DATA[@]}" --no-progress >>"$run/train.log" 2>&1
+  elif [ -f "$run/checkpoint.pt" ]; then
+    echo "resuming $run" >&2
+    "$TRP" train --resume "$run" --no-progress >>"$run/train.log" 2>&1
+  else
+    echo "training $run" >&2
+    mkdir -p "$run"
+    "$TRP" train --config "$config" --seed "$seed" --out "$run" "${DATA[@]}" "${EXTRA[@]}" --no-progress \
+      >"$run/train.log" 2>&1
+  fi
+  touch "$run/.decomposed"
+}
+
+# The runs, headline rows first (two seeds), at most $JOBS at a time.
+jobs_list=()
+for m in $MODELS; do
+  for seed in 0 1; do
+    jobs_list+=("configs/fashion/$m-baseline.yaml $seed" "configs/fashion/$m-trp2-nu-speedup3.yaml $seed")
+    [ "$HAVE_LATENCY" = 1 ] && jobs_list+=("configs/fashion/$m-trp2-nu-latency2.yaml $seed")
+  done
+  for c in trp1-nu trp2-nu lorita2; do jobs_list+=("configs/fashion/$m-$c.yaml 0"); done
+done
+[ "$HAVE_LATENCY" = 1 ] || echo "skipping the 'toward 2x measured latency' rows: this trp has no trp.TargetLatency" >&2
+for job in "${jobs_list[@]}"; do
+  train $job &
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
+
+# reduction RUN CRITERION: the all-MAC reduction the run's decomposition with CRITERION reached.
+reduction() {
+  "$PY" -c "import json,sys; print(round(json.load(open(sys.argv[1]))['speedup'], 2))" "$1"
+}
+
+# The baseline split to the MAC reduction of each TRP row, in that row's scheme: no fine-tuning,
+# BatchNorm statistics re-estimated, and fine-tuned FT_EPOCHS epochs (one summary holds all three).
+for m in $MODELS; do
+  for seed in 0 1; do
+    base="$RUNS/$m-baseline-s$seed"
+    for row in "trp1-nu channel value0.05" "trp2-nu spatial value0.05"; do
+      set -- $row
+      summary="$RUNS/$m-$1-s0/decomposed-$2-$3.json"
+      [ -f "$summary" ] || continue
+      x=$(reduction "$summary")
+      if "$PY" -c "import sys; sys.exit(float(sys.argv[1]) > 1.0)" "$x"; then
+        echo "$summary: the TRP split reduces MACs by only ${x}x; no baseline split to match" >&2
+        continue
+      fi
+      [ -f "$base/decomposed-$2-speedup$x.json" ] && continue
+      "$TRP" decompose "$base" --scheme "$2" --criterion "speedup:$x" --recalibrate-bn "$BN_BATCHES" \
+        --finetune "$FT_EPOCHS" "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
+    done
+    # The target rows' comparison at 2x measured latency (the 3x MACs one is in the baseline's config).
+    if [ "$HAVE_LATENCY" = 1 ] && [ ! -f "$base/decomposed-spatial-latency2.json" ]; then
+      "$TRP" decompose "$base" --scheme spatial --criterion latency:2 --recalibrate-bn "$BN_BATCHES" \
+        --finetune "$FT_EPOCHS" "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
+    fi
+  done
+done
+
+# Accuracy at matched MAC reductions 1.5x..6x for every run (the plot's curves).
+for run in "$RUNS"/*-s0; do
+  compgen -G "$run/sweep-*-speedup.json" >/dev/null || "$TRP" sweep "$run" --kind speedup "${DATA[@]}" >>"$run/sweep.log" 2>&1
+done
+for run in "$RUNS"/*-baseline-s0; do  # the baseline with the other scheme too (its config's scheme is spatial)
+  [ -f "$run/sweep-channel-speedup.json" ] || "$TRP" sweep "$run" --scheme channel --kind speedup "${DATA[@]}" >>"$run/sweep.log" 2>&1
+done
+
+# Measured speedup (ONNX Runtime, batch 1 and 64) of every split model, where this trp has `trp bench`.
+if [ "$HAVE_BENCH" = 1 ]; then
+  for f in "$RUNS"/*/decomposed-*.safetensors; do
+    [ -f "${f%.safetensors}.bench.json" ] || "$TRP" bench "$f" --runtime onnxruntime --batch 1,64 >>"$(dirname "$f")/bench.log" 2>&1
+  done
+else
+  echo "skipping measured speedups: this trp has no \`trp bench\`" >&2
+fi
+
+table=docs/fashion-table plot=docs/img/fashion-tradeoff.png
+[ -z "${TRP_SMOKE:-}" ] || { table="$RUNS/table"; plot="$RUNS/tradeoff.png"; }  # smoke results stay out of docs/
+"$TRP" table "$RUNS"/*-s[01] --out "$table" --plot "$plot" --title "Fashion-MNIST: top-1 vs MAC reduction"
+echo "table: $table.md  plot: $plot"

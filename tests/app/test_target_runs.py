@@ -1,0 +1,124 @@
+"""`trp train` toward a target on Fashion-MNIST: config, CLI, the run's split, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import trp
+from trp.app.cli import main
+from trp.app.config import TrainConfig
+from trp.app.engine import Trainer, load_model_file, train
+from trp.app.results import collect, method_label
+
+
+def _config(root: Path, **kw) -> TrainConfig:
+    base = dict(model="resnet20", data="fashion-mnist", data_dir=str(root), method="trp", scheme="channel",
+                epochs=2, batch_size=8, lr=0.05, period=2, seed=1, device="cpu", target_speedup=3.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cli_target_run_lands_on_the_target_and_splits_losslessly(fashion_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--model", "resnet20", "--data", "fashion-mnist", "--data-dir", str(fashion_root),
+        "--method", "trp", "--target-speedup", "3", "--epochs", "2", "--batch-size", "8", "--period", "2",
+        "--device", "cpu", "--out", str(run), "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["target_speedup"] == 3.0
+    # With no decompose entries, the run is split with its own target.
+    summary = json.loads((run / "decomposed-channel-speedup3.json").read_text())
+    assert summary["criterion"] == "speedup:3"
+    assert 3.0 <= summary["speedup"] <= 3.0 * 1.03
+    # The run ends projected at the allocated ranks: the split computes the trained function.
+    dense, spec = load_model_file(run / "model.safetensors")
+    compact, _ = load_model_file(run / "decomposed-channel-speedup3.safetensors")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(compact.eval()(x), dense.eval()(x), rtol=1e-4, atol=1e-4)
+    assert summary["dense"]["top1"] == summary["decomposed"]["top1"]
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["trp"]["target"] == "speedup:3"
+    # `trp decompose RUN` without a criterion uses the target too.
+    out = tmp_path / "again.safetensors"
+    result = CliRunner().invoke(main, ["decompose", str(run), "--no-eval", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.with_suffix(".json").read_text())["criterion"] == "speedup:3"
+    labels = {r.label for r in collect([run])}
+    assert "TRP1+Nu → 3× MACs" in labels
+
+
+def test_resume_keeps_the_target_and_ends_where_an_uninterrupted_run_ends(fashion_root: Path, tmp_path: Path) -> None:
+    cfg = _config(fashion_root, epochs=3, target_warmup=1)
+    full = train(cfg, tmp_path / "full")
+    part = train(cfg, tmp_path / "part", stop_after=1)
+    assert part.pruner.allocated == {} and part.pruner.ranks  # epoch 1 (3 steps): energy-driven warm-up only
+    resumed = train(cfg, tmp_path / "part", resume=True)
+    assert resumed.pruner.iteration == full.pruner.iteration
+    assert resumed.pruner.ranks == full.pruner.ranks == full.pruner.allocated
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_warmup_epochs_become_iterations(fashion_root: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_config(fashion_root, target_warmup=2, steps_per_epoch=2), tmp_path / "w")
+    assert trainer.pruner.warmup == 4  # 2 epochs × min(24/8 = 3, steps_per_epoch 2)
+    assert trainer.pruner.input_shape == (1, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [
+        (dict(method="baseline"), "use it with method 'trp'"),
+        (dict(target_latency=2.0), "not both"),
+        (dict(target_speedup=1.0), "reduction factor > 1"),
+        (dict(target_warmup=-1), "target_warmup"),
+        (dict(target_speedup=None, target_warmup=2), "set target_speedup or target_latency"),
+    ],
+)
+def test_bad_target_config(fashion_root: Path, kw: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        _config(fashion_root, **kw).validate()
+
+
+def test_target_latency_without_the_criterion_says_so(fashion_root: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(trp, "TargetLatency", raising=False)
+    with pytest.raises(ValueError, match="needs trp.TargetLatency.*--target-speedup"):
+        Trainer(_config(fashion_root, target_speedup=None, target_latency=2.0), tmp_path / "lat")
+
+
+def test_target_latency_is_wired_to_trp_target_latency(fashion_root: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    class FakeLatency(trp.TargetSpeedup):
+        def __init__(self, x: float, table=None) -> None:
+            super().__init__(x)
+            seen["table"] = table
+
+        def spec(self) -> str:
+            return f"latency:{self.x:g}"
+
+    def fake_profile(model, example_inputs, scheme):
+        seen["profile"] = (tuple(example_inputs.shape), scheme)
+        return "a table"
+
+    monkeypatch.setattr(trp, "TargetLatency", FakeLatency, raising=False)
+    monkeypatch.setattr(trp, "profile_layers", fake_profile, raising=False)
+    trainer = Trainer(_config(fashion_root, target_speedup=None, target_latency=2.0, scheme="spatial"), tmp_path / "lat")
+    assert isinstance(trainer.pruner.target, FakeLatency) and trainer.pruner.target.x == 2.0
+    assert seen == {"profile": ((1, 1, 28, 28), "spatial"), "table": "a table"}
+    trainer.run()
+    assert trainer.model_path.exists()
+    assert trainer.checkpoint_path.exists() and torch.load(trainer.checkpoint_path, weights_only=True)["trp"]["target"] == "latency:2"
+
+
+def test_labels_of_target_runs() -> None:
+    assert method_label({"method": "trp", "scheme": "spatial", "nuclear_weight": 3e-4, "target_speedup": 3.0}) == "TRP2+Nu → 3× MACs"
+    assert method_label({"method": "trp", "scheme": "channel", "nuclear_weight": 0, "target_latency": 2.0}) == "TRP1 → 2× latency"
