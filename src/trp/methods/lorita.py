@@ -174,8 +174,15 @@ def overparameterize(model: nn.Module, factor: int = 2, layers: LayerSelector = 
         )
     new = copy.deepcopy(model)
     targets, skipped = select_layers(new, layers)
+    # Only plain layers have a Composed form (grouped convs, Conv1d, subclasses stay as they are).
+    plain = [(n, m) for n, m in targets
+             if type(m) is nn.Linear or (type(m) is nn.Conv2d and m.groups == 1)]
+    skipped += [(n, f"LoRITa composes only plain Linear and ungrouped Conv2d layers, not this "
+                 f"{type(m).__name__}" + (f" (groups={m.groups})" if getattr(m, "groups", 1) != 1 else ""))
+                for n, m in targets if (n, m) not in plain]
+    targets = plain
     if not targets:
-        what = "the default selection (convs except the first and 1×1, linears except the last)" \
+        what = "the default selection (every layer but the first conv and the last linear)" \
             if layers is None else "`layers`"
         raise ValueError(
             f"nothing to over-parameterize: {what} matched no Conv2d/Linear layer that can be "
