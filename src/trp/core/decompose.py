@@ -332,6 +332,8 @@ def fit_criterion(
     lo: float = 0.0,
     hi: float = 1.0,
     steps: int = 14,
+    layers: LayerSelector = None,
+    exclude: Sequence[str] = (),
 ) -> tuple[float, nn.Module]:
     """The largest ``t`` in ``(lo, hi)`` (by bisection) whose ``make_criterion(t)`` split has MACs <= ``budget``.
 
@@ -342,14 +344,14 @@ def fit_criterion(
     low, high = lo, hi
     for _ in range(steps):
         t = (low + high) / 2
-        compact = decompose(model, scheme, make_criterion(t), input_shape=input_shape)
+        compact = decompose(model, scheme, make_criterion(t), layers, input_shape, exclude=exclude)
         if count_macs(compact, input_shape, convs_only=convs_only) <= budget:
             best, low = (t, compact), t
         else:
             high = t
     if best is None:  # even the smallest ranks miss the budget: return those
         t = lo + (hi - lo) * 1e-6
-        return t, decompose(model, scheme, make_criterion(t), input_shape=input_shape)
+        return t, decompose(model, scheme, make_criterion(t), layers, input_shape, exclude=exclude)
     return best
 
 
