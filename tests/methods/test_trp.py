@@ -514,3 +514,30 @@ def test_decouple_projection_and_subgradient_per_filter() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compact.eval()(x), model(x), rtol=1e-6, atol=1e-8)
+
+
+def test_grouped_conv_projected_per_group_as_it_is_split() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 12, 3, padding=1, groups=3),
+                          nn.Conv2d(12, 8, 3)).double()
+    pruner = trp.TRP(model, "channel", energy=0.6, layers=["1"])
+    pruner.project()
+    rank = pruner.ranks["1"]
+    weight = model[1].weight.detach()
+    per_group = weight.reshape(3, 4, -1)
+    assert 1 <= rank < 4
+    assert all(int(torch.linalg.matrix_rank(m)) <= rank for m in per_group)
+    # The split at that rank is exact on the projected weights.
+    compact = pruner.decompose(trp.FixedRank(rank))
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert isinstance(compact[1], LowRank) and compact[1].first.groups == 3
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-8, atol=1e-8)
+
+
+def test_weight_standardized_conv_left_alone() -> None:
+    std_conv = pytest.importorskip("timm.layers.std_conv")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), std_conv.StdConv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    with pytest.warns(UserWarning, match="weight standardization"):
+        pruner = trp.TRP(model)
+    assert pruner.layer_names == ["2"]
