@@ -123,3 +123,27 @@ def test_real_demo_two_epochs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
     assert rows[0]["top1"] > 80
+
+
+def test_decompose_layers_and_exclude_globs(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run = trained
+    out = tmp_path / "picked.safetensors"
+    result = invoke("decompose", run, "--scheme", "channel", "--criterion", "rank:2", "--layers", "layer1.*,layer2.*",
+                    "--exclude", "*.conv2", "--out", out, "--no-eval")
+    assert result.exit_code == 0, result.output
+    recipe = json.loads(trp.deploy.io.read_metadata(out)["recipe"])
+    assert recipe and all(n.startswith(("layer1.", "layer2.")) and n.endswith("conv1") for n in recipe)
+    result = CliRunner().invoke(main, ["decompose", str(run), "--layers", "nothing.*", "--no-eval"])
+    assert result.exit_code != 0 and "matches no splittable layer" in result.output
+
+
+def test_old_run_config_reads_back_with_the_paper_selection(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run = trained
+    data = json.loads((run / "config.json").read_text())
+    assert data["layers"] is None  # trained with the default selection
+    old = tmp_path / "old-run"
+    old.mkdir()
+    data.pop("layers")
+    data.pop("exclude")
+    (old / "config.json").write_text(json.dumps(data))
+    assert trp.app.engine.load_config(old).layers == "paper"

@@ -293,3 +293,10 @@ def test_cli_config_with_bad_value_fails_cleanly(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "learning_rate" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_paper_configs_use_the_paper_selection() -> None:
+    from trp.app.config import read_config_file
+
+    for path in sorted(Path(__file__).resolve().parents[2].glob("configs/*/*.yaml")):
+        assert read_config_file(path)["layers"] == "paper", path

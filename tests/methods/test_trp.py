@@ -15,7 +15,7 @@ import trp
 from trp.core.schemes import LowRank, scheme_for
 
 CONV_SCHEMES = ["channel", "spatial"]
-TARGETS = ["a", "b", "c", "d", "fc1"]  # the default selection of ResLike
+TARGETS = ["a", "b", "c", "d", "pw", "fc1"]  # the default selection of ResLike (1×1 included)
 
 
 class ResLike(nn.Module):
@@ -79,7 +79,7 @@ def test_project_gives_energy_rank_and_truncation(scheme: str, dtype: torch.dtyp
     assert pruner.layer_names == TARGETS
     before = {n: model.get_submodule(n).weight.detach().clone() for n in TARGETS}
     params = {n: model.get_submodule(n).weight for n in TARGETS}
-    untouched = {n: model.get_submodule(n).weight.detach().clone() for n in ("stem", "pw", "fc2")}
+    untouched = {n: model.get_submodule(n).weight.detach().clone() for n in ("stem", "fc2")}
     pruner.project()
     eps = 1e-10 if dtype == torch.float64 else 1e-5
     for name in TARGETS:
@@ -287,12 +287,12 @@ def test_bad_arguments(kwargs: dict, pattern: str) -> None:
 )
 def test_model_with_nothing_to_compress(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="no layer"):
-        trp.TRP(model)
+        trp.TRP(model, layers="paper")
 
 
 def test_layer_selection_and_grouped_warning() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3))
-    with pytest.warns(UserWarning, match="grouped"):
+    with pytest.warns(UserWarning, match="depthwise"):
         pruner = trp.TRP(model)
     assert pruner.layer_names == ["2"]
     pruner = trp.TRP(_model(), layers=["stem", "fc2"])
@@ -454,7 +454,7 @@ def test_decompose_after_projection_is_lossless(scheme: str) -> None:
 def test_groups_batch_same_shape_layers() -> None:
     pruner = trp.TRP(_model(), "channel")
     groups = sorted(pruner._groups().values())
-    assert groups == [["a", "b"], ["c"], ["d"], ["fc1"]]
+    assert groups == [["a", "b"], ["c"], ["d"], ["fc1"], ["pw"]]
 
 
 @pytest.mark.parametrize("scheme", CONV_SCHEMES)
@@ -472,14 +472,14 @@ def test_one_svd_per_distinct_shape(scheme: str, monkeypatch: pytest.MonkeyPatch
     pruner.project()
     views = {n: tuple(scheme_for(model.get_submodule(n), scheme).to_matrix(model.get_submodule(n).weight).shape)
              for n in TARGETS}
-    expected = sorted([(2, *views["a"]), (1, *views["c"]), (1, *views["d"]), (1, *views["fc1"])])
+    expected = sorted([(2, *views["a"]), (1, *views["c"]), (1, *views["d"]), (1, *views["pw"]), (1, *views["fc1"])])
     assert sorted(shapes) == expected
     shapes.clear()
     pruner.regularize()  # uses the projection's factors: no new SVD
     pruner.step()  # iteration 1: nothing
     assert shapes == []
-    pruner.step()  # iteration 2: one projection, 4 SVDs
-    assert len(shapes) == 4
+    pruner.step()  # iteration 2: one projection, 5 SVDs
+    assert len(shapes) == 5
 
 
 # --- decouple: one matrix per output filter ----------------------------------------------
@@ -514,3 +514,30 @@ def test_decouple_projection_and_subgradient_per_filter() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compact.eval()(x), model(x), rtol=1e-6, atol=1e-8)
+
+
+def test_grouped_conv_projected_per_group_as_it_is_split() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 12, 3, padding=1, groups=3),
+                          nn.Conv2d(12, 8, 3)).double()
+    pruner = trp.TRP(model, "channel", energy=0.6, layers=["1"])
+    pruner.project()
+    rank = pruner.ranks["1"]
+    weight = model[1].weight.detach()
+    per_group = weight.reshape(3, 4, -1)
+    assert 1 <= rank < 4
+    assert all(int(torch.linalg.matrix_rank(m)) <= rank for m in per_group)
+    # The split at that rank is exact on the projected weights.
+    compact = pruner.decompose(trp.FixedRank(rank))
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert isinstance(compact[1], LowRank) and compact[1].first.groups == 3
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-8, atol=1e-8)
+
+
+def test_weight_standardized_conv_left_alone() -> None:
+    std_conv = pytest.importorskip("timm.layers.std_conv")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), std_conv.StdConv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    with pytest.warns(UserWarning, match="weight standardization"):
+        pruner = trp.TRP(model)
+    assert pruner.layer_names == ["2"]

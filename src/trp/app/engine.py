@@ -268,7 +268,7 @@ class Trainer:
         if config.method == "lorita":
             from ..methods.lorita import overparameterize
 
-            self.model = overparameterize(self.model, config.factor)
+            self.model = overparameterize(self.model, config.factor, layers=config.layers, exclude=config.exclude)
         self.model.to(self.device)
         if config.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -286,6 +286,7 @@ class Trainer:
                 self.model, config.scheme, config.energy, config.period, config.nuclear_weight,
                 target=target, input_shape=self.spec.input_shape if target is not None else None,
                 warmup=config.target_warmup * self._steps_per_epoch() if target is not None else 0,
+                layers=config.layers, exclude=config.exclude,
             )
         elif config.method == "nuclear":
             if config.nuclear_weight <= 0:
@@ -293,6 +294,7 @@ class Trainer:
             self.pruner = TRP(
                 self.model, config.scheme, config.energy, period=None,
                 nuclear_weight=config.nuclear_weight, subgradient_period=config.period,
+                layers=config.layers, exclude=config.exclude,
             )
         self.lock = RunLock(self.run_dir)
         # fp16 needs loss scaling (its range is narrow); bf16 and fp32 do not.

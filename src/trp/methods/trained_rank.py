@@ -58,6 +58,7 @@ from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.svd import checked_svd
 from .sharded import ShardSetting, assign_owners, broadcast_results, resolve_group, unwrap_model
+from ..core.targets import projects_raw_weight
 
 __all__ = ["TRP"]
 
@@ -79,6 +80,7 @@ class TRP:
         input_shape: Optional[Sequence[int]] = None,
         example_inputs: Optional[Tensor] = None,
         warmup: int = 0,
+        exclude: Sequence[str] = (),
     ) -> None:
         get_scheme(scheme)
         if not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
@@ -101,7 +103,12 @@ class TRP:
         self.period = period
         self.nuclear_weight = float(nuclear_weight)
         self.subgradient_period = sub_period
-        targets, skipped = select_layers(model, layers)
+        targets, skipped = select_layers(model, layers, exclude, scheme)
+        # Weight-standardized convs apply a function of their weight: projecting it does not
+        # make what they apply low rank.
+        skipped += [(n, "weight standardization: a low-rank stored weight does not give a low-rank "
+                     "applied weight") for n, m in targets if not projects_raw_weight(m)]
+        targets = [(n, m) for n, m in targets if projects_raw_weight(m)]
         if not targets:
             raise ValueError(
                 "TRP found no layer to train low-rank: the selection matched no factorizable "
@@ -211,7 +218,7 @@ class TRP:
     def _groups(self) -> dict[tuple, list[str]]:
         groups: dict[tuple, list[str]] = defaultdict(list)
         for name, param in self._params.items():
-            key = (self._schemes[name].name, tuple(param.shape), param.device, param.dtype)
+            key = (self._schemes[name].key, tuple(param.shape), param.device, param.dtype)
             groups[key].append(name)
         return groups
 
