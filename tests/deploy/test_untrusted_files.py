@@ -56,7 +56,7 @@ def test_recipe_on_a_layer_that_cannot_split(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"recipe\['bn'\] splits a BatchNorm2d"):
         trp.load(path, build("net"))
     path = _write(tmp_path / "m.safetensors", build("net"), recipe=json.dumps({"dw": {"scheme": "channel", "rank": 1}}))
-    with pytest.raises(ValueError, match="grouped conv"):
+    with pytest.raises(ValueError, match="depthwise conv"):
         trp.load(path, build("net"))
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "trace_sizes",
     "recipe_of",
     "apply_recipe",
+    "convert_recipe_attention",
 ]
 
 RankCriterion = Union[Criterion, WholeModelCriterion, Callable[[Tensor], int]]
@@ -413,10 +414,10 @@ def recipe_of(model: nn.Module) -> dict[str, dict[str, object]]:
     }
 
 
-def apply_recipe(model: nn.Module, recipe: dict[str, dict[str, object]]) -> nn.Module:
-    """Give ``model`` (in place) the factorized structure ``recipe`` describes; weights unset."""
+def convert_recipe_attention(model: nn.Module, recipe: dict[str, Any]) -> None:
+    """Rebuild (in place) each ``nn.MultiheadAttention`` whose projections ``recipe`` splits, as decompose does."""
     modules = dict(model.named_modules())
-    attention = {name.rpartition(".")[0] for name in recipe} & {
+    attention = {str(name).rpartition(".")[0] for name in recipe} & {
         n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     if attention:  # split projections live in the attention module decompose builds
         for name in attention:
@@ -424,7 +425,12 @@ def apply_recipe(model: nn.Module, recipe: dict[str, dict[str, object]]) -> nn.M
         for m in model.modules():
             if isinstance(m, nn.TransformerEncoder):
                 m.use_nested_tensor = False
-        modules = dict(model.named_modules())
+
+
+def apply_recipe(model: nn.Module, recipe: dict[str, dict[str, object]]) -> nn.Module:
+    """Give ``model`` (in place) the factorized structure ``recipe`` describes; weights unset."""
+    convert_recipe_attention(model, recipe)
+    modules = dict(model.named_modules())
     for name, entry in recipe.items():
         module = modules.get(name)
         if module is None:

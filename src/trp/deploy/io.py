@@ -25,8 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.decompose import apply_recipe, recipe_of
+from ..core.decompose import apply_recipe, convert_recipe_attention, recipe_of
 from ..core.schemes import scheme_for
+from ..core.targets import is_candidate, split_reason
 
 __all__ = [
     "save", "load", "read_metadata", "read_recipe", "parse_json_field", "stored_shapes",
@@ -149,9 +150,10 @@ def _short(value: Any) -> str:
 def check_recipe(model: nn.Module, recipe: dict[str, Any], source: PathLike = "recipe") -> None:
     """Check every entry of ``recipe`` against ``model`` without building anything.
 
-    Each layer must exist and be a Conv2d/Linear, each entry a mapping with a known
+    Each layer must exist and be one trp splits, each entry a mapping with a known
     ``scheme`` and an integer ``rank`` between 1 and the layer's maximum rank under it.
     """
+    convert_recipe_attention(model, recipe)
     modules = dict(model.named_modules())
     for name, entry in recipe.items():
         field = f"recipe[{_short(name)}]"
@@ -161,8 +163,8 @@ def check_recipe(model: nn.Module, recipe: dict[str, Any], source: PathLike = "r
                 f"{source}: {field} splits a layer this model lacks: build the same architecture "
                 "(model name, input channels, classes) the file was saved from"
             )
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            raise ValueError(f"{source}: {field} splits a {type(module).__name__}; only Conv2d and Linear split")
+        if not is_candidate(module):
+            raise ValueError(f"{source}: {field} splits a {type(module).__name__}, which trp does not split")
         if not isinstance(entry, dict):
             raise ValueError(f"{source}: {field} must be a mapping {{scheme, rank}}, got {_short(entry)}")
         unknown = sorted(str(k) for k in entry if k not in ("scheme", "rank"))
@@ -171,12 +173,13 @@ def check_recipe(model: nn.Module, recipe: dict[str, Any], source: PathLike = "r
         scheme = entry.get("scheme")
         if not isinstance(scheme, str):
             raise ValueError(f"{source}: {field}.scheme must be a scheme name, got {_short(scheme)}")
+        reason = split_reason(module, scheme)
+        if reason is not None:
+            raise ValueError(f"{source}: {field} splits a layer trp does not split with scheme {scheme!r}: {reason}")
         try:
             sch = scheme_for(module, scheme)
         except ValueError as err:
             raise ValueError(f"{source}: {field}.scheme: {err}") from None
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise ValueError(f"{source}: {field} splits a grouped conv, which no scheme supports")
         rank = entry.get("rank")
         max_rank = sch.max_rank(module)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
