@@ -21,6 +21,7 @@ PUBLIC_API = [
     "Global", "LayerRanks", "WholeModelCriterion", "decompose", "decompose_with_report", "Decomposition",
     "LayerReport", "LowRank", "SCHEMES", "SVDError", "count_macs", "count_params", "layer_macs", "save",
     "load", "lorita", "models", "data", "__version__",
+    "measure_latency", "compare_latency", "LatencyResult", "LatencyComparison",
 ]
 
 

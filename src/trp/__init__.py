@@ -13,6 +13,7 @@ from .core.decompose import Decomposition, LayerReport, decompose, decompose_wit
 from .core.schemes import SCHEMES, LowRank
 from .core.svd import SVDError
 from .deploy.io import load, save
+from .deploy.latency import LatencyComparison, LatencyResult, compare_latency, measure_latency
 from .methods import lorita
 from .methods.trained_rank import TRP
 
@@ -44,6 +45,10 @@ __all__ = [
     "layer_macs",
     "save",
     "load",
+    "measure_latency",
+    "compare_latency",
+    "LatencyResult",
+    "LatencyComparison",
     "lorita",
     "models",
     "data",
