@@ -22,6 +22,7 @@ PUBLIC_API = [
     "LayerReport", "LowRank", "SCHEMES", "SVDError", "count_macs", "count_params", "layer_macs", "save",
     "load", "lorita", "models", "data", "__version__",
     "measure_latency", "compare_latency", "LatencyResult", "LatencyComparison",
+    "profile_layers", "LatencyTable", "TargetLatency",
 ]
 
 

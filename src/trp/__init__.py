@@ -14,6 +14,8 @@ from .core.schemes import SCHEMES, LowRank
 from .core.svd import SVDError
 from .deploy.io import load, save
 from .deploy.latency import LatencyComparison, LatencyResult, compare_latency, measure_latency
+from .deploy.profile import LatencyTable, profile_layers
+from .deploy.target_latency import TargetLatency
 from .methods import lorita
 from .methods.trained_rank import TRP
 
@@ -49,6 +51,9 @@ __all__ = [
     "compare_latency",
     "LatencyResult",
     "LatencyComparison",
+    "profile_layers",
+    "LatencyTable",
+    "TargetLatency",
     "lorita",
     "models",
     "data",

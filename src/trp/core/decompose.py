@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from .allocation import LayerSpectrum, WholeModelCriterion
+from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .counting import count_macs, probe_forward
 from .criteria import Criterion, Energy
 from .layers import LayerSelector, select_layers, set_module
@@ -98,12 +98,19 @@ def decompose_with_report(
     criterion: Optional[RankCriterion] = None,
     layers: LayerSelector = None,
     input_shape: Optional[Sequence[int]] = None,
+    round_to: int = 1,
 ) -> Decomposition:
     """Like :func:`decompose`, also returning what happened to each selected layer."""
     get_scheme(scheme)  # unknown scheme -> ValueError before any work
     criterion = Energy(0.9) if criterion is None else criterion
     if not callable(criterion):
         raise ValueError(f"criterion must be a rank criterion such as trp.Energy(0.9), got {criterion!r}")
+    check_round_to(round_to)
+    if round_to > 1 and isinstance(criterion, WholeModelCriterion):
+        raise ValueError(
+            f"round_to applies to per-layer criteria; a whole-model criterion keeps its budget only when it "
+            f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetSpeedup(x, round_to={round_to}))"
+        )
     new = copy.deepcopy(model)
     targets, skipped = select_layers(new, layers)
     report = Decomposition(new)
@@ -121,6 +128,8 @@ def decompose_with_report(
     if whole and criterion.needs_input_shape and input_shape is None:
         raise ValueError(f"{criterion!r} counts the model's MACs: pass input_shape=(1, C, H, W)")
     sizes = trace_sizes(new, [m for _, m in targets], input_shape) if input_shape else {}
+    if whole:
+        criterion.prepare(model, scheme, layers, input_shape)
 
     # Pass 1: spectra and MAC costs of every target.
     entries = []
@@ -147,7 +156,14 @@ def decompose_with_report(
         counted_names = {sp.name for sp in spectra}
         ranks.update({e[0]: int(e[3][1].shape[-1]) for e in entries if e[0] not in counted_names})
     else:
-        ranks = {name: _kept_rank(criterion, svd[1]) for name, _, _, svd, _, _ in entries}
+        ranks = {}
+        for name, module, sch, svd, out_hw, in_hw in entries:
+            rank = _kept_rank(criterion, svd[1])
+            if round_to > 1:
+                rank = round_rank(rank, round_to, int(svd[1].shape[-1]),
+                                  functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw),
+                                  sch.macs(module, None, out_hw, in_hw))
+            ranks[name] = rank
 
     # Pass 3: factorize where MACs drop.
     for name, module, sch, (u, s, vh), out_hw, in_hw in entries:
@@ -185,6 +201,7 @@ def decompose(
     criterion: Optional[RankCriterion] = None,
     layers: LayerSelector = None,
     input_shape: Optional[Sequence[int]] = None,
+    round_to: int = 1,
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
 
@@ -194,9 +211,11 @@ def decompose(
     ``TargetSpeedup(3.0)`` (:mod:`trp.core.allocation`), all ranks at once. ``layers`` is None (see :mod:`trp.core.layers`), a list of
     module names, or a predicate ``(name, module) -> bool``. ``input_shape`` makes the
     MAC comparison exact (it matters for the spatial scheme); without it costs are per
-    output pixel. The input model is not modified.
+    output pixel. ``round_to=k`` rounds a per-layer criterion's ranks up to multiples of ``k``
+    where that keeps the split cheaper than the dense layer (whole-model criteria take their own
+    ``round_to``). The input model is not modified.
     """
-    return decompose_with_report(model, scheme, criterion, layers, input_shape).model
+    return decompose_with_report(model, scheme, criterion, layers, input_shape, round_to).model
 
 
 def fit_criterion(
