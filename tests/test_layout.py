@@ -22,7 +22,7 @@ PUBLIC_API = [
     "LayerReport", "LowRank", "SCHEMES", "SVDError", "count_macs", "count_params", "layer_macs", "save",
     "load", "lorita", "models", "data", "__version__",
     "measure_latency", "compare_latency", "LatencyResult", "LatencyComparison",
-    "profile_layers", "LatencyTable", "TargetLatency",
+    "profile_layers", "LatencyTable", "TargetLatency", "fold_batchnorm", "export_onnx", "ExportResult", "ort_session",
 ]
 
 

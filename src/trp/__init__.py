@@ -12,6 +12,8 @@ from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_cri
 from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report
 from .core.schemes import SCHEMES, LowRank
 from .core.svd import SVDError
+from .deploy.export import ExportResult, export_onnx, ort_session
+from .deploy.fold import fold_batchnorm
 from .deploy.io import load, save
 from .deploy.latency import LatencyComparison, LatencyResult, compare_latency, measure_latency
 from .deploy.profile import LatencyTable, profile_layers
@@ -54,6 +56,10 @@ __all__ = [
     "profile_layers",
     "LatencyTable",
     "TargetLatency",
+    "fold_batchnorm",
+    "export_onnx",
+    "ExportResult",
+    "ort_session",
     "lorita",
     "models",
     "data",

@@ -1,4 +1,4 @@
-"""The ``trp`` command line: train, decompose, evaluate, demo."""
+"""The ``trp`` command line: train, decompose, evaluate, export, demo."""
 
 from __future__ import annotations
 
@@ -420,6 +420,42 @@ def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], devic
         f"{count_params(model):,}", f"{seconds:.2f}s",
     )
     console.print(table)
+
+
+# -------------------------------------------------------------------------- export
+@main.command(name="export")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The ONNX file to write.")
+@click.option("--batch", type=int, default=1, show_default=True,
+              help="Batch size of the example input (the file takes any batch size unless --static-batch).")
+@click.option("--static-batch", is_flag=True, help="Fix the batch size in the file to --batch.")
+@click.option("--no-fold-batchnorm", is_flag=True, help="Keep BatchNorm layers instead of folding them into the layer before.")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: torch.onnx's].")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Largest relative error against PyTorch accepted; above it nothing is written.")
+def export_cmd(path: Path, onnx_path: Path, batch: int, static_batch: bool, no_fold_batchnorm: bool,
+               opset: Optional[int], tolerance: float) -> None:
+    """Write a saved (compact) model as ONNX, checked against PyTorch in ONNX Runtime."""
+    import torch
+
+    from ..deploy.export import ExportError, export_onnx
+
+    try:
+        if batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        model, spec, _ = workflow.load_source(path, "cpu")
+        example = torch.randn(batch, *spec.input_shape[1:], generator=torch.Generator().manual_seed(0))
+        result = export_onnx(model, onnx_path, example, fold_batchnorm=not no_fold_batchnorm,
+                             dynamic_batch=not static_batch, opset=opset, tolerance=tolerance)
+    except (ValueError, TypeError, FileNotFoundError, ExportError, ImportError) as err:
+        raise click.ClickException(" ".join(str(err).split())) from err  # one line
+    console.print(f"wrote {result.path} (ONNX opset {result.opset}, input {spec.input_shape[1:]}, "
+                  f"batch {'any' if result.dynamic_batch else batch}); {result.folded_batchnorms} BatchNorm folded"
+                  + (f", {len(result.unfolded_batchnorms)} kept" if result.unfolded_batchnorms else ""))
+    console.print(f"max error vs PyTorch: {result.max_abs_error:.3g} absolute, {result.max_rel_error:.3g} relative "
+                  f"(tolerance {result.tolerance:g}; ONNX Runtime {', '.join(result.providers)}, "
+                  f"batch {', '.join(map(str, result.checked_batch_sizes))})")
 
 
 # ---------------------------------------------------------------------------- demo
