@@ -119,3 +119,9 @@ def test_onnxruntime_runner_computes_the_model():
         x = torch.randn(batch, 3, 8, 8)
         out = make_runner(model, x, "onnxruntime", threads=1)()[0]
         torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_model_keeps_its_mode():
+    model = _small_cnn().train()
+    measure_latency(model, torch.randn(2, 3, 8, 8), repeats=1, warmup=0)
+    assert all(m.training for m in model.modules())

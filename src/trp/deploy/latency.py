@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .export import export_onnx, ort_session
+
 __all__ = [
     "RUNTIMES",
     "LatencyResult",
@@ -33,6 +35,7 @@ __all__ = [
     "measure_latency",
     "compare_latency",
     "make_runner",
+    "eval_mode",
     "device_name",
     "runtime_version",
 ]
@@ -165,46 +168,29 @@ def _check_runtime(runtime: str) -> None:
 
 
 # --------------------------------------------------------------------------------- runners
-def _export(model: nn.Module, path: Path, inputs: tuple[Tensor, ...]) -> None:
-    """Write ``model`` as ONNX (batch dimension dynamic): :func:`trp.deploy.export.export_onnx` when present."""
-    try:
-        from .export import export_onnx  # the inference-form exporter, when this build has it
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:
-        export_onnx(model, path, inputs, fold_batchnorm=False, dynamic_batch=True)
-        return
-    names = [f"input{i}" for i in range(len(inputs))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, str(path), input_names=names, output_names=["output"],
-                          dynamic_axes={n: {0: "batch"} for n in names}, dynamo=False)
-
-
 def _ort_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: Optional[int]):
+    """``model`` exported with :func:`trp.export_onnx` (BatchNorm folded, batch dynamic) in an ONNX Runtime session."""
     try:
         import onnxruntime as ort
     except ImportError as err:
         raise ValueError("runtime 'onnxruntime' needs the onnx extra: pip install 'trp[onnx]'") from err
+    cuda = inputs[0].device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
     with tempfile.TemporaryDirectory(prefix="trp-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
-        _export(model, path, inputs)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        cuda = inputs[0].device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-        providers = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    return session
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BatchNorms that cannot be folded are timed as they are
+            export_onnx(model, path, inputs, fold_batchnorm=True, dynamic_batch=True, check=False)
+        return ort_session(path, threads, f"cuda:{inputs[0].device.index or 0}" if cuda else "cpu")
 
 
 def make_runner(model: nn.Module, example_inputs: Inputs, runtime: str = "eager",
                 threads: Optional[int] = None) -> Callable[[], Any]:
-    """A no-argument callable that runs one forward pass of ``model`` in ``runtime`` and waits for it."""
+    """A no-argument callable that runs one forward pass of ``model`` in ``runtime`` and waits for it.
+
+    ``model`` runs in the mode it is in (see :func:`eval_mode`).
+    """
     _check_runtime(runtime)
     inputs = _as_tuple(example_inputs)
-    model.eval()
     if runtime == "onnxruntime":
         session = _ort_session(model, inputs, threads)
         names = [i.name for i in session.get_inputs()]
@@ -221,6 +207,19 @@ def make_runner(model: nn.Module, example_inputs: Inputs, runtime: str = "eager"
         return out
 
     return run
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode for the block, each module's own mode restored after."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _time_one(run: Callable[[], Any], timer: Optional[Timer], cuda_device: Optional[torch.device]) -> float:
@@ -277,7 +276,7 @@ def measure_latency(
 ) -> LatencyResult:
     """Time ``repeats`` forward passes of ``model`` on ``example_inputs`` (after ``warmup`` untimed ones)."""
     inputs = _as_tuple(example_inputs)
-    with torch_threads(threads) as used:
+    with torch_threads(threads) as used, eval_mode(model):
         run = make_runner(model, inputs, runtime, threads)
         cuda = inputs[0].device if inputs[0].device.type == "cuda" and runtime != "onnxruntime" else None
         (samples,) = time_interleaved([run], repeats, warmup, timer, cuda)
@@ -296,7 +295,7 @@ def compare_latency(
 ) -> LatencyComparison:
     """Time ``dense`` and ``compact`` alternately (A B A B ...); the speedup is the median per-pair ratio."""
     inputs = _as_tuple(example_inputs)
-    with torch_threads(threads) as used:
+    with torch_threads(threads) as used, eval_mode(dense, compact):
         runs = [make_runner(dense, inputs, runtime, threads), make_runner(compact, inputs, runtime, threads)]
         cuda = inputs[0].device if inputs[0].device.type == "cuda" and runtime != "onnxruntime" else None
         a, b = time_interleaved(runs, repeats, warmup, timer, cuda)

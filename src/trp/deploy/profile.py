@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from .io import atomic_write
-from .latency import Inputs, Timer, _as_tuple, device_name, make_runner, runtime_version, time_interleaved, torch_threads
+from .latency import Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version, time_interleaved, torch_threads
 
 __all__ = ["LayerLatency", "LatencyTable", "profile_layers", "default_ranks", "cache_dir"]
 
@@ -285,7 +285,9 @@ def profile_layers(
         model_key = {**setting, "model": str(model), "inputs": [list(t.shape) for t in inputs]}
         value = _cached(model_key, cache)
         if value is None:
-            (samples,) = time_interleaved([make_runner(model, inputs, runtime, threads)], repeats, warmup, timer, cuda)
+            with eval_mode(model):
+                (samples,) = time_interleaved([make_runner(model, inputs, runtime, threads)], repeats, warmup, timer,
+                                              cuda)
             value = {"model": _median(samples)}
             _store(model_key, value, cache)
     return LatencyTable(found, value["model"], runtime, setting["device"], used, batch, scheme, setting["versions"])
