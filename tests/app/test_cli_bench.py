@@ -96,7 +96,17 @@ def test_profile_writes_a_latency_table(files):
     assert table.batch_size == 2 and table.runtime == "eager" and table.layers["layer1.0.conv1"].input_shape == (2, 16, 28, 28)
 
 
-def test_decompose_bench_adds_measured_speedups_to_the_summary(files, tmp_path):
+def test_decompose_bench_adds_measured_speedups_to_the_summary(files, tmp_path, monkeypatch):
+    import trp.app.bench as bench
+
+    calls = []
+    full = bench.bench_models
+
+    def quick(*args, **kwargs):  # the default settings (batch 1 and 64), timed briefly
+        calls.append(kwargs)
+        return full(*args, **{**kwargs, "repeats": 1, "warmup": 0})
+
+    monkeypatch.setattr(bench, "bench_models", quick)
     dense, _ = files
     out = tmp_path / "d" / "split.safetensors"
     result = invoke("decompose", dense, "--criterion", "energy:0.5", "--no-eval", "--bench", "--out", out)
@@ -106,6 +116,7 @@ def test_decompose_bench_adds_measured_speedups_to_the_summary(files, tmp_path):
     assert [(r["runtime"], r["batch"]) for r in summary["measured"]["rows"]] == [
         ("eager", 1), ("eager", 64), ("onnxruntime", 1), ("onnxruntime", 64)]
     assert summary["measured"]["mac_reduction"] == pytest.approx(summary["speedup"])
+    assert len(calls) == 1
 
 
 def test_decompose_with_the_latency_criterion(files, tmp_path):
