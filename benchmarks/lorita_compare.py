@@ -10,7 +10,7 @@ selection mode, and evaluated on the test split:
 - ``iterative``: the per-layer search scored on the run's held-out training images
   (:func:`trp.methods.search.iterative_rank_search`).
 
-A curve of top-1 against speedup (``energy/MAC`` at 1.5x-6x) is plotted per model.
+A curve of top-1 against MAC reduction (``energy/MAC`` at 1.5x-6x) is plotted per model.
 Each run is decomposed with its own config's scheme (LoRITa's conv + 1x1 factors are the
 channel scheme's structure). Usage::
 
@@ -37,12 +37,12 @@ from trp.app.plot import plot_tradeoff
 from trp.app.report import markdown_table
 from trp.app.results import method_label
 from trp.methods.search import iterative_rank_search
-from trp.app.sweep import SweepPoint
+from trp.app.sweep import SweepPoint, point_from_dict
 
 MODES = ("energy/MAC", "local", "global", "iterative")
 
 
-def ratio_for_speedup(model, scheme, target, shape):
+def ratio_for_mac_reduction(model, scheme, target, shape):
     """The largest kept fraction whose MACs are at least ``target`` times lower."""
     budget = trp.count_macs(model, shape) / target
     p, _ = fit_criterion(model, scheme, trp.Ratio, budget, shape, lo=1e-4, hi=1.0, steps=20)
@@ -53,15 +53,16 @@ def criterion_for(mode, model, scheme, target, shape, held_loader):
     if mode == "energy/MAC":
         return trp.TargetSpeedup(target)
     if mode == "local":
-        return ratio_for_speedup(model, scheme, target, shape)
+        return ratio_for_mac_reduction(model, scheme, target, shape)
     if mode == "global":
         return trp.Global(speedup=target)
     return iterative_rank_search(model, scheme, held_loader, target, shape)
 
 
 def render(results: list[dict], targets: list[float], modes: list[str], out: Path) -> None:
-    """Write OUT.md: one row per run and selection mode, top-1 (actual speedup) per target."""
-    headers = ["model", "run", "method", "dense top-1", "selection"] + [f"top-1 @ {t:g}× (actual)" for t in targets]
+    """Write OUT.md: one row per run and selection mode, top-1 (actual MAC reduction) per target. Reads files written
+    before the rename too (key ``speedup``)."""
+    headers = ["model", "run", "method", "dense top-1", "selection"] + [f"top-1 @ {t:g}× MAC reduction (actual)" for t in targets]
     rows = []
     for r in results:
         for mode in modes:
@@ -69,7 +70,7 @@ def render(results: list[dict], targets: list[float], modes: list[str], out: Pat
             if not any(cells):
                 continue
             rows.append([r["model"], Path(r["run"]).name, f"{r['method']} ({r['scheme']})", f"{r['dense_top1']:.2f}", mode]
-                        + [f"{c['top1']:.2f} ({c['speedup']:.2f}×)" if c else "–" for c in cells])
+                        + [f"{c['top1']:.2f} ({c.get('mac_reduction', c.get('speedup')):.2f}×)" if c else "–" for c in cells])
     table = markdown_table(headers, rows)
     with atomic_write(out.with_suffix(".md")) as tmp:
         tmp.write_text(table + "\n")
@@ -93,7 +94,7 @@ def main() -> None:
         render(results, targets, modes, args.out)
         curves: dict = {}
         for r in results:
-            curves.setdefault(r["model"], {})[f"{Path(r['run']).name}: {r['method']}"] = [SweepPoint(**p) for p in r["curve"]]
+            curves.setdefault(r["model"], {})[f"{Path(r['run']).name}: {r['method']}"] = [point_from_dict(p) for p in r["curve"]]
         plot_curves(curves, args.out)
         return
     torch.manual_seed(0)
@@ -124,17 +125,17 @@ def main() -> None:
                 crit = criterion_for(mode, model, config.scheme, target, shape, held_loader)
                 compact = trp.decompose(model, config.scheme, crit, input_shape=shape)
                 top1 = engine.evaluate(compact, test, "cpu")["top1"]
-                speedup = row["macs"] / trp.count_macs(compact, shape)
-                row["at"][f"{mode}@{target:g}"] = {"top1": top1, "speedup": speedup,
+                reduction = row["macs"] / trp.count_macs(compact, shape)
+                row["at"][f"{mode}@{target:g}"] = {"top1": top1, "mac_reduction": reduction,
                                                    "seconds": time.perf_counter() - start}
-                print(f"  {mode:>10} @ {target:g}x: {top1:6.2f}% (actual {speedup:.2f}x, "
+                print(f"  {mode:>10} @ {target:g}x: {top1:6.2f}% (actual MAC reduction {reduction:.2f}x, "
                       f"{time.perf_counter() - start:.1f}s)", flush=True)
         points = []
         for x in curve_targets:
             compact = trp.decompose(model, config.scheme, trp.TargetSpeedup(x), input_shape=shape)
             s = trp.app.report.summarize(model, compact, shape)
             points.append(SweepPoint(f"speedup:{x:g}", engine.evaluate(compact, test, "cpu")["top1"], None,
-                                     s.macs_after, s.conv_macs_after, s.params_after, s.speedup, s.conv_speedup))
+                                     s.macs_after, s.conv_macs_after, s.params_after, s.mac_reduction, s.conv_mac_reduction))
         row["curve"] = [dataclasses.asdict(p) for p in points]
         curves.setdefault(spec.model, {})[f"{run.name}: {label}"] = points
         results.append(row)
@@ -151,7 +152,7 @@ def plot_curves(curves: dict, out: Path) -> None:
     for model_name, model_curves in curves.items():
         png = out.parent / f"{out.name}-{model_name}.png"
         plot_tradeoff(model_curves, png, title=f"{model_name} on MNIST-5k: top-1 vs MAC reduction (TargetSpeedup)",
-                      x="speedup")
+                      x="mac_reduction")
         print(f"plot: {png}")
 
 

@@ -77,11 +77,11 @@ def test_decompose_target_speedup_prints_speedup(runs: dict[str, Path], tmp_path
     result = invoke("decompose", run, "--target-speedup", "1.5", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     record = json.loads((run / "decomposed-channel-speedup1.5.json").read_text())
-    assert record["criterion"] == "speedup:1.5" and 1.5 <= record["speedup"] <= 1.15 * 1.5
+    assert record["criterion"] == "speedup:1.5" and 1.5 <= record["mac_reduction"] <= 1.15 * 1.5
     printed = re.search(r"all MACs.*?([\d.]+)x", result.output)
-    assert printed and printed.group(1) == f"{record['speedup']:.2f}"
+    assert printed and printed.group(1) == f"{record['mac_reduction']:.2f}"
     printed_conv = re.search(r"conv MACs.*?([\d.]+)x", result.output)
-    assert printed_conv and printed_conv.group(1) == f"{record['conv_speedup']:.2f}"
+    assert printed_conv and printed_conv.group(1) == f"{record['conv_mac_reduction']:.2f}"
 
 
 def test_decompose_without_criterion_runs_the_config_entries(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -108,8 +108,8 @@ def test_sweep_writes_points_and_plot(runs: dict[str, Path], tmp_path: Path) -> 
     assert doc["label"] == "TRP1+Nu (channel)" and doc["source"] == str(run)
     points = doc["points"]
     assert sorted(p["criterion"] for p in points) == ["energy:0.5", "energy:0.9776", "energy:0.999"]
-    assert [p["conv_speedup"] for p in points] == sorted(p["conv_speedup"] for p in points)
-    assert all(0.0 <= p["top1"] <= 100.0 and p["conv_speedup"] >= 1.0 for p in points)
+    assert [p["conv_mac_reduction"] for p in points] == sorted(p["conv_mac_reduction"] for p in points)
+    assert all(0.0 <= p["top1"] <= 100.0 and p["conv_mac_reduction"] >= 1.0 for p in points)
     assert result.output.count("x conv") == 3
     assert plot.read_bytes()[:8] == PNG_MAGIC
 
@@ -140,9 +140,9 @@ def test_table_collects_runs_with_labels_and_paper_column(runs: dict[str, Path],
         assert (row["label"], row["criterion"], row["run_dir"]) == (label, criterion, str(run))
         assert line[0] == label and line[2] == (criterion or "–") and line[-1] == paper
         assert line[4] == f"{float(row['top1']):.2f}"
-        assert line[8] == f"{float(row['conv_speedup']):.2f}×"
+        assert line[8] == f"{float(row['conv_mac_reduction']):.2f}×"
     summary = json.loads((trp_run / "decomposed-channel-value0.05.json").read_text())
-    assert float(rows[3]["conv_speedup"]) == pytest.approx(summary["conv_speedup"])
+    assert float(rows[3]["conv_mac_reduction"]) == pytest.approx(summary["conv_mac_reduction"])
     assert float(rows[3]["top1"]) == summary["decomposed"]["top1"]
     assert float(rows[0]["paper_top1"]) == 91.74 and rows[0]["paper_dataset"] == "cifar10"
     last = json.loads((baseline / "metrics.jsonl").read_text().splitlines()[-1])

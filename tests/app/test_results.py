@@ -13,9 +13,9 @@ from trp.app.paper import PAPER_RESULTS, find_paper_result, paper_results
 from trp.app.results import collect, markdown_table, method_label, tradeoff_notes, write_csv
 
 
-def _summary(scheme: str, criterion: str, top1: Optional[float], conv_speedup: float,
+def _summary(scheme: str, criterion: str, top1: Optional[float], conv_mac_reduction: float,
              finetune: Optional[dict] = None, dense: Optional[dict] = None) -> dict:
-    conv_after = int(40_000_000 / conv_speedup)
+    conv_after = int(40_000_000 / conv_mac_reduction)
     return {
         "kind": "trp-decomposition", "version": 1, "source": "runs/x", "model_file": "x.safetensors",
         "scheme": scheme, "criterion": criterion,
@@ -24,7 +24,7 @@ def _summary(scheme: str, criterion: str, top1: Optional[float], conv_speedup: f
         "macs_before": 41_000_000, "macs_after": conv_after + 1_000_000,
         "conv_macs_before": 40_000_000, "conv_macs_after": conv_after,
         "params_before": 270_000, "params_after": 90_000,
-        "speedup": 41_000_000 / (conv_after + 1_000_000), "conv_speedup": conv_speedup,
+        "mac_reduction": 41_000_000 / (conv_after + 1_000_000), "conv_mac_reduction": conv_mac_reduction,
         "finetune": finetune,
     }
 
@@ -78,10 +78,10 @@ def test_method_labels() -> None:
 
 def test_paper_data() -> None:
     r = find_paper_result("cifar10", "resnet20", "TRP2+Nu")
-    assert (r.top1, r.speedup, r.dataset) == (90.62, 2.84, "cifar10")
+    assert (r.top1, r.mac_reduction, r.dataset) == (90.62, 2.84, "cifar10")
     assert len(paper_results("imagenet", "resnet50", "TRP1+Nu")) == 2
-    assert find_paper_result("imagenet", "resnet50", "TRP1+Nu", speedup=1.9).top1 == 74.06
-    assert find_paper_result("imagenet", "resnet50", "TRP1+Nu", speedup=2.2).top5 == 91.41
+    assert find_paper_result("imagenet", "resnet50", "TRP1+Nu", mac_reduction=1.9).top1 == 74.06
+    assert find_paper_result("imagenet", "resnet50", "TRP1+Nu", mac_reduction=2.2).top5 == 91.41
     assert find_paper_result("mnist5k", "resnet20", "TRP1+Nu").dataset == "cifar10"
     # the paper has resnet56 on cifar10, but no TRP2+Nu row for it: no fallback, no number
     assert find_paper_result("cifar10", "resnet56", "TRP2+Nu") is None
@@ -106,17 +106,26 @@ def test_collect_rows(runs: list[Path]) -> None:
         ("trp1", "TRP1", "value:0.5", False),
     ]
     dense = rows[0]
-    assert (dense.top1, dense.top5, dense.speedup, dense.conv_speedup) == (98.0, 99.5, 1.0, 1.0)
+    assert (dense.top1, dense.top5, dense.mac_reduction, dense.conv_mac_reduction) == (98.0, 99.5, 1.0, 1.0)
     assert (dense.macs, dense.conv_macs, dense.params) == (41_000_000, 40_000_000, 270_000)
     assert dense.scheme is None and rows[4].scheme == "spatial"
     ft = rows[2]
-    assert (ft.top1, ft.top5, ft.finetune_epochs, ft.conv_speedup) == (96.5, 99.0, 3, 2.0)
+    assert (ft.top1, ft.top5, ft.finetune_epochs, ft.conv_mac_reduction) == (96.5, 99.0, 3, 2.0)
     assert rows[1].top1 == 60.0 and rows[1].top5 is None and rows[1].params == 90_000
     # Paper numbers: mnist5k runs get the cifar10 figure for the same model and label.
-    assert (dense.paper_top1, dense.paper_speedup, dense.paper_dataset) == (91.74, 1.0, "cifar10")
-    assert (rows[5].paper_top1, rows[5].paper_speedup, rows[5].paper_dataset) == (90.62, 2.84, "cifar10")
+    assert (dense.paper_top1, dense.paper_mac_reduction, dense.paper_dataset) == (91.74, 1.0, "cifar10")
+    assert (rows[5].paper_top1, rows[5].paper_mac_reduction, rows[5].paper_dataset) == (90.62, 2.84, "cifar10")
     assert rows[4].paper_top1 is None  # a TRP run's dense model is not the paper's decomposed one
     assert rows[1].paper_top1 is None and rows[7].paper_top1 is None  # no such rows for resnet20
+
+
+def test_collect_reads_summaries_written_before_speedup_became_mac_reduction(tmp_path: Path) -> None:
+    old = _summary("channel", "energy:0.6", 60.0, 2.0)
+    old["speedup"], old["conv_speedup"] = old.pop("mac_reduction"), old.pop("conv_mac_reduction")
+    run = _run(tmp_path, "old", {"method": "baseline", "scheme": "channel"}, 98.0,
+               {"decomposed-channel-energy0.6.json": old})
+    row = collect([run])[1]
+    assert row.conv_mac_reduction == 2.0 and row.mac_reduction == pytest.approx(41 / 21)
 
 
 def test_collect_exact_dataset_and_fallbacks(tmp_path: Path) -> None:
@@ -128,7 +137,7 @@ def test_collect_exact_dataset_and_fallbacks(tmp_path: Path) -> None:
     (run / "decomposed-decouple.json").write_text(json.dumps(_summary("decouple", "value:0.05", 90.0, 2.1)))
     rows = collect([run])
     assert rows[0].top1 == 98.0
-    assert (rows[1].label, rows[1].paper_top1, rows[1].paper_speedup, rows[1].paper_dataset) == \
+    assert (rows[1].label, rows[1].paper_top1, rows[1].paper_mac_reduction, rows[1].paper_dataset) == \
         ("TRP-decouple+Nu", 90.88, 2.04, "cifar10")
     # a run with no decompositions and no metrics: one dense row, unknowns stay None
     bare = tmp_path / "bare"
@@ -143,7 +152,7 @@ def test_markdown_table(runs: list[Path]) -> None:
     lines = table.splitlines()
     assert len(lines) == 2 + 9
     assert lines[0] == ("| label | scheme | criterion | fine-tuned | top-1 | top-5 | conv MACs | all MACs | "
-                        "speedup (conv) | speedup (all) | params | paper (dataset) |")
+                        "MAC reduction (conv) | MAC reduction (all) | params | paper (dataset) |")
     assert lines[1].count("---") == 12
     assert lines[2].startswith("| baseline | – | – | no | 98.00 | 99.50 | 40.00M | 41.00M | 1.00× | 1.00× | 0.270M |")
     assert lines[2].endswith("| 91.74 @ 1.00× (cifar10) |")
@@ -170,8 +179,8 @@ def test_tradeoff_notes(runs: list[Path]) -> None:
         "TRP2+Nu (97.30% @ 3.20×) beats Jaderberg et al. (spatial) (13.20% @ 3.17×) by 84.1 points.",
         "TRP1 [value:0.05] (55.00% @ 2.05×) does NOT beat Zhang et al. (channel) (60.00% @ 2.00×): "
         "it is 5.0 points lower.",
-        "TRP1 [value:0.5] (20.00% @ 6.00×): no decomposed baseline lies within ±10% of its conv speedup, "
-        "so there is no comparison at equal speedup (the nearest is Jaderberg et al. (spatial) (13.20% @ 3.17×)).",
+        "TRP1 [value:0.5] (20.00% @ 6.00×): no decomposed baseline lies within ±10% of its conv MAC reduction, "
+        "so there is no comparison at equal MAC reduction (the nearest is Jaderberg et al. (spatial) (13.20% @ 3.17×)).",
     ]
     # 3.17× is within 1% of 3.20× (0.03 <= 0.032) but not within 0.5%
     assert "beats" in tradeoff_notes(collect(runs), tolerance=0.01)[0]

@@ -40,12 +40,12 @@ def points(setup) -> list[SweepPoint]:
 def test_sweep_points(setup, points: list[SweepPoint]) -> None:
     model, loader = setup
     assert [p.criterion for p in points] == ["energy:0.999", "energy:0.9", "energy:0.6"]
-    speedups = [p.conv_speedup for p in points]
+    speedups = [p.conv_mac_reduction for p in points]
     assert speedups == sorted(speedups) and speedups[-1] > speedups[0] * 1.3
     assert points[-1].conv_macs < points[0].conv_macs and points[-1].params < points[0].params
     # at energy 0.999 the model is (almost) unchanged: same accuracy, at most one sample apart
     assert evaluate(model, loader, torch.device("cpu"))["top1"] == 100.0
-    assert points[0].conv_speedup == pytest.approx(1.0, abs=0.1)
+    assert points[0].conv_mac_reduction == pytest.approx(1.0, abs=0.1)
     assert points[0].top1 >= 100 - 100 / 32
     # each point is the decomposed model's own evaluation
     strong = decompose(model, "channel", Energy(0.6), input_shape=INPUT_SHAPE)
@@ -58,7 +58,7 @@ def test_sweep_criterion_leaving_everything_dense(setup) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning escapes a sweep
         (point,) = sweep(model, "channel", [Ratio(1.0)], loader, INPUT_SHAPE, "cpu")
-    assert point.criterion == "ratio:1" and point.conv_speedup == 1.0 and point.speedup == 1.0
+    assert point.criterion == "ratio:1" and point.conv_mac_reduction == 1.0 and point.mac_reduction == 1.0
 
 
 def test_sweep_passes_other_criteria_through(setup) -> None:
@@ -72,7 +72,7 @@ def test_sweep_passes_other_criteria_through(setup) -> None:
             return "Half()"
 
     (point,) = sweep(model, "spatial", [Half()], loader, INPUT_SHAPE, "cpu")
-    assert point.criterion == "Half()" and point.conv_speedup > 1.5
+    assert point.criterion == "Half()" and point.conv_mac_reduction > 1.5
     with pytest.raises(ValueError, match="no criteria"):
         sweep(model, "channel", [], loader, INPUT_SHAPE, "cpu")
 
@@ -113,6 +113,15 @@ def test_save_load_round_trip(points: list[SweepPoint], tmp_path: Path) -> None:
     path.write_text(json.dumps({"kind": "trp-sweep", "version": 1, "points": [{"criterion": "x"}]}))
     with pytest.raises(ValueError, match="point 0 is malformed"):
         load_sweep(path)
+
+
+def test_load_reads_sweeps_written_before_speedup_became_mac_reduction(points, tmp_path: Path) -> None:
+    path = save_sweep(points, tmp_path / "sweep.json")
+    doc = json.loads(path.read_text())
+    for p in doc["points"]:
+        p["speedup"], p["conv_speedup"] = p.pop("mac_reduction"), p.pop("conv_mac_reduction")
+    path.write_text(json.dumps(doc))
+    assert load_sweep(path)[1] == points
 
 
 def _pt(c: str, top1: float, s: float) -> SweepPoint:

@@ -171,10 +171,10 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
 # ----------------------------------------------------------------------- decompose
 def _summary_table(summary: CompressionSummary, before: Optional[float], after: Optional[float]) -> Table:
     table = Table(title="decomposition")
-    for col in ("", "before", "after", "ratio"):
+    for col in ("", "before", "after", "reduction"):
         table.add_column(col, justify="right")
-    table.add_row("conv MACs", f"{summary.conv_macs_before:,}", f"{summary.conv_macs_after:,}", f"{summary.conv_speedup:.2f}x")
-    table.add_row("all MACs", f"{summary.macs_before:,}", f"{summary.macs_after:,}", f"{summary.speedup:.2f}x")
+    table.add_row("conv MACs", f"{summary.conv_macs_before:,}", f"{summary.conv_macs_after:,}", f"{summary.conv_mac_reduction:.2f}x")
+    table.add_row("all MACs", f"{summary.macs_before:,}", f"{summary.macs_after:,}", f"{summary.mac_reduction:.2f}x")
     table.add_row("params", f"{summary.params_before:,}", f"{summary.params_after:,}", f"{summary.param_ratio:.2f}x")
     if before is not None and after is not None:
         table.add_row("top-1", f"{before:.2f}%", f"{after:.2f}%", f"{after - before:+.2f} pt")
@@ -247,8 +247,9 @@ def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: the run's scheme, else channel]")
 @click.option("--criterion", default=None, help="Per layer: energy:E, value:T, ratio:P, rank:K; whole model: "
-              "speedup:X, global:P, global-speedup:X, latency:X[:RUNTIME[:BATCH]] (measured) [default: the run config's decompose entries, else value:0.05].")
-@click.option("--target-speedup", type=float, default=None, help="Same as --criterion speedup:X (whole-model MACs).")
+              "speedup:X, global:P, global-speedup:X (speedup = MAC reduction), latency:X[:RUNTIME[:BATCH]] "
+              "(measured time, see `trp profile`) [default: the run config's decompose entries, else value:0.05].")
+@click.option("--target-speedup", type=float, default=None, help="Same as --criterion speedup:X: a whole-model MAC reduction of X (not measured time).")
 @click.option("--finetune", type=int, default=0, show_default=True, help="Fine-tune the compact model for this many epochs.")
 @click.option("--finetune-lr", type=float, default=0.01, show_default=True)
 @click.option("--recalibrate-bn", type=int, default=0, show_default=True,
@@ -331,9 +332,9 @@ def _run_label(run_dir: Path) -> str:
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: each run's scheme]")
 @click.option("--kind", type=click.Choice(["speedup", "global", "energy", "value", "ratio"]), default="speedup",
-              show_default=True, help="speedup/global: whole-model criteria at 1.5x..6x MACs; else a grid of that criterion.")
+              show_default=True, help="speedup/global: whole-model criteria at 1.5x..6x MAC reduction; else a grid of that criterion.")
 @click.option("--points", type=int, default=8, show_default=True, help="Grid size for energy/value/ratio.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a speedup-vs-top-1 PNG of all runs here.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a MAC-reduction-vs-top-1 PNG of all runs here.")
 @click.option("--title", default="", help="Plot title.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (CIFAR, ImageNet).")
 @click.option("--device", default="auto", show_default=True)
@@ -354,8 +355,8 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
             label = f"{_run_label(run_dir)} ({sch})"
             console.print(f"sweeping {run_dir}: {label}, {len(criteria)} criteria")
             pts = sweep(model, sch, criteria, loader, spec.input_shape, dev,
-                        on_point=lambda p: console.print(f"  {p.criterion:>18}  {p.conv_speedup:5.2f}x conv  "
-                                                         f"{p.speedup:5.2f}x all  top-1 {p.top1:6.2f}%"),
+                        on_point=lambda p: console.print(f"  {p.criterion:>18}  MAC reduction {p.conv_mac_reduction:5.2f}x conv, "
+                                                         f"{p.mac_reduction:5.2f}x all  top-1 {p.top1:6.2f}%"),
                         on_error=lambda c, e: console.print(f"  {c.spec():>18}  skipped: {e}"))
             if not pts:
                 raise ValueError(f"no criterion of the sweep could be applied to {run_dir}")
@@ -401,8 +402,8 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
                     meta, pts = load_sweep(path)
                     curves[str(meta.get("label", path.stem)) + f" [{meta.get('criterion_kind', '')}]"] = pts
             for r in rows:
-                if r.finetuned and r.top1 is not None and r.conv_speedup:
-                    markers[f"{r.label}, fine-tuned"] = (r.conv_speedup, r.top1)
+                if r.finetuned and r.top1 is not None and r.conv_mac_reduction:
+                    markers[f"{r.label}, fine-tuned"] = (r.conv_mac_reduction, r.top1)
             if not curves:
                 raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
             plot_tradeoff(curves, plot, title=title, markers=markers)

@@ -62,7 +62,7 @@ class DecomposeStep:
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError(f"criterion {self.criterion!r}: search needs a target speedup > 1, e.g. search:3")
+                raise ValueError(f"criterion {self.criterion!r}: search needs a target MAC reduction > 1, e.g. search:3")
         else:
             parse_criterion(self.criterion)
         if self.finetune < 0:

@@ -1,6 +1,6 @@
 """The published TRP numbers (SPEC §1.5) as data, for tables that compare with the paper.
 
-Accuracies are top-1 / top-5 in %, speedups are conv-MAC speedups (the paper counts convs
+Accuracies are top-1 / top-5 in %, the paper's "speedups" are conv MAC reductions (it counts convs
 only). No fine-tuning after decomposition. Where the paper's figure is only approximate
 (ImageNet ResNet-18), ``top1`` is None and ``note`` says what is known.
 """
@@ -21,7 +21,7 @@ class PaperResult:
     model: str
     label: str
     top1: Optional[float]
-    speedup: float
+    mac_reduction: float
     top5: Optional[float] = None
     baseline_top1: Optional[float] = None
     note: str = ""
@@ -68,19 +68,19 @@ def paper_results(
 
 
 def find_paper_result(
-    dataset: str, model: str, label: str, speedup: Optional[float] = None, fallback_dataset: Optional[str] = "cifar10"
+    dataset: str, model: str, label: str, mac_reduction: Optional[float] = None, fallback_dataset: Optional[str] = "cifar10"
 ) -> Optional[PaperResult]:
     """The published result for ``label`` on ``model``, or None.
 
     Results on ``dataset`` come first; when the paper has none for this model on
     ``dataset``, those on ``fallback_dataset`` are used (check ``result.dataset``). Among
-    several matches (ResNet-50 has two TRP1+Nu points) the one nearest ``speedup`` wins.
+    several matches (ResNet-50 has two TRP1+Nu points) the one nearest ``mac_reduction`` wins.
     """
     found = paper_results(dataset, model, label)
     if not found and fallback_dataset and fallback_dataset != dataset and not paper_results(dataset, model):
         found = paper_results(fallback_dataset, model, label)
     if not found:
         return None
-    if speedup is None:
+    if mac_reduction is None:
         return found[0]
-    return min(found, key=lambda r: abs(r.speedup - speedup))
+    return min(found, key=lambda r: abs(r.mac_reduction - mac_reduction))

@@ -1,4 +1,4 @@
-"""Accuracy / speedup trade-off plots (PNG), drawn without pyplot's global state."""
+"""Accuracy / MAC reduction trade-off plots (PNG), drawn without pyplot's global state."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..deploy.io import atomic_write
 __all__ = ["plot_tradeoff"]
 
 PathLike = Union[str, os.PathLike]
-_X_LABELS = {"conv_speedup": "conv MACs speedup (×)", "speedup": "all MACs speedup (×)"}
+_X_LABELS = {"conv_mac_reduction": "MAC reduction, convs (×)", "mac_reduction": "MAC reduction, all layers (×)"}
 _MARKERS = ("*", "D", "P", "X", "s", "^", "v", "h")
 
 
@@ -20,16 +20,16 @@ def plot_tradeoff(
     curves: Mapping[str, Sequence[Any]],
     path: PathLike,
     title: str = "",
-    x: str = "conv_speedup",
+    x: str = "conv_mac_reduction",
     reference: Optional[float] = None,
     markers: Optional[Mapping[str, tuple[float, float]]] = None,
 ) -> Path:
-    """Draw top-1 accuracy against speedup and save it as a PNG at ``path`` (atomically).
+    """Draw top-1 accuracy against MAC reduction and save it as a PNG at ``path`` (atomically).
 
     ``curves`` maps a legend label to points with ``top1`` and an ``x`` attribute
     (:class:`trp.app.sweep.SweepPoint` or :class:`trp.app.results.ResultRow`; points lacking
     either are left out). ``reference`` draws a dashed line at that accuracy (the dense
-    model); ``markers`` adds single labelled points ``(speedup, top1)``, e.g. paper numbers.
+    model); ``markers`` adds single labelled points ``(MAC reduction, top1)``, e.g. paper numbers.
     """
     from matplotlib.figure import Figure
 

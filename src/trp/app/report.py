@@ -1,7 +1,7 @@
 """Before/after comparison of a model and its decomposition, and plain-text tables.
 
-MACs follow :mod:`trp.core.counting` (Conv2d and Linear only, one multiply-add = 1). Speedup
-is MACs before / MACs after (SPEC §1.4), reported for convs only (the paper's count) and
+MACs follow :mod:`trp.core.counting` (Conv2d and Linear only, one multiply-add = 1). The MAC
+reduction is MACs before / MACs after (SPEC §1.4; the paper calls it speedup), reported for convs only (the paper's count) and
 for the whole model (convs + linears).
 """
 
@@ -29,14 +29,15 @@ class CompressionSummary:
     params_after: int
 
     @property
-    def conv_speedup(self) -> float:
+    def conv_mac_reduction(self) -> float:
         """Conv MACs before / after (1.0 for a model without convs)."""
         if self.conv_macs_before == 0:
             return 1.0
         return self.conv_macs_before / max(self.conv_macs_after, 1)
 
     @property
-    def speedup(self) -> float:
+    def mac_reduction(self) -> float:
+        """All MACs (convs and linears) before / after."""
         return self.macs_before / max(self.macs_after, 1)
 
     @property

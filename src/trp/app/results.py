@@ -1,4 +1,4 @@
-"""Result tables across run directories: dense and decomposed accuracy, MACs, speedups.
+"""Result tables across run directories: dense and decomposed accuracy, MACs, MAC reductions.
 
 :func:`collect` reads run directories written by ``trp train`` (``config.json``,
 ``metrics.jsonl``) and the ``decomposed-*.json`` summaries ``trp decompose`` writes next
@@ -90,7 +90,7 @@ class ResultRow:
     """One model in a result table (dense, decomposed, or decomposed and fine-tuned).
 
     ``criterion`` is None for dense rows. MACs and params are of this row's model;
-    speedups are against the dense model of the same run. ``paper_*`` hold the published
+    MAC reductions are against the dense model of the same run. ``paper_*`` hold the published
     number for the same label (``paper_dataset`` says which dataset it is from).
     """
 
@@ -108,10 +108,10 @@ class ResultRow:
     macs: Optional[int]
     conv_macs: Optional[int]
     params: Optional[int]
-    speedup: Optional[float]
-    conv_speedup: Optional[float]
+    mac_reduction: Optional[float]
+    conv_mac_reduction: Optional[float]
     paper_top1: Optional[float] = None
-    paper_speedup: Optional[float] = None
+    paper_mac_reduction: Optional[float] = None
     paper_dataset: Optional[str] = None
     paper_note: str = ""
 
@@ -157,6 +157,11 @@ def _read_summary(path: Path) -> dict:
     return data
 
 
+def _new_or_old(record: dict, key: str, old_key: str) -> Any:
+    """``record[key]``, or ``record[old_key]`` in files written before the key was renamed."""
+    return record[key] if key in record else record.get(old_key)
+
+
 def _num(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -176,9 +181,9 @@ def _add_paper(row: ResultRow) -> None:
     # The paper's TRP numbers are without fine-tuning, and its dense numbers are baselines.
     if row.finetuned or (not row.decomposed and row.method != "baseline"):
         return
-    found = find_paper_result(row.data, row.model, row.label, row.conv_speedup if row.decomposed else None)
+    found = find_paper_result(row.data, row.model, row.label, row.conv_mac_reduction if row.decomposed else None)
     if found is not None:
-        row.paper_top1, row.paper_speedup = found.top1, found.speedup
+        row.paper_top1, row.paper_mac_reduction = found.top1, found.mac_reduction
         row.paper_dataset, row.paper_note = found.dataset, found.note
 
 
@@ -211,7 +216,7 @@ def collect(run_dirs: Sequence[PathLike]) -> list[ResultRow]:
             **base, label=method_label(config), scheme=_cfg(config, "scheme") if method in ("trp", "nuclear") else None,
             criterion=None, finetuned=False, finetune_epochs=None, top1=top1, top5=top5,
             macs=_int(before.get("macs_before")), conv_macs=_int(before.get("conv_macs_before")),
-            params=_int(before.get("params_before")), speedup=1.0, conv_speedup=1.0,
+            params=_int(before.get("params_before")), mac_reduction=1.0, conv_mac_reduction=1.0,
         ))
 
         for path, s in summaries:
@@ -221,8 +226,8 @@ def collect(run_dirs: Sequence[PathLike]) -> list[ResultRow]:
             common = dict(
                 base, label=method_label(config, scheme), scheme=scheme, criterion=str(s["criterion"]),
                 macs=_int(s.get("macs_after")), conv_macs=_int(s.get("conv_macs_after")),
-                params=_int(s.get("params_after")), speedup=_num(s.get("speedup")),
-                conv_speedup=_num(s.get("conv_speedup")),
+                params=_int(s.get("params_after")), mac_reduction=_num(_new_or_old(s, "mac_reduction", "speedup")),
+                conv_mac_reduction=_num(_new_or_old(s, "conv_mac_reduction", "conv_speedup")),
             )
             rows.append(ResultRow(
                 **common, finetuned=False, finetune_epochs=None,
@@ -254,9 +259,9 @@ def _fmt(value: Optional[float], spec: str, suffix: str = "", scale: float = 1.0
 
 
 def _paper_cell(row: ResultRow) -> str:
-    if row.paper_speedup is None:
+    if row.paper_mac_reduction is None:
         return MISSING
-    cell = f"{_fmt(row.paper_top1, '.2f')} @ {row.paper_speedup:.2f}× ({row.paper_dataset}"
+    cell = f"{_fmt(row.paper_top1, '.2f')} @ {row.paper_mac_reduction:.2f}× ({row.paper_dataset}"
     return cell + (f"; {row.paper_note})" if row.paper_note else ")")
 
 
@@ -268,7 +273,7 @@ def _finetune_cell(row: ResultRow) -> str:
 
 MARKDOWN_HEADERS = (
     "label", "scheme", "criterion", "fine-tuned", "top-1", "top-5", "conv MACs", "all MACs",
-    "speedup (conv)", "speedup (all)", "params", "paper (dataset)",
+    "MAC reduction (conv)", "MAC reduction (all)", "params", "paper (dataset)",
 )
 
 
@@ -279,7 +284,7 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
             r.label, r.scheme or MISSING, r.criterion or MISSING, _finetune_cell(r),
             _fmt(r.top1, ".2f"), _fmt(r.top5, ".2f"),
             _fmt(r.conv_macs, ".2f", "M", 1e6), _fmt(r.macs, ".2f", "M", 1e6),
-            _fmt(r.conv_speedup, ".2f", "×"), _fmt(r.speedup, ".2f", "×"),
+            _fmt(r.conv_mac_reduction, ".2f", "×"), _fmt(r.mac_reduction, ".2f", "×"),
             _fmt(r.params, ".3f", "M", 1e6), _paper_cell(r),
         )
         for r in rows
@@ -308,16 +313,16 @@ def _points(diff: float) -> str:
 
 
 def tradeoff_notes(rows: Sequence[ResultRow], tolerance: float = 0.1) -> list[str]:
-    """Sentences comparing each TRP/LoRITa decomposition with decomposed baselines at equal speedup.
+    """Sentences comparing each TRP/LoRITa decomposition with decomposed baselines at equal MAC reduction.
 
     A baseline decomposition (not fine-tuned) of the same model and data counts as equal
-    speedup when its conv speedup is within ``±tolerance`` (relative) of the TRP row's.
+    MAC reduction when its conv MAC reduction is within ``±tolerance`` (relative) of the TRP row's.
     """
     if not tolerance >= 0:
-        raise ValueError(f"tolerance must be >= 0 (a relative speedup difference), got {tolerance}")
+        raise ValueError(f"tolerance must be >= 0 (a relative MAC reduction difference), got {tolerance}")
 
     def usable(r: ResultRow) -> bool:
-        return r.decomposed and not r.finetuned and r.top1 is not None and r.conv_speedup is not None
+        return r.decomposed and not r.finetuned and r.top1 is not None and r.conv_mac_reduction is not None
 
     candidates = [r for r in rows if usable(r) and r.method in ("trp", "lorita")]
     baselines = [r for r in rows if usable(r) and r.method == "baseline"]
@@ -332,24 +337,24 @@ def tradeoff_notes(rows: Sequence[ResultRow], tolerance: float = 0.1) -> list[st
         return r.label if unique else f"{r.label} [{r.criterion}]"
 
     def desc(r: ResultRow) -> str:
-        return f"{name(r)} ({r.top1:.2f}% @ {r.conv_speedup:.2f}×)"
+        return f"{name(r)} ({r.top1:.2f}% @ {r.conv_mac_reduction:.2f}×)"
 
     notes: list[str] = []
     for t in candidates:
         prefix = f"{t.model} on {t.data}: " if len(groups) > 1 else ""
         same = [b for b in baselines if (b.model, b.data) == (t.model, t.data)]
-        near = [b for b in same if abs(b.conv_speedup - t.conv_speedup) <= tolerance * t.conv_speedup]
+        near = [b for b in same if abs(b.conv_mac_reduction - t.conv_mac_reduction) <= tolerance * t.conv_mac_reduction]
         if not near:
             text = (
-                f"{desc(t)}: no decomposed baseline lies within ±{tolerance:.0%} of its conv speedup, "
-                "so there is no comparison at equal speedup"
+                f"{desc(t)}: no decomposed baseline lies within ±{tolerance:.0%} of its conv MAC reduction, "
+                "so there is no comparison at equal MAC reduction"
             )
             if same:
-                nearest = min(same, key=lambda b: abs(b.conv_speedup - t.conv_speedup))
+                nearest = min(same, key=lambda b: abs(b.conv_mac_reduction - t.conv_mac_reduction))
                 text += f" (the nearest is {desc(nearest)})"
             notes.append(prefix + text + ".")
             continue
-        for b in sorted(near, key=lambda b: abs(b.conv_speedup - t.conv_speedup)):
+        for b in sorted(near, key=lambda b: abs(b.conv_mac_reduction - t.conv_mac_reduction)):
             diff = t.top1 - b.top1
             if diff > 0:
                 text = f"{desc(t)} beats {desc(b)} by {_points(diff)} points"

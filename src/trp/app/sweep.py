@@ -1,7 +1,7 @@
 """Criterion sweeps: decompose one model under many rank criteria and measure each result.
 
-Each point of a sweep is the accuracy, MACs, parameters and speedups of the model
-decomposed under one criterion; together they trace the accuracy/speedup trade-off that
+Each point of a sweep is the accuracy, MACs, parameters and MAC reductions of the model
+decomposed under one criterion; together they trace the accuracy/MAC-reduction trade-off that
 :func:`trp.app.plot.plot_tradeoff` draws. Sweeps save to and load from a small JSON file.
 """
 
@@ -26,7 +26,7 @@ from .engine import evaluate
 from ..deploy.io import atomic_write
 from .report import summarize
 
-__all__ = ["SweepPoint", "sweep", "default_criteria", "criterion_spec", "save_sweep", "load_sweep"]
+__all__ = ["SweepPoint", "sweep", "default_criteria", "criterion_spec", "save_sweep", "load_sweep", "point_from_dict"]
 
 PathLike = Union[str, os.PathLike]
 SWEEP_KIND = "trp-sweep"
@@ -36,7 +36,7 @@ _RESERVED = ("kind", "version", "points")
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """The model decomposed under one criterion: accuracy (%), MACs, params, speedups."""
+    """The model decomposed under one criterion: accuracy (%), MACs, params, MAC reductions."""
 
     criterion: str
     top1: float
@@ -44,8 +44,8 @@ class SweepPoint:
     macs: int
     conv_macs: int
     params: int
-    speedup: float
-    conv_speedup: float
+    mac_reduction: float
+    conv_mac_reduction: float
 
 
 def criterion_spec(criterion: Any) -> str:
@@ -68,9 +68,9 @@ def sweep(
 
     ``model`` should already be on ``device``; it is not modified. Criteria are passed to
     :func:`trp.decompose_with_report` as they are. ``on_point`` sees each point as it is
-    measured. A criterion that ``decompose`` rejects with ValueError (say, a speedup the
+    measured. A criterion that ``decompose`` rejects with ValueError (say, a MAC reduction the
     model cannot reach) raises, unless ``on_error(criterion, error)`` is given: then that
-    point is reported there and left out. Returns the points sorted by conv speedup.
+    point is reported there and left out. Returns the points sorted by conv MAC reduction.
     """
     if not criteria:
         raise ValueError("no criteria to sweep: pass at least one, e.g. trp.app.sweep.default_criteria('energy')")
@@ -82,7 +82,7 @@ def sweep(
             warnings.filterwarnings("ignore", message=r"trp\.decompose left \d+ selected layer", category=UserWarning)
             try:
                 result = decompose_with_report(model, scheme, criterion, input_shape=input_shape)
-            except ValueError as err:  # e.g. a target speedup this model cannot reach
+            except ValueError as err:  # e.g. a target MAC reduction this model cannot reach
                 if on_error is None:
                     raise
                 on_error(criterion, err)
@@ -94,16 +94,16 @@ def sweep(
             criterion=criterion_spec(criterion), top1=float(metrics["top1"]),
             top5=float(metrics["top5"]) if "top5" in metrics else None,
             macs=counts.macs_after, conv_macs=counts.conv_macs_after, params=counts.params_after,
-            speedup=counts.speedup, conv_speedup=counts.conv_speedup,
+            mac_reduction=counts.mac_reduction, conv_mac_reduction=counts.conv_mac_reduction,
         )
         points.append(point)
         if on_point is not None:
             on_point(point)
-    return sorted(points, key=lambda p: p.conv_speedup)
+    return sorted(points, key=lambda p: p.conv_mac_reduction)
 
 
 _GRIDS = {
-    # Ordered from light to strong compression, so speedups grow along the list.
+    # Ordered from light to strong compression, so MAC reductions grow along the list.
     "energy": lambda n: [Energy(round(1.0 - v, 4)) for v in _geomspace(0.001, 0.5, n)],
     "value": lambda n: [Value(round(v, 4)) for v in _geomspace(0.01, 0.5, n)],
     "ratio": lambda n: [Ratio(round(v, 4)) for v in _geomspace(0.8, 0.05, n)],
@@ -118,7 +118,7 @@ def _geomspace(start: float, stop: float, n: int) -> list[float]:
 
 
 def default_criteria(kind: str, n: int = 8) -> list[Criterion]:
-    """``n`` criteria of one kind spaced so the speedups spread, from light to strong compression.
+    """``n`` criteria of one kind spaced so the MAC reductions spread, from light to strong compression.
 
     ``energy``: 0.999 down to 0.5 (1 − a geometric grid); ``value``: thresholds 0.01 to 0.5;
     ``ratio``: kept fractions 0.8 down to 0.05 (both geometric).
@@ -146,6 +146,17 @@ def save_sweep(points: Sequence[SweepPoint], path: PathLike, meta: Optional[dict
     return path
 
 
+# Keys of sweep files written when a MAC reduction was called a speedup.
+_OLD_KEYS = {"speedup": "mac_reduction", "conv_speedup": "conv_mac_reduction"}
+
+
+def point_from_dict(d: dict) -> SweepPoint:
+    """A :class:`SweepPoint` from its JSON form (also as written before ``speedup`` became ``mac_reduction``)."""
+    names = {f.name for f in dataclasses.fields(SweepPoint)}
+    d = {_OLD_KEYS.get(k, k): v for k, v in d.items()}
+    return SweepPoint(**{k: v for k, v in d.items() if k in names})
+
+
 def load_sweep(path: PathLike) -> tuple[dict, list[SweepPoint]]:
     """The metadata and points of a sweep file written by :func:`save_sweep`."""
     path = Path(path)
@@ -163,13 +174,12 @@ def load_sweep(path: PathLike) -> tuple[dict, list[SweepPoint]]:
     raw = doc.get("points")
     if not isinstance(raw, list):
         raise ValueError(f"{path} has no list of \"points\": the sweep file is corrupt; run the sweep again")
-    names = {f.name for f in dataclasses.fields(SweepPoint)}
     points = []
     for i, p in enumerate(raw):
         try:
             if not isinstance(p, dict):
                 raise TypeError("not a JSON object")
-            points.append(SweepPoint(**{k: v for k, v in p.items() if k in names}))
+            points.append(point_from_dict(p))
         except TypeError as err:
             raise ValueError(f"{path}: point {i} is malformed ({err}); run the sweep again") from err
     meta = {k: v for k, v in doc.items() if k not in _RESERVED}

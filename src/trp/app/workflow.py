@@ -5,7 +5,7 @@ Each decomposition writes two files next to the run (or model file):
 ``decomposed-<scheme>-<criterion>.safetensors`` (the compact model, :func:`trp.save`
 format) and ``decomposed-<scheme>-<criterion>.json``, a summary that ``trp table``
 collects: top-1/top-5 before and after, MACs (convs only and all), parameters,
-speedups, and the fine-tuned accuracy when ``finetune`` epochs were run (the fine-tune
+MAC reductions, and the fine-tuned accuracy when ``finetune`` epochs were run (the fine-tune
 run directory sits beside it as ``finetune-<scheme>-<criterion>/``).
 """
 
@@ -132,7 +132,7 @@ def decompose_source(
         "macs_before": summary.macs_before, "macs_after": summary.macs_after,
         "conv_macs_before": summary.conv_macs_before, "conv_macs_after": summary.conv_macs_after,
         "params_before": summary.params_before, "params_after": summary.params_after,
-        "speedup": summary.speedup, "conv_speedup": summary.conv_speedup,
+        "mac_reduction": summary.mac_reduction, "conv_mac_reduction": summary.conv_mac_reduction,
         "ranks": {r.name: r.rank for r in report.factorized},
         "finetune": None,
     }

@@ -4,7 +4,8 @@ A per-layer criterion (:class:`trp.Energy`, ...) sees one spectrum at a time. Th
 criteria here see every selected layer together, as :class:`LayerSpectrum` records,
 and return a rank per layer; :func:`trp.decompose` accepts both kinds.
 
-- :class:`TargetSpeedup` ``(x)``: the model's MACs drop by at least ``x`` (and barely more),
+- :class:`TargetSpeedup` ``(x)``: the model's MACs drop by at least ``x`` (and barely more: a MAC
+  reduction of ``x``, not measured time),
   keeping as much spectral energy as possible.
 - :class:`Global` ``(drop=p | speedup=x)``: LoRITa's global selection: each layer's
   singular values divided by its largest, pooled over layers, the smallest fraction dropped.
@@ -98,7 +99,7 @@ def _dense_total(layers: Sequence[LayerSpectrum], fixed: int) -> int:
 
 def _unreachable(what: str, best: float, k: int = 1) -> ValueError:
     return ValueError(
-        f"{what} cannot be reached: rank {k} in every selected layer gives only {best:.2f}x "
+        f"{what} cannot be reached: rank {k} in every selected layer gives a MAC reduction of only {best:.2f}x "
         "(the first conv, 1x1 convs and the last linear stay dense by default); "
         "lower the target or select more layers with layers=..."
     )
@@ -189,7 +190,7 @@ class Global(WholeModelCriterion):
 
     Each layer's spectrum is divided by its largest value; the pooled values below the
     ``drop`` quantile are removed (every layer keeps at least one). Alternatively give
-    ``speedup=x``: the smallest ``drop`` whose MACs are at least ``x`` times lower
+    ``speedup=x``: the smallest ``drop`` whose MACs are at least ``x`` times lower (a MAC reduction)
     (needs ``decompose(..., input_shape=...)``).
     """
 
@@ -199,7 +200,7 @@ class Global(WholeModelCriterion):
         if drop is not None and not (isinstance(drop, (int, float)) and 0.0 <= drop < 1.0):
             raise ValueError(f"Global: drop must lie in [0, 1), got {drop!r}")
         if speedup is not None and not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 1.0):
-            raise ValueError(f"Global: speedup must be a number > 1, got {speedup!r}")
+            raise ValueError(f"Global: speedup must be a number > 1 (a MAC reduction factor), got {speedup!r}")
         self.drop = drop
         self.speedup = speedup
         self.convs_only = convs_only

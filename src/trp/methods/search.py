@@ -4,7 +4,7 @@ Starting from the largest ranks that still save MACs, each round tries shrinking
 layer's rank by ``shrink`` (e.g. 25%), measures the held-out loss of each trial with
 that one layer truncated (the others at their current ranks), and keeps the trial
 that costs the least loss per MAC saved. Rounds continue until the model's MACs are
-``target_speedup`` times lower. Trials swap truncated dense weights in place (the same
+``target_speedup`` times lower (a MAC reduction). Trials swap truncated dense weights in place (the same
 function as the split layers), so no model is rebuilt; the cost is about
 ``rounds × layers`` forward passes over the held-out batches.
 """
@@ -131,7 +131,7 @@ def iterative_rank_search(
         live = {i: v for i, v in scores.items() if v is not None}
         if not live:
             raise ValueError(
-                f"target speedup {target_speedup:g}x cannot be reached: every selected layer is at rank 1 "
+                f"target MAC reduction {target_speedup:g}x cannot be reached: every selected layer is at rank 1 "
                 f"({total_dense / current:.2f}x); select more layers or lower the target"
             )
         i = min(live, key=live.get)
