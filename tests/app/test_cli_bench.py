@@ -128,3 +128,30 @@ def test_decompose_with_the_latency_criterion(files, tmp_path):
         assert json.loads(out.with_suffix(".json").read_text())["criterion"] == "latency:1.2:eager"
     else:
         assert "best reachable speedup" in result.output
+
+
+@pytest.mark.slow
+def test_demo_bench_times_the_splits(cifar10_root, tmp_path, monkeypatch):
+    import dataclasses
+
+    import trp.app.bench as bench
+    import trp.app.demo as demo
+
+    full = bench.bench_models
+    monkeypatch.setattr(bench, "bench_models", lambda *a, **k: full(*a, **{**k, "batches": (1, 2), "repeats": 1,
+                                                                           "warmup": 0}))
+    monkeypatch.setattr(demo, "DEMO_CONFIG", dataclasses.replace(demo.DEMO_CONFIG, data="cifar10", epochs=1,
+                                                                 data_dir=str(cifar10_root), batch_size=25, period=1))
+    monkeypatch.setattr(demo, "DEMO_CRITERION", trp.Ratio(0.3))
+    monkeypatch.setattr(demo, "DEMO_LATENCY", (1.05, "eager", 2))
+    result = invoke("demo", "--out", tmp_path / "demo", "--no-progress", "--bench")
+    assert result.exit_code == 0, result.output
+    measured = json.loads((tmp_path / "demo" / "demo.json").read_text())["measured"]["rows"]
+    assert [m["model"].split(",")[0] for m in measured[:2]] == ["baseline", "TRP+Nu"]
+    text = (tmp_path / "demo" / "demo.md").read_text()
+    assert "Measured speedups" in text
+    # the latency split is there, or the reason it is not
+    assert len(measured) == 3 or "best reachable speedup" in text
+    for m in measured:
+        assert [(r["runtime"], r["batch"]) for r in m["rows"]] == [("eager", 1), ("eager", 2), ("onnxruntime", 1),
+                                                                   ("onnxruntime", 2)]

@@ -484,13 +484,16 @@ def export_cmd(path: Path, onnx_path: Path, batch: int, static_batch: bool, no_f
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool) -> None:
+@click.option("--bench/--no-bench", default=False, show_default=True,
+              help="Also time the splits against the dense models and split the TRP model for a measured 2x "
+                   "(ONNX Runtime, batch 64).")
+def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool, bench: bool) -> None:
     """Train a ResNet-20 baseline and a TRP+Nu model on MNIST-5k, decompose both, compare."""
     from .demo import run_demo
 
     try:
         with progress_bars(not no_progress) as bars:
-            run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line)
+            run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line, bench=bench)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(err)
 
