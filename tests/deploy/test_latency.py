@@ -125,3 +125,21 @@ def test_the_model_keeps_its_mode():
     model = _small_cnn().train()
     measure_latency(model, torch.randn(2, 3, 8, 8), repeats=1, warmup=0)
     assert all(m.training for m in model.modules())
+
+
+def test_the_fastest_runs_give_a_steadier_speedup_on_a_busy_machine():
+    clock = FakeClock()
+    # dense 3 and split 1 when undisturbed; some runs are preempted (+10)
+    costs = iter([3.0, 11.0, 13.0, 1.0, 3.0, 1.0, 13.0, 11.0])
+
+    class Varying(Costly):
+        def forward(self, x):
+            self.cost = next(costs)
+            return super().forward(x)
+
+    c = compare_latency(Varying("A", 0, clock), Varying("B", 0, clock), torch.zeros(1, 4), repeats=4, warmup=0,
+                        timer=clock)
+    assert c.dense.minimum == 3.0 and c.compact.minimum == 1.0
+    assert c.speedup_of_minima == 3.0 and c.speedup_by("min") == 3.0 and c.speedup_by("median") == c.speedup
+    with pytest.raises(ValueError, match="unknown statistic"):
+        c.speedup_by("mean")

@@ -85,6 +85,20 @@ def test_a_damaged_cache_entry_is_measured_again():
         json.loads(next(cache_dir().glob("*.json")).read_text())  # rewritten whole
 
 
+def test_the_statistic_is_part_of_the_key():
+    model, x = _net(), torch.zeros(1, 3, 16, 16)
+    hw = FakeHardware()
+    with hw.running():
+        median = trp.profile_layers(model, x, "channel", runtime="eager", repeats=3, warmup=0, timer=hw)
+        calls = hw.calls
+        fastest = trp.profile_layers(model, x, "channel", runtime="eager", repeats=3, warmup=0, timer=hw,
+                                     statistic="min")
+        assert hw.calls > calls
+    assert fastest.to_dict()["layers"] == median.to_dict()["layers"]  # a steady machine: the same times
+    with pytest.raises(ValueError, match="unknown statistic"):
+        trp.profile_layers(model, x, runtime="eager", statistic="mean")
+
+
 def test_table_round_trips_through_json(tmp_path):
     hw = FakeHardware()
     with hw.running():

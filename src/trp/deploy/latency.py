@@ -30,6 +30,7 @@ from .export import export_onnx, ort_session
 
 __all__ = [
     "RUNTIMES",
+    "STATISTICS",
     "LatencyResult",
     "LatencyComparison",
     "measure_latency",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
+STATISTICS = ("median", "min")
 Inputs = Union[Tensor, Sequence[Tensor]]
 Timer = Callable[[], float]
 
@@ -75,11 +77,22 @@ class LatencyResult:
         return _quartiles(self.samples)[2]
 
     @property
+    def minimum(self) -> float:
+        """The fastest run: the least disturbed by other work on a busy machine."""
+        return min(self.samples)
+
+    @property
     def median_ms(self) -> float:
         return 1000.0 * self.median
 
+    def statistic(self, name: str) -> float:
+        """``"median"`` or ``"min"`` of the samples."""
+        if name not in STATISTICS:
+            raise ValueError(f"unknown statistic {name!r}: choose one of {', '.join(STATISTICS)}")
+        return self.median if name == "median" else self.minimum
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "median": self.median, "q1": self.q1, "q3": self.q3}
+        return {**asdict(self), "median": self.median, "q1": self.q1, "q3": self.q3, "min": self.minimum}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LatencyResult":
@@ -104,6 +117,17 @@ class LatencyComparison:
         return _quartiles(self.ratios)[1]
 
     @property
+    def speedup_of_minima(self) -> float:
+        """Fastest dense run / fastest compact run: steadier than the median where other work preempts runs."""
+        return self.dense.minimum / self.compact.minimum if self.compact.minimum > 0 else float("inf")
+
+    def speedup_by(self, statistic: str) -> float:
+        """:attr:`speedup` for ``"median"``, :attr:`speedup_of_minima` for ``"min"``."""
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
+        return self.speedup if statistic == "median" else self.speedup_of_minima
+
+    @property
     def spread(self) -> tuple[float, float]:
         """First and third quartiles of the per-pair ratios."""
         q1, _, q3 = _quartiles(self.ratios)
@@ -111,7 +135,8 @@ class LatencyComparison:
 
     def to_dict(self) -> dict[str, Any]:
         q1, q3 = self.spread
-        return {"speedup": self.speedup, "speedup_q1": q1, "speedup_q3": q3, "ratios": self.ratios,
+        return {"speedup": self.speedup, "speedup_q1": q1, "speedup_q3": q3, "speedup_of_minima": self.speedup_of_minima,
+                "ratios": self.ratios,
                 "dense": self.dense.to_dict(), "compact": self.compact.to_dict()}
 
 

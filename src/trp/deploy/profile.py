@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from .io import atomic_write
-from .latency import Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version, time_interleaved, torch_threads
+from .latency import STATISTICS, Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version, time_interleaved, torch_threads
 
 __all__ = ["LayerLatency", "LatencyTable", "profile_layers", "default_ranks", "cache_dir"]
 
@@ -233,14 +233,19 @@ def profile_layers(
     warmup: int = 3,
     timer: Optional[Timer] = None,
     cache: bool = True,
+    statistic: str = "median",
 ) -> LatencyTable:
     """Time every target layer dense and split at a grid of ranks, at its real input, in ``runtime``.
 
     ``ranks`` is one list for every layer, a ``{layer name: ranks}`` dict, or None for
-    :func:`default_ranks`. ``layers`` selects targets as in :func:`trp.decompose`. With
+    :func:`default_ranks`. ``layers`` selects targets as in :func:`trp.decompose`. ``statistic``
+    summarizes the timed runs: ``"median"``, or ``"min"`` on a machine busy with other work. With
     ``cache`` (default), measurements are read from and written to :func:`cache_dir`.
     """
     get_scheme(scheme)
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
+    summarize = _median if statistic == "median" else min
     inputs = _as_tuple(example_inputs)
     targets, _ = select_layers(model, layers)
     if not targets:
@@ -251,7 +256,7 @@ def profile_layers(
     with torch_threads(threads) as used:
         setting = {"v": CACHE_VERSION, "device": f"{inputs[0].device.type}: {device_name(inputs[0].device)}",
                    "runtime": runtime, "threads": used, "versions": runtime_version(runtime),
-                   "repeats": repeats, "warmup": warmup}
+                   "repeats": repeats, "warmup": warmup, "statistic": statistic}
         found: dict[str, LayerLatency] = {}
         measured: dict[str, dict[str, Any]] = {}
         for name, module in targets:
@@ -276,8 +281,8 @@ def profile_layers(
                 runs = [make_runner(_Copy(), x, runtime, threads), make_runner(dense, x, runtime, threads)]
                 runs += [make_runner(_randomized(sch.build(module, r)), x, runtime, threads) for r in grid]
                 samples = time_interleaved(runs, repeats, warmup, timer, cuda)
-                value = {"overhead": _median(samples[0]), "dense": _median(samples[1]),
-                         "split": [_median(s) for s in samples[2:]]}
+                value = {"overhead": summarize(samples[0]), "dense": summarize(samples[1]),
+                         "split": [summarize(s) for s in samples[2:]]}
                 _store(key, value, cache)
             measured[memo] = value  # layers of the same geometry are timed once
             found[name] = LayerLatency(name, sch.name, tuple(x.shape), max_rank, value["dense"], grid, value["split"],
@@ -288,6 +293,6 @@ def profile_layers(
             with eval_mode(model):
                 (samples,) = time_interleaved([make_runner(model, inputs, runtime, threads)], repeats, warmup, timer,
                                               cuda)
-            value = {"model": _median(samples)}
+            value = {"model": summarize(samples)}
             _store(model_key, value, cache)
     return LatencyTable(found, value["model"], runtime, setting["device"], used, batch, scheme, setting["versions"])

@@ -27,7 +27,7 @@ from torch import nn
 from ..core.allocation import LayerRanks, LayerSpectrum, WholeModelCriterion, check_round_to, pooled_spectrum
 from ..core.criteria import register_criterion
 from ..core.decompose import decompose
-from .latency import RUNTIMES, Timer, compare_latency
+from .latency import RUNTIMES, STATISTICS, Timer, compare_latency
 from .profile import LatencyTable, profile_layers
 
 __all__ = ["TargetLatency", "Calibration"]
@@ -93,8 +93,10 @@ class TargetLatency(WholeModelCriterion):
     ``calibrate`` is the number of measure-and-adjust rounds (0: trust the table);
     ``round_to=k`` restricts ranks to multiples of ``k`` (None: the profile's rank grid).
     ``monotone`` (default) reads each layer's split times as non-decreasing in the rank (a
-    least-squares fit), which removes timing noise. An unreachable ``x`` raises ValueError
-    stating the best reachable speedup.
+    least-squares fit), which removes timing noise. ``statistic`` reads timed runs by their
+    ``"median"`` (per-pair ratios for the whole model), or by the fastest run (``"min"``) on a
+    machine busy with other work. An unreachable ``x`` raises ValueError stating the best
+    reachable speedup.
     """
 
     needs_input_shape = True
@@ -113,6 +115,7 @@ class TargetLatency(WholeModelCriterion):
         warmup: int = 3,
         timer: Optional[Timer] = None,
         monotone: bool = True,
+        statistic: str = "median",
     ) -> None:
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 1.0:
             raise ValueError(f"TargetLatency: x must be a number > 1 (a measured speedup), got {x!r}")
@@ -139,6 +142,9 @@ class TargetLatency(WholeModelCriterion):
         self.warmup = warmup
         self.timer = timer
         self.monotone = monotone
+        if statistic not in STATISTICS:
+            raise ValueError(f"TargetLatency: unknown statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
+        self.statistic = statistic
         self.history: list[Calibration] = []
         self._model: Optional[tuple[nn.Module, str, Any, Sequence[int]]] = None
 
@@ -156,7 +162,7 @@ class TargetLatency(WholeModelCriterion):
         if self.table is None or self.table.scheme != scheme:
             self.table = profile_layers(model, self._inputs(model, input_shape), scheme, self.runtime, layers=layers,
                                         threads=self.threads, repeats=self.repeats, warmup=self.warmup,
-                                        timer=self.timer)
+                                        timer=self.timer, statistic=self.statistic)
 
     # -- allocation ---------------------------------------------------------------------
     def _options(self, layer: LayerSpectrum, table: LatencyTable) -> list[_Option]:
@@ -231,7 +237,7 @@ class TargetLatency(WholeModelCriterion):
             ranks, _ = self.plan(layers, target)
             compact = decompose(model, scheme, LayerRanks(ranks), selection, input_shape)
             speedup = compare_latency(model, compact, inputs, self.runtime, self.threads, self.repeats,
-                                      self.warmup, self.timer).speedup
+                                      self.warmup, self.timer).speedup_by(self.statistic)
             step = Calibration(target, speedup, dict(ranks))
             self.history.append(step)
             return step
