@@ -20,9 +20,8 @@ from ..core.counting import count_macs
 from ..deploy.fold import fold_batchnorm
 from ..deploy.io import atomic_write
 from ..deploy.latency import RUNTIMES, compare_latency, device_name
-from .report import markdown_table
 
-__all__ = ["parse_list", "bench_models", "bench_table", "bench_source", "BENCH_KIND"]
+__all__ = ["parse_list", "bench_models", "bench_source", "BENCH_KIND"]
 
 BENCH_KIND = "trp-bench"
 
@@ -74,7 +73,8 @@ def bench_models(
             c = compare_latency(folded_dense, folded_compact, x, runtime, threads, repeats, warmup)
             q1, q3 = c.spread
             row = {"runtime": runtime, "batch": batch, "dense_ms": c.dense.median_ms, "compact_ms": c.compact.median_ms,
-                   "speedup": c.speedup, "speedup_q1": q1, "speedup_q3": q3, "threads": c.dense.threads,
+                   "speedup": c.speedup, "speedup_q1": q1, "speedup_q3": q3,
+                   "speedup_of_minima": c.speedup_of_minima, "threads": c.dense.threads,
                    "repeats": repeats}
             rows.append(row)
             if on_row:
@@ -85,16 +85,6 @@ def bench_models(
         "macs_dense": macs_dense, "macs_compact": macs_compact, "mac_reduction": macs_dense / max(macs_compact, 1),
         "rows": rows,
     }
-
-
-def bench_table(record: dict[str, Any]) -> str:
-    """The record as a Markdown table: MAC reduction | runtime | batch | times | measured speedup."""
-    mac = f"{record['mac_reduction']:.2f}x"
-    return markdown_table(
-        ["MAC reduction", "runtime", "batch", "dense (ms)", "split (ms)", "measured speedup", "IQR"],
-        [[mac, r["runtime"], str(r["batch"]), f"{r['dense_ms']:.3f}", f"{r['compact_ms']:.3f}",
-          f"{r['speedup']:.2f}x", f"{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}"] for r in record["rows"]],
-    )
 
 
 def _dense_source(path: Path) -> Optional[Path]:
