@@ -137,3 +137,17 @@ def test_a_table_of_another_setting_is_refused():
         trp.TargetLatency(2.0, table=table, batch_size=64)
     with pytest.raises(ValueError, match="no layer 'zz'"):
         trp.TargetLatency(1.1, table=table).allocate([_spectrum("zz")], 0)
+
+
+def test_a_given_table_must_match_the_scheme_and_a_profiled_one_follows_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
+    table = _table({"2": (10.0, [1], [1.0]), "5": (10.0, [1], [1.0])}, 30.0)
+    with pytest.raises(ValueError, match="times the channel split"):
+        trp.decompose(_net(), "spatial", trp.TargetLatency(1.1, table=table, calibrate=0), input_shape=(1, 3, 16, 16))
+    hw = FakeHardware(overhead=20_000.0)
+    crit = trp.TargetLatency(1.2, runtime="eager", timer=hw, repeats=1, warmup=0, calibrate=0)
+    with hw.running():
+        trp.decompose(_net(), "channel", crit, input_shape=(1, 3, 16, 16))
+        first = crit.table
+        trp.decompose(_net(), "channel", crit, input_shape=(1, 3, 32, 32))
+    assert crit.table is not first and crit.table.layers["2"].input_shape == (1, 16, 32, 32)

@@ -132,6 +132,7 @@ class TargetLatency(WholeModelCriterion):
             raise ValueError(f"TargetLatency: calibrate must be an integer >= 0, got {calibrate!r}")
         self.x = float(x)
         self.table = table
+        self._given_table = table is not None
         self.runtime = runtime
         self.batch_size = batch_size
         self.threads = threads
@@ -159,7 +160,10 @@ class TargetLatency(WholeModelCriterion):
         if input_shape is None:
             raise ValueError(f"{self!r} measures the model: pass input_shape=(1, C, H, W) to trp.decompose")
         self._model = (model, scheme, layers, tuple(input_shape))
-        if self.table is None or self.table.scheme != scheme:
+        if self._given_table and self.table is not None and self.table.scheme != scheme:
+            raise ValueError(f"TargetLatency: the table times the {self.table.scheme} split, but the {scheme} scheme "
+                             "was asked: profile the model with that scheme")
+        if not self._given_table:  # profiled for each model it is used on (from the disk cache when known)
             self.table = profile_layers(model, self._inputs(model, input_shape), scheme, self.runtime, layers=layers,
                                         threads=self.threads, repeats=self.repeats, warmup=self.warmup,
                                         timer=self.timer, statistic=self.statistic)
