@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -27,6 +28,7 @@ from torch import nn
 from ..core.allocation import LayerRanks, LayerSpectrum, WholeModelCriterion, check_round_to, pooled_spectrum
 from ..core.criteria import register_criterion
 from ..core.decompose import decompose
+from .fold import fold_batchnorm
 from .latency import RUNTIMES, STATISTICS, Timer, compare_latency
 from .profile import LatencyTable, profile_layers
 
@@ -47,6 +49,13 @@ class _Option:
     rank: Optional[int]  # None: dense
     time: float  # seconds, the runtime's call overhead removed
     energy: float
+
+
+def _inference_form(model: nn.Module) -> nn.Module:
+    """``model`` with BatchNorm folded, as it is deployed and timed (unfoldable BatchNorms stay, silently)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fold_batchnorm(model)
 
 
 def _nondecreasing(values: list[float]) -> list[float]:
@@ -148,6 +157,7 @@ class TargetLatency(WholeModelCriterion):
         self.statistic = statistic
         self.history: list[Calibration] = []
         self._model: Optional[tuple[nn.Module, str, Any, Sequence[int]]] = None
+        self._folded: Optional[nn.Module] = None
 
     # -- the model being decomposed ---------------------------------------------------
     def _inputs(self, model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
@@ -163,8 +173,10 @@ class TargetLatency(WholeModelCriterion):
         if self._given_table and self.table is not None and self.table.scheme != scheme:
             raise ValueError(f"TargetLatency: the table times the {self.table.scheme} split, but the {scheme} scheme "
                              "was asked: profile the model with that scheme")
+        self._folded = _inference_form(model)
         if not self._given_table:  # profiled for each model it is used on (from the disk cache when known)
-            self.table = profile_layers(model, self._inputs(model, input_shape), scheme, self.runtime, layers=layers,
+            self.table = profile_layers(self._folded, self._inputs(model, input_shape), scheme, self.runtime,
+                                        layers=layers,
                                         threads=self.threads, repeats=self.repeats, warmup=self.warmup,
                                         timer=self.timer, statistic=self.statistic)
 
@@ -239,8 +251,8 @@ class TargetLatency(WholeModelCriterion):
 
         def measure(target: float) -> Calibration:
             ranks, _ = self.plan(layers, target)
-            compact = decompose(model, scheme, LayerRanks(ranks), selection, input_shape)
-            speedup = compare_latency(model, compact, inputs, self.runtime, self.threads, self.repeats,
+            compact = _inference_form(decompose(model, scheme, LayerRanks(ranks), selection, input_shape))
+            speedup = compare_latency(self._folded, compact, inputs, self.runtime, self.threads, self.repeats,
                                       self.warmup, self.timer).speedup_by(self.statistic)
             step = Calibration(target, speedup, dict(ranks))
             self.history.append(step)
@@ -250,6 +262,8 @@ class TargetLatency(WholeModelCriterion):
             top = measure(fastest)
             if top.measured < self.x * (1.0 - self.tolerance):
                 raise self._unreachable(top.measured, "measured with every layer at its fastest measured split")
+            if top.measured <= self.x * (1.0 + self.tolerance):
+                return top.ranks
         target = self._next_target(fastest) if self.history else self.x
         for _ in range(self.calibrate):
             step = measure(target)
