@@ -151,3 +151,11 @@ def test_a_given_table_must_match_the_scheme_and_a_profiled_one_follows_the_mode
         first = crit.table
         trp.decompose(_net(), "channel", crit, input_shape=(1, 3, 32, 32))
     assert crit.table is not first and crit.table.layers["2"].input_shape == (1, 16, 32, 32)
+
+
+def test_unreachable_on_a_fake_machine_states_the_best_speedup(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
+    hw = FakeHardware(overhead=1e9)  # every extra layer call costs more than any saving: no split is faster
+    with hw.running(), pytest.raises(ValueError, match=r"best reachable speedup is about 1\.00x"):
+        trp.decompose(_net(), "channel", trp.TargetLatency(1.5, runtime="eager", timer=hw, repeats=1, warmup=0),
+                      input_shape=(1, 3, 16, 16))
