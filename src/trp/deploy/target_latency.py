@@ -16,6 +16,7 @@ measured speedup lands within ``tolerance`` of ``x``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -25,9 +26,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.allocation import LayerRanks, LayerSpectrum, WholeModelCriterion, check_round_to, pooled_spectrum
+from ..core.allocation import LayerSpectrum, WholeModelCriterion, check_round_to, pooled_spectrum
 from ..core.criteria import register_criterion
-from ..core.decompose import decompose
+from ..core.decompose import apply_recipe
+from ..core.schemes import LowRank
 from .fold import fold_batchnorm
 from .latency import RUNTIMES, STATISTICS, Timer, compare_latency
 from .profile import LatencyTable, profile_layers
@@ -56,6 +58,17 @@ def _inference_form(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fold_batchnorm(model)
+
+
+def _same_structure(model: nn.Module, scheme: str, ranks: dict[str, int]) -> nn.Module:
+    """A copy of ``model`` with the layers in ``ranks`` split (random factors: timing only, no SVD)."""
+    compact = apply_recipe(copy.deepcopy(model), {name: {"scheme": scheme, "rank": r} for name, r in ranks.items()})
+    with torch.no_grad():
+        for m in compact.modules():
+            if isinstance(m, LowRank):
+                for p in m.parameters():
+                    p.normal_(0.0, 0.05)
+    return compact
 
 
 def _nondecreasing(values: list[float]) -> list[float]:
@@ -246,12 +259,12 @@ class TargetLatency(WholeModelCriterion):
             if fastest < self.x:
                 raise self._unreachable(fastest, "predicted from the latency table")
             return self.plan(layers, self.x)[0]
-        model, scheme, selection, input_shape = self._model
+        model, scheme, _, input_shape = self._model
         inputs = self._inputs(model, input_shape)
 
         def measure(target: float) -> Calibration:
             ranks, _ = self.plan(layers, target)
-            compact = _inference_form(decompose(model, scheme, LayerRanks(ranks), selection, input_shape))
+            compact = _inference_form(_same_structure(model, scheme, ranks))
             speedup = compare_latency(self._folded, compact, inputs, self.runtime, self.threads, self.repeats,
                                       self.warmup, self.timer).speedup_by(self.statistic)
             step = Calibration(target, speedup, dict(ranks))
