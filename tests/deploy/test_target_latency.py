@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -159,3 +160,15 @@ def test_unreachable_on_a_fake_machine_states_the_best_speedup(tmp_path, monkeyp
     with hw.running(), pytest.raises(ValueError, match=r"best reachable speedup is about 1\.00x"):
         trp.decompose(_net(), "channel", trp.TargetLatency(1.5, runtime="eager", timer=hw, repeats=1, warmup=0),
                       input_shape=(1, 3, 16, 16))
+
+
+def test_calibration_steps_are_damped_and_bracketed():
+    from trp.deploy.target_latency import Calibration
+
+    crit = trp.TargetLatency(1.5, table=_table({"a": (10.0, [1], [1.0])}, 20.0))
+    crit.history = [Calibration(1.5, 4.0, {})]  # a wild measurement moves the target by 30% at most
+    assert crit._next_target(fastest=10.0) == pytest.approx(1.5 / 1.3)
+    crit.history = [Calibration(1.5, 1.2, {}), Calibration(2.0, 1.8, {})]  # bracketed: interpolate in logs
+    nxt = crit._next_target(fastest=10.0)
+    assert 1.5 < nxt < 2.0
+    assert nxt == pytest.approx(1.5 * (2.0 / 1.5) ** (math.log(1.5 / 1.2) / math.log(1.8 / 1.2)))

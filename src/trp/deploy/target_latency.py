@@ -288,7 +288,8 @@ class TargetLatency(WholeModelCriterion):
         return self._best().ranks
 
     def _next_target(self, fastest: float) -> float:
-        """The next internal target: between the closest measured points around ``x``, else scaled by ``x / measured``."""
+        """The next internal target: between the closest measured points around ``x``, else scaled by ``x / measured``
+        (by at most 30%)."""
         below = [c for c in self.history if c.measured < self.x]
         above = [c for c in self.history if c.measured >= self.x]
         if below and above:
@@ -298,7 +299,9 @@ class TargetLatency(WholeModelCriterion):
                 w = math.log(self.x / lo.measured) / math.log(hi.measured / lo.measured)
                 return math.exp(math.log(lo.target) + w * math.log(hi.target / lo.target))
         last = self.history[-1]
-        return min(max(last.target * self.x / last.measured, 1.0 + 1e-6), fastest)
+        # one noisy measurement must not throw the target far: at most a 30% step per round
+        factor = min(max(self.x / last.measured, 1 / 1.3), 1.3)
+        return min(max(last.target * factor, 1.0 + 1e-6), fastest)
 
     def _best(self) -> Calibration:
         return min(self.history, key=lambda c: abs(math.log(c.measured / self.x)))
