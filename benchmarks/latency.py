@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads [default: the runtime's]")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--calibrate", type=int, default=4, help="TargetLatency's measure-and-adjust rounds")
+    parser.add_argument("--calibrate", type=int, default=5, help="TargetLatency's measure-and-adjust rounds")
     parser.add_argument("--statistic", choices=["median", "min"], default="median",
                         help="how timed runs are read: median (per-pair ratios), or the fastest run (a busy machine)")
     parser.add_argument("--out", default="benchmarks/results/latency", help="output path without suffix")

@@ -131,7 +131,7 @@ class TargetLatency(WholeModelCriterion):
         batch_size: int = 1,
         threads: Optional[int] = None,
         round_to: Optional[int] = None,
-        calibrate: int = 3,
+        calibrate: int = 5,
         tolerance: float = 0.05,
         repeats: int = 20,
         warmup: int = 3,
