@@ -46,6 +46,13 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "export_onnx": ("trp.deploy.export", "export_onnx"),
     "ExportResult": ("trp.deploy.export", "ExportResult"),
     "ort_session": ("trp.deploy.export", "ort_session"),
+    "measure_latency": ("trp.deploy.latency", "measure_latency"),
+    "compare_latency": ("trp.deploy.latency", "compare_latency"),
+    "LatencyResult": ("trp.deploy.latency", "LatencyResult"),
+    "LatencyComparison": ("trp.deploy.latency", "LatencyComparison"),
+    "profile_layers": ("trp.deploy.profile", "profile_layers"),
+    "LatencyTable": ("trp.deploy.profile", "LatencyTable"),
+    "TargetLatency": ("trp.deploy.target_latency", "TargetLatency"),
     "lorita": ("trp.methods.lorita", None),
     "models": ("trp.models", None),
     "data": ("trp.data", None),
@@ -60,6 +67,8 @@ def __getattr__(name: str) -> Any:
         module, attr = _PUBLIC[name]
     except KeyError:
         raise AttributeError(f"module 'trp' has no attribute {name!r}") from None
+    if name == "parse_criterion":  # criterion kinds registered outside trp.core (latency:X)
+        importlib.import_module("trp.deploy.target_latency")
     value = importlib.import_module(module)
     if attr is not None:
         value = getattr(value, attr)
@@ -82,5 +91,8 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .deploy.export import ExportResult, export_onnx, ort_session
     from .deploy.fold import fold_batchnorm
     from .deploy.io import load, save
+    from .deploy.latency import LatencyComparison, LatencyResult, compare_latency, measure_latency
+    from .deploy.profile import LatencyTable, profile_layers
+    from .deploy.target_latency import TargetLatency
     from .methods import lorita
     from .methods.trained_rank import TRP

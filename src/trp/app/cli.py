@@ -338,8 +338,9 @@ def _print_result(result: workflow.DecomposeResult) -> None:
 
 def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[Path], data_dir: Optional[str],
                        evaluate: bool, device: str, no_progress: bool = False, layers: Any = None,
-                       exclude: Optional[list[str]] = None) -> None:
-    """Run each decomposition step on ``source`` and print its tables."""
+                       exclude: Optional[list[str]] = None,
+                       bench: bool = False) -> None:
+    """Run each decomposition step on ``source`` and print its tables (and measured speedups with ``bench``)."""
     if out is not None and len(steps) > 1:
         raise ValueError("--out names one file, but several decompositions were requested")
     for step in steps:
@@ -350,13 +351,31 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
                                                device=device, progress=bars, on_epoch=_epoch_line,
                                                layers=layers, exclude=exclude)
         _print_result(result)
+        if bench:
+            _bench_result(source, result, device)
+
+
+def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -> None:
+    """Time the split model against the dense one (eager and ONNX Runtime, batch 1 and 64); add it to the summary."""
+    import json
+
+    from .bench import bench_models
+
+    dense, spec, _ = workflow.load_source(source, engine.resolve_device(device))
+    record = bench_models(dense, result.report.model, spec.input_shape)
+    _print_bench(record, "measured speedup of the split model")
+    summary = json.loads(result.summary_path.read_text())
+    summary["measured"] = record
+    with atomic_write(result.summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 @main.command(name="decompose")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: the run's scheme, else channel]")
 @click.option("--criterion", default=None, help="Per layer: energy:E, value:T, ratio:P, rank:K; whole model: "
-              "speedup:X, global:P, global-speedup:X (speedup = MAC reduction) [default: the run config's decompose entries, else its target, else value:0.05].")
+              "speedup:X, global:P, global-speedup:X (speedup = MAC reduction), latency:X[:RUNTIME[:BATCH]] "
+              "(measured time, see `trp profile`) [default: the run config's decompose entries, else its target, else value:0.05].")
 @click.option("--target-speedup", type=float, default=None, help="Same as --criterion speedup:X: a whole-model MAC reduction of X (not measured time).")
 @click.option("--finetune", type=int, default=0, show_default=True, help="Fine-tune the compact model for this many epochs.")
 @click.option("--finetune-lr", type=float, default=0.01, show_default=True)
@@ -368,10 +387,13 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
 @click.option("--layers", default=None, help=LAYERS_HELP + " [default: the run's selection]")
 @click.option("--exclude", default=None, help=EXCLUDE_HELP + " [default: the run's]")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--bench/--no-bench", default=False, show_default=True,
+              help="Also measure the split model's speedup (eager and ONNX Runtime, batch 1 and 64; takes a while).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str], target_speedup: Optional[float],
                   finetune: int, finetune_lr: float, recalibrate_bn: int, out: Optional[Path], data_dir: Optional[str], no_eval: bool,
-                  layers: Optional[str], exclude: Optional[str], device: str, no_progress: bool) -> None:
+                  layers: Optional[str], exclude: Optional[str], device: str, bench: bool,
+                  no_progress: bool) -> None:
     """Split a trained model's layers into thin layers and report what it bought."""
     try:
         if criterion and target_speedup:
@@ -390,7 +412,7 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
         for step in steps:
             step.validate()
         run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
-                           parse_patterns(exclude) if exclude is not None else None)
+                           parse_patterns(exclude) if exclude is not None else None, bench)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
         _fail(err)
 
@@ -603,15 +625,101 @@ def export_cmd(path: Path, onnx_path: Path, batch: int, static_batch: bool, no_f
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool) -> None:
+@click.option("--bench/--no-bench", default=False, show_default=True,
+              help="Also time the splits against the dense models and split the TRP model for a measured 2x "
+                   "(ONNX Runtime, batch 64).")
+def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool, bench: bool) -> None:
     """Train a ResNet-20 baseline and a TRP+Nu model on MNIST-5k, decompose both, compare."""
     from .demo import run_demo
 
     try:
         with progress_bars(not no_progress) as bars:
-            run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line)
+            run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line, bench=bench)
     except (ValueError, OSError, FloatingPointError) as err:
         _fail(err)
+
+
+# ------------------------------------------------------------------ bench, profile
+_RUNTIME_HELP = "Comma-separated runtimes: eager, compile, onnxruntime."
+
+
+def _print_bench(record: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    for col in ("MAC reduction", "runtime", "batch", "dense ms", "split ms", "measured speedup", "IQR", "fastest runs"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for r in record["rows"]:
+        table.add_row(f"{record['mac_reduction']:.2f}x", r["runtime"], str(r["batch"]), f"{r['dense_ms']:.3f}",
+                      f"{r['compact_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}",
+                      f"{r['speedup_of_minima']:.2f}x")
+    console.print(table)
+    console.print(f"{record['device']}; {record['rows'][0]['threads'] if record['rows'] else '-'} threads, "
+                  f"{record['rows'][0]['repeats'] if record['rows'] else '-'} timed runs each, random inputs, "
+                  "BatchNorm folded in both models; measured speedup: median of per-pair time ratios (IQR: their "
+                  "quartiles); fastest runs: fastest dense / fastest split run")
+
+
+@main.command(name="bench")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dense", type=click.Path(exists=True, path_type=Path), default=None,
+              help="The dense model (file or run directory) [default: the source in the decomposition summary "
+                   "beside PATH, else the architecture freshly built].")
+@click.option("--runtime", "runtimes", default="eager,onnxruntime", show_default=True, help=_RUNTIME_HELP)
+@click.option("--batch", "batches", default="1,64", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads [default: the runtime's default].")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model and setting.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON file [default: bench-<stem>.json beside PATH].")
+def bench_cmd(path: Path, dense: Optional[Path], runtimes: str, batches: str, threads: Optional[int], repeats: int,
+              warmup: int, out: Optional[Path]) -> None:
+    """Measure how much faster a split model file runs than its dense original (MAC reduction beside it)."""
+    from .bench import bench_source, parse_list
+
+    try:
+        record, saved = bench_source(path, dense, out, runtimes=parse_list(runtimes, str, "--runtime"),
+                                     batches=parse_list(batches, int, "--batch"), threads=threads, repeats=repeats,
+                                     warmup=warmup)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    _print_bench(record, f"{path} against {record['dense']}")
+    console.print(f"saved {saved}")
+
+
+@main.command(name="profile")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: the run's scheme, else channel]")
+@click.option("--runtime", type=click.Choice(["eager", "compile", "onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, default=None, help="Intra-op threads [default: the runtime's default].")
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--no-cache", is_flag=True, help="Measure again instead of reading the cache ($TRP_CACHE_DIR or ~/.cache/trp).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file [default: latency-<scheme>-<runtime>-b<batch>.json beside SOURCE].")
+def profile_cmd(source: Path, scheme: Optional[str], runtime: str, batch: int, threads: Optional[int], repeats: int,
+                no_cache: bool, out: Optional[Path]) -> None:
+    """Time each target layer of a model dense and split at a grid of ranks (the table TargetLatency uses)."""
+    import torch
+
+    from ..deploy.profile import profile_layers
+
+    try:
+        if batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {batch}")
+        model, spec, config = workflow.load_source(source, "cpu")
+        sch = scheme or (config.scheme if config else "channel")
+        x = torch.randn((batch, *spec.input_shape[1:]), generator=torch.Generator().manual_seed(0))
+        table = profile_layers(model, x, sch, runtime, threads=threads, repeats=repeats, cache=not no_cache)
+        base = source if source.is_dir() else source.parent
+        out = out or base / f"latency-{sch}-{runtime}-b{batch}.json"
+        table.save(out)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    shown = Table(title=f"{source}: {sch} split, {runtime}, batch {batch}, {table.threads} threads")
+    for col in ("layer", "input", "dense ms", "fastest split rank", "split ms", "layer speedup"):
+        shown.add_column(col, justify="left" if col in ("layer", "input") else "right")
+    for row in table.rows():
+        shown.add_row(*row)
+    console.print(shown)
+    console.print(f"whole dense model: {1000 * table.model:.3f} ms ({table.device}); saved {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

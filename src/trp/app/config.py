@@ -99,6 +99,7 @@ class DecomposeStep:
     def validate(self) -> None:
         from ..core.criteria import parse_criterion
         from ..core.schemes import get_scheme
+        from ..deploy import target_latency  # noqa: F401  (registers latency:X)
 
         get_scheme(self.scheme)
         if self.criterion.startswith("search:"):

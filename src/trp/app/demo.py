@@ -26,7 +26,7 @@ from .engine import ProgressFactory, Trainer, TrainConfig, evaluate, make_loader
 from ..deploy.io import atomic_write
 from .report import markdown_table, summarize
 
-__all__ = ["DEMO_CONFIG", "DEMO_CRITERION", "run_demo", "match_conv_macs"]
+__all__ = ["DEMO_CONFIG", "DEMO_CRITERION", "DEMO_LATENCY", "run_demo", "match_conv_macs", "measure_demo"]
 
 # The demo's training run (CPU-sized); the TRP run only changes `method`.
 DEMO_CONFIG = TrainConfig(
@@ -36,6 +36,7 @@ DEMO_CONFIG = TrainConfig(
 )
 DEMO_CRITERION: Criterion = Value(0.05)
 BN_BATCHES = 20  # training batches for the re-estimated baseline row
+DEMO_LATENCY = (2.0, "onnxruntime", 64)  # the measured-time split: 2x faster in ONNX Runtime at batch 64
 
 
 def match_conv_macs(
@@ -52,8 +53,12 @@ def run_demo(
     progress: Optional[ProgressFactory] = None,
     log: Callable[[Any], None] = print,
     on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+    bench: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo, write ``demo.json`` and ``demo.md`` to ``out_dir``, return the results."""
+    """Run the demo, write ``demo.json`` and ``demo.md`` to ``out_dir``, return the results.
+
+    With ``bench``, the splits are also timed against their dense models (:func:`measure_demo`).
+    """
     out_dir = Path(out_dir)
     base_cfg = dataclasses.replace(DEMO_CONFIG, seed=seed, epochs=epochs or DEMO_CONFIG.epochs)
     trp_cfg = dataclasses.replace(base_cfg, method="trp")
@@ -120,6 +125,10 @@ def run_demo(
         f"{100 * overhead_share:.1f}% of the rest of its training loop; TRP run / baseline run "
         f"wall time: {wall_ratio:.2f}.\n"
     )
+    if bench:
+        measured, extra = measure_demo(base.model, base_compact, trpt.model, trp_compact, scheme, shape, loader, device, log)
+        results["measured"] = measured
+        text += extra
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "demo.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -127,3 +136,37 @@ def run_demo(
         tmp.write_text(text)
     log(text)
     return results
+
+
+def measure_demo(base: nn.Module, base_compact: nn.Module, trp_model: nn.Module, trp_compact: nn.Module, scheme: str,
+                 shape: tuple[int, ...], loader, device, log: Callable[[Any], None] = print) -> tuple[dict[str, Any], str]:
+    """Measured speedups (eager and ONNX Runtime, batch 1 and 64) of the demo's splits, and the TRP model split
+    with :class:`trp.TargetLatency` (``DEMO_LATENCY``); returns the records and a Markdown section."""
+    from ..deploy.target_latency import TargetLatency
+    from .bench import bench_models
+
+    x, runtime, batch = DEMO_LATENCY
+    splits = [("baseline, decomposed (energy, MAC-matched)", base, base_compact),
+              (f"TRP+Nu, decomposed ({DEMO_CRITERION.spec()})", trp_model, trp_compact)]
+    note = ""
+    log(f"splitting the TRP+Nu model for a measured {x:g}x in {runtime} at batch {batch} (profiling its layers)")
+    try:
+        latency_split = decompose(trp_model, scheme, TargetLatency(x, runtime=runtime, batch_size=batch),
+                                  input_shape=shape)
+        splits.append((f"TRP+Nu, decomposed (latency:{x:g}:{runtime}:{batch})", trp_model, latency_split))
+    except ValueError as err:
+        note = f"\nTargetLatency({x:g}) for the TRP+Nu model: {err}\n"
+    measured = []
+    for name, dense, compact in splits:
+        record = bench_models(dense, compact, shape)
+        record.update(model=name, top1=evaluate(compact, loader, device)["top1"])
+        measured.append(record)
+    cols = [(r["runtime"], r["batch"]) for r in measured[0]["rows"]]
+    table = markdown_table(
+        ["split model", "top-1 (%)", "MAC reduction", *[f"measured speedup, {rt} batch {b}" for rt, b in cols]],
+        [[m["model"], f"{m['top1']:.2f}", f"{m['mac_reduction']:.2f}x",
+          *[f"{r['speedup']:.2f}x" for r in m["rows"]]] for m in measured],
+    )
+    device_line = f"{measured[0]['device']}, {measured[0]['rows'][0]['threads']} threads, BatchNorm folded"
+    return {"rows": measured}, f"\nMeasured speedups ({device_line}):\n\n{table}\n{note}"
+

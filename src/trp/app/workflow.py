@@ -22,6 +22,7 @@ from torch import nn
 from . import engine
 from ..data import DATASET_INFO, get_datasets
 from ..core.criteria import parse_criterion
+from ..deploy import target_latency  # noqa: F401  (registers the latency:X criterion)
 from ..core.decompose import Decomposition, decompose_with_report
 from ..core.layers import LayerSelector
 from ..deploy.batchnorm import recalibrate_batchnorm

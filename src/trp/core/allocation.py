@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["LayerSpectrum", "WholeModelCriterion", "TargetSpeedup", "Global", "LayerRanks", "pooled_spectrum"]
+__all__ = [
+    "LayerSpectrum", "WholeModelCriterion", "TargetSpeedup", "Global", "LayerRanks", "pooled_spectrum",
+    "check_round_to", "round_rank",
+]
 
 
 @dataclass
@@ -68,6 +71,12 @@ class WholeModelCriterion(ABC):
     #: whether :meth:`allocate` needs real MAC counts (``decompose(..., input_shape=...)``)
     needs_input_shape: bool = False
 
+    def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]]) -> None:
+        """Called by :func:`trp.decompose` with the model about to be split, before :meth:`allocate`.
+
+        A criterion that must measure the model (e.g. its latency) does so here; by default nothing.
+        """
+
     @abstractmethod
     def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
         """Rank per layer name; ``fixed_macs`` are the MACs of everything not in ``layers``."""
@@ -88,9 +97,9 @@ def _dense_total(layers: Sequence[LayerSpectrum], fixed: int) -> int:
     return fixed + sum(layer.dense_macs for layer in layers)
 
 
-def _unreachable(what: str, best: float) -> ValueError:
+def _unreachable(what: str, best: float, k: int = 1) -> ValueError:
     return ValueError(
-        f"{what} cannot be reached: rank 1 in every selected layer gives a MAC reduction of only {best:.2f}x "
+        f"{what} cannot be reached: rank {k} in every selected layer gives a MAC reduction of only {best:.2f}x "
         "(the first conv, 1x1 convs and the last linear stay dense by default); "
         "lower the target or select more layers with layers=..."
     )
@@ -104,26 +113,30 @@ class TargetSpeedup(WholeModelCriterion):
     ``MACs(dense) / x`` (the greedy solution of "keep the most energy within the MAC
     budget"), so the MACs land just under the budget even when the weights are exactly
     low rank. ``convs_only`` counts conv
-    MACs only, as the paper does. Needs ``decompose(..., input_shape=...)``.
+    MACs only, as the paper does. ``round_to=k`` keeps ranks that are multiples of ``k``
+    (or a layer's full rank), which runtimes often run faster. Needs
+    ``decompose(..., input_shape=...)``.
     """
 
     needs_input_shape = True
 
-    def __init__(self, x: float, convs_only: bool = False) -> None:
+    def __init__(self, x: float, convs_only: bool = False, round_to: int = 1) -> None:
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 1.0:
             raise ValueError(f"TargetSpeedup: x must be a number > 1 (a MAC reduction factor), got {x!r}")
         self.x = float(x)
         self.convs_only = convs_only
+        self.round_to = check_round_to(round_to)
 
     def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
         dense = _dense_total(layers, fixed_macs)
         budget = dense / self.x
-        ranks = [1] * len(layers)
+        k = self.round_to
+        ranks = [min(k, layer.max_rank) for layer in layers]
         total = _total(layers, ranks, fixed_macs)
         if total > budget:
-            raise _unreachable(f"TargetSpeedup({self.x:g})", dense / total)
-        # Every singular value beyond the first of each layer is an item worth its share of the
-        # layer's energy per MAC; take items best first while they fit. Within a layer the
+            raise _unreachable(f"TargetSpeedup({self.x:g})", dense / total, k)
+        # Every block of k singular values beyond the first block of each layer is an item worth its
+        # share of the layer's energy per MAC; take items best first while they fit. Within a layer the
         # worth never rises with the index, so each layer keeps a prefix; ties (exact zeros of
         # an already low-rank weight) are taken in index order, so the budget is filled.
         items = []
@@ -131,16 +144,18 @@ class TargetSpeedup(WholeModelCriterion):
             energy = pooled_spectrum(layer.sigma).square()
             share = (energy / energy.sum() if energy.sum() > 0 else torch.zeros_like(energy)).tolist()
             per_rank = max(layer.macs(2) - layer.macs(1), 1)
-            items += [(-share[i] / per_rank, i, li) for i in range(1, len(share))]
+            for start in range(ranks[li], len(share), k):
+                stop = min(start + k, len(share))
+                items.append((-sum(share[start:stop]) / ((stop - start) * per_rank), start, li, stop))
         items.sort()
         closed: set[int] = set()
-        for _, i, li in items:
+        for _, _, li, stop in items:
             if li in closed:
                 continue
             layer = layers[li]
-            step = layer.cost(i + 1) - layer.cost(ranks[li])
+            step = layer.cost(stop) - layer.cost(ranks[li])
             if total + step <= budget:
-                ranks[li] = i + 1
+                ranks[li] = stop
                 total += step
             else:
                 closed.add(li)  # its later items cannot be taken without this one
@@ -150,7 +165,24 @@ class TargetSpeedup(WholeModelCriterion):
         return f"speedup:{self.x:g}" + (":convs" if self.convs_only else "")
 
     def __repr__(self) -> str:
-        return f"TargetSpeedup({self.x:g}{', convs_only=True' if self.convs_only else ''})"
+        extra = (", convs_only=True" if self.convs_only else "") + (f", round_to={self.round_to}" if self.round_to > 1 else "")
+        return f"TargetSpeedup({self.x:g}{extra})"
+
+
+def check_round_to(k: Any) -> int:
+    """``k`` when it is a valid rank multiple (an integer >= 1), else ValueError."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"round_to must be an integer >= 1 (ranks become multiples of it), got {k!r}")
+    return k
+
+
+def round_rank(rank: int, k: int, max_rank: int, cost: Optional[Callable[[int], int]] = None,
+               dense_cost: Optional[int] = None) -> int:
+    """``rank`` rounded up to a multiple of ``k`` (at most ``max_rank``), unless that costs the dense MACs or more."""
+    rounded = min(max_rank, -(-rank // k) * k)
+    if cost is not None and dense_cost is not None and cost(rounded) >= dense_cost and cost(rank) < dense_cost:
+        return rank
+    return rounded
 
 
 class Global(WholeModelCriterion):

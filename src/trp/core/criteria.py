@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .allocation import Global, TargetSpeedup
 
-__all__ = ["Criterion", "Energy", "Value", "Ratio", "FixedRank", "parse_criterion"]
+__all__ = ["Criterion", "Energy", "Value", "Ratio", "FixedRank", "parse_criterion", "register_criterion"]
 
 
 class Criterion(ABC):
@@ -154,6 +155,22 @@ _PARSERS = {
 }
 
 
+_EXTRA_HELP: dict[str, str] = {}
+
+
+def register_criterion(kind: str, parser: Callable[[str], Any], usage: str) -> None:
+    """Make ``kind:VALUE`` strings parse with ``parser(VALUE)`` (e.g. ``latency`` from :mod:`trp.deploy`).
+
+    ``usage`` is the form shown in error messages, e.g. ``latency:X``. Kinds built in here
+    cannot be replaced.
+    """
+    kind = kind.strip().lower()
+    if kind in _PARSERS and kind not in _EXTRA_HELP:
+        raise ValueError(f"criterion kind {kind!r} is built in and cannot be registered again")
+    _PARSERS[kind] = parser
+    _EXTRA_HELP[kind] = usage
+
+
 def parse_criterion(text: str):
     """Parse a criterion string.
 
@@ -167,7 +184,8 @@ def parse_criterion(text: str):
     if not sep or kind not in _PARSERS:
         raise ValueError(
             f"criterion {text!r} not understood: use energy:E, value:T, ratio:P, rank:K, "
-            "speedup:X (a MAC reduction), global:P or global-speedup:X (e.g. value:0.05)"
+            "speedup:X (a MAC reduction), global:P, global-speedup:X" + "".join(f", {u}" for u in _EXTRA_HELP.values())
+            + " (e.g. value:0.05)"
         )
     try:
         return _PARSERS[kind](value.strip())

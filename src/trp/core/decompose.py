@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .allocation import LayerSpectrum, WholeModelCriterion
+from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
 from .counting import count_macs, probe_forward
 from .criteria import Criterion, Energy, FixedRank, Value
@@ -189,6 +189,7 @@ def decompose_with_report(
     on_layer: Optional[LayerProgress] = None,
     exclude: Sequence[str] = (),
     example_inputs: Any = None,
+    round_to: int = 1,
 ) -> Decomposition:
     """Like :func:`decompose`, also returning what happened to each selected layer.
 
@@ -198,6 +199,12 @@ def decompose_with_report(
     criterion = Energy(0.9) if criterion is None else criterion
     if not callable(criterion):
         raise ValueError(f"criterion must be a rank criterion such as trp.Energy(0.9), got {criterion!r}")
+    check_round_to(round_to)
+    if round_to > 1 and isinstance(criterion, WholeModelCriterion):
+        raise ValueError(
+            f"round_to applies to per-layer criteria; a whole-model criterion keeps its budget only when it "
+            f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetSpeedup(x, round_to={round_to}))"
+        )
     new = copy.deepcopy(model)
     converted = convert_attention(new)
     targets, skipped = select_layers(new, layers, exclude, scheme)
@@ -223,6 +230,8 @@ def decompose_with_report(
     check_inputs = _verification_inputs(new, input_shape, example_inputs)
     if check_inputs is not None:
         dense_output, layer_inputs = record_layer_inputs(new, dict(targets), check_inputs)
+    if whole:
+        criterion.prepare(model, scheme, layers, input_shape)
 
     # Pass 1: spectra and MAC costs of every target.
     # Large layers under a per-layer criterion get only the top of their spectrum (core.svd.top_svd).
@@ -254,7 +263,14 @@ def decompose_with_report(
         counted_names = {sp.name for sp in spectra}
         ranks.update({e[0]: int(e[3][1].shape[-1]) for e in entries if e[0] not in counted_names})
     else:
-        ranks = {name: _kept_rank(criterion, rank_spectra.get(name, svd[1])) for name, _, _, svd, _, _ in entries}
+        ranks = {}
+        for name, module, sch, svd, out_hw, in_hw in entries:
+            rank = _kept_rank(criterion, rank_spectra.get(name, svd[1]))
+            if round_to > 1:
+                rank = round_rank(rank, round_to, int(svd[1].shape[-1]),
+                                  functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw),
+                                  sch.macs(module, None, out_hw, in_hw))
+            ranks[name] = rank
 
     # Pass 3: factorize where MACs drop.
     split: dict[str, tuple[nn.Module, Tensor, LayerReport]] = {}
@@ -352,6 +368,7 @@ def decompose(
     *,
     exclude: Sequence[str] = (),
     example_inputs: Any = None,
+    round_to: int = 1,
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
 
@@ -366,10 +383,12 @@ def decompose(
     output pixel. With ``example_inputs`` (a tensor, a tuple of inputs or a dict of keyword
     inputs) or ``input_shape`` (random inputs of that shape), the split model is checked
     against the dense one before it is returned; a split that is not exact raises
-    RuntimeError naming the layer. The input model is not modified.
+    RuntimeError naming the layer. ``round_to=k`` rounds a per-layer criterion's ranks up to
+    multiples of ``k`` where that keeps the split cheaper than the dense layer (whole-model
+    criteria take their own ``round_to``). The input model is not modified.
     """
     return decompose_with_report(model, scheme, criterion, layers, input_shape, exclude=exclude,
-                                 example_inputs=example_inputs).model
+                                 example_inputs=example_inputs, round_to=round_to).model
 
 
 def fit_criterion(

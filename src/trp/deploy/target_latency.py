@@ -1,0 +1,351 @@
+"""``TargetLatency(x)``: ranks chosen from measured layer latencies so the model runs ``x`` times faster.
+
+The whole-model counterpart of :class:`trp.TargetSpeedup` for time instead of MACs. From a
+:class:`~trp.deploy.profile.LatencyTable` (measured by :func:`trp.profile_layers`, or here
+when none is given) each layer has options: dense, or split at a measured rank whose split
+is measured faster than the dense layer and has fewer MACs. Starting from every layer's
+fastest option, options are upgraded best spectral energy per millisecond first (along
+each layer's upper convex hull of energy against time) while the predicted model time stays
+within ``T_model / x``; a layer whose split is never faster stays dense. Per-layer times do
+not add up exactly to the model's, so by default the split model is then measured against
+the dense one and the internal target adjusted a few times (``calibrate``) until the
+measured speedup lands within ``tolerance`` of ``x``.
+
+``latency:X[:RUNTIME[:BATCH]]`` is registered as a ``--criterion`` string.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..core.allocation import LayerSpectrum, WholeModelCriterion, check_round_to, pooled_spectrum
+from ..core.criteria import register_criterion
+from ..core.decompose import apply_recipe
+from ..core.schemes import LowRank
+from .fold import fold_batchnorm
+from .latency import RUNTIMES, STATISTICS, Timer, compare_latency
+from .profile import LatencyTable, profile_layers
+
+__all__ = ["TargetLatency", "Calibration"]
+
+
+@dataclass
+class Calibration:
+    """One calibration step: the internal target used, and the speedup then measured (the first, 1x, is the dense model)."""
+
+    target: float
+    measured: float
+    ranks: dict[str, int]
+
+
+@dataclass
+class _Option:
+    rank: Optional[int]  # None: dense
+    time: float  # seconds, the runtime's call overhead removed
+    energy: float
+
+
+def _inference_form(model: nn.Module) -> nn.Module:
+    """``model`` with BatchNorm folded, as it is deployed and timed (unfoldable BatchNorms stay, silently)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fold_batchnorm(model)
+
+
+def _same_structure(model: nn.Module, scheme: str, ranks: dict[str, int]) -> nn.Module:
+    """A copy of ``model`` with the layers in ``ranks`` split (random factors: timing only, no SVD)."""
+    compact = apply_recipe(copy.deepcopy(model), {name: {"scheme": scheme, "rank": r} for name, r in ranks.items()})
+    with torch.no_grad():
+        for m in compact.modules():
+            if isinstance(m, LowRank):
+                for p in m.parameters():
+                    p.normal_(0.0, 0.05)
+    return compact
+
+
+def _nondecreasing(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators): timing noise removed."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    out: list[float] = []
+    for total, count in blocks:
+        out += [total / count] * int(count)
+    return out
+
+
+def _hull(options: list[_Option]) -> list[_Option]:
+    """The options on the upper convex hull of energy against time, fastest first."""
+    options = sorted(options, key=lambda o: (o.time, -o.energy))
+    kept: list[_Option] = []
+    for o in options:  # drop options dominated by a faster one with as much energy
+        if kept and o.energy <= kept[-1].energy:
+            continue
+        kept.append(o)
+    hull: list[_Option] = []
+    for o in kept:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or under the segment a->o: remove it
+            if (b.energy - a.energy) * (o.time - a.time) <= (o.energy - a.energy) * (b.time - a.time):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+class TargetLatency(WholeModelCriterion):
+    """Ranks whose split model is measured ``x`` times faster than the dense one, keeping the most energy.
+
+    ``table`` is a :class:`~trp.deploy.profile.LatencyTable` of the model (else the model is
+    profiled in ``runtime`` at ``batch_size`` when :func:`trp.decompose` runs, cached on disk).
+    ``calibrate`` is the number of measure-and-adjust rounds (0: trust the table);
+    ``round_to=k`` restricts ranks to multiples of ``k`` (None: the profile's rank grid).
+    ``monotone`` (default) reads each layer's split times as non-decreasing in the rank (a
+    least-squares fit), which removes timing noise. ``statistic`` reads timed runs by their
+    ``"median"`` (per-pair ratios for the whole model), or by the fastest run (``"min"``) on a
+    machine busy with other work. An unreachable ``x`` raises ValueError stating the best
+    reachable speedup.
+    """
+
+    needs_input_shape = True
+
+    def __init__(
+        self,
+        x: float,
+        table: Optional[LatencyTable] = None,
+        runtime: str = "onnxruntime",
+        batch_size: int = 1,
+        threads: Optional[int] = None,
+        round_to: Optional[int] = None,
+        calibrate: int = 5,
+        tolerance: float = 0.05,
+        repeats: int = 20,
+        warmup: int = 3,
+        timer: Optional[Timer] = None,
+        monotone: bool = True,
+        statistic: str = "median",
+    ) -> None:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 1.0:
+            raise ValueError(f"TargetLatency: x must be a number > 1 (a measured speedup), got {x!r}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"TargetLatency: unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"TargetLatency: batch_size must be an integer >= 1, got {batch_size!r}")
+        if table is not None and (table.runtime, table.batch_size) != (runtime, batch_size):
+            raise ValueError(
+                f"TargetLatency: the table was measured in {table.runtime} at batch {table.batch_size}, but "
+                f"runtime={runtime!r}, batch_size={batch_size} were asked: give the table's setting or profile again"
+            )
+        if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
+            raise ValueError(f"TargetLatency: calibrate must be an integer >= 0, got {calibrate!r}")
+        self.x = float(x)
+        self.table = table
+        self._given_table = table is not None
+        self.runtime = runtime
+        self.batch_size = batch_size
+        self.threads = threads
+        self.round_to = None if round_to is None else check_round_to(round_to)
+        self.calibrate = calibrate
+        self.tolerance = tolerance
+        self.repeats = repeats
+        self.warmup = warmup
+        self.timer = timer
+        self.monotone = monotone
+        if statistic not in STATISTICS:
+            raise ValueError(f"TargetLatency: unknown statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
+        self.statistic = statistic
+        self.history: list[Calibration] = []
+        self._model: Optional[tuple[nn.Module, str, Any, Sequence[int]]] = None
+        self._folded: Optional[nn.Module] = None
+
+    # -- the model being decomposed ---------------------------------------------------
+    def _inputs(self, model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn((self.batch_size, *input_shape[1:]), generator=gen).to(device)
+
+    def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]]) -> None:
+        if input_shape is None:
+            raise ValueError(f"{self!r} measures the model: pass input_shape=(1, C, H, W) to trp.decompose")
+        self._model = (model, scheme, layers, tuple(input_shape))
+        if self._given_table and self.table is not None and self.table.scheme != scheme:
+            raise ValueError(f"TargetLatency: the table times the {self.table.scheme} split, but the {scheme} scheme "
+                             "was asked: profile the model with that scheme")
+        self._folded = _inference_form(model)
+        if not self._given_table:  # profiled for each model it is used on (from the disk cache when known)
+            self.table = profile_layers(self._folded, self._inputs(model, input_shape), scheme, self.runtime,
+                                        layers=layers,
+                                        threads=self.threads, repeats=self.repeats, warmup=self.warmup,
+                                        timer=self.timer, statistic=self.statistic)
+
+    # -- allocation ---------------------------------------------------------------------
+    def _options(self, layer: LayerSpectrum, table: LatencyTable) -> list[_Option]:
+        if layer.name not in table.layers:
+            raise ValueError(f"TargetLatency: the latency table has no layer {layer.name!r}: profile this model "
+                             "with the same layer selection (trp.profile_layers(..., layers=...))")
+        lat = table.layers[layer.name]
+        if self.monotone:
+            lat = dataclasses.replace(lat, split=_nondecreasing([t for _, t in sorted(zip(lat.ranks, lat.split))]),
+                                      ranks=sorted(lat.ranks))
+        energy = pooled_spectrum(layer.sigma).square()
+        total = float(energy.sum())
+        cum = (energy.cumsum(0) / total).tolist() if total > 0 else [1.0] * len(energy)
+        dense = lat.dense - lat.overhead
+        options = [_Option(None, dense, 1.0)]
+        if self.round_to is None:
+            ranks = [(r, t) for r, t in zip(lat.ranks, lat.split)]
+        else:
+            k, top = self.round_to, max(lat.ranks)
+            ranks = [(r, lat.split_time(r)) for r in range(k, top + 1, k)]
+        for rank, t in ranks:
+            if rank <= layer.max_rank and layer.macs(rank) < layer.dense_macs and t - lat.overhead < dense:
+                options.append(_Option(rank, t - lat.overhead, cum[rank - 1]))
+        return _hull(options)
+
+    def plan(self, layers: Sequence[LayerSpectrum], x: Optional[float]) -> tuple[dict[str, int], float]:
+        """Ranks (dense layers left out) predicted to run within ``T_model / x``, and the predicted speedup.
+
+        ``x=None`` gives the fastest plan.
+        """
+        table = self.table
+        if table is None:
+            raise ValueError("TargetLatency needs a latency table: pass table=trp.profile_layers(...), or use it "
+                             "through trp.decompose(..., input_shape=...) so that it profiles the model")
+        hulls = [self._options(layer, table) for layer in layers]
+        dense_sum = sum(table.layers[layer.name].dense - table.layers[layer.name].overhead for layer in layers)
+        rest = table.model - dense_sum  # everything that is not a target layer
+        chosen = [0] * len(hulls)
+        used = sum(h[0].time for h in hulls)
+        allowed = used if x is None else table.model / x - rest
+        if used > allowed * (1 + 1e-9):
+            raise self._unreachable(table.model / max(rest + used, 1e-12), "predicted from the latency table")
+        segments = []
+        for li, h in enumerate(hulls):
+            for j in range(1, len(h)):
+                dt, de = h[j].time - h[j - 1].time, h[j].energy - h[j - 1].energy
+                segments.append((-de / max(dt, 1e-15), j, li))
+        segments.sort()
+        closed: set[int] = set()
+        for _, j, li in segments:
+            if li in closed:
+                continue
+            step = hulls[li][j].time - hulls[li][chosen[li]].time
+            if used + step <= allowed:
+                chosen[li], used = j, used + step
+            else:
+                closed.add(li)
+        ranks = {layer.name: h[c].rank for layer, h, c in zip(layers, hulls, chosen) if h[c].rank is not None}
+        return ranks, table.model / max(rest + used, 1e-12)
+
+    def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
+        self.history = []
+        fastest = self._reachable(layers)
+        if self._model is None or self.calibrate == 0:
+            if fastest < self.x:
+                raise self._unreachable(fastest, "predicted from the latency table")
+            return self.plan(layers, self.x)[0]
+        model, scheme, _, input_shape = self._model
+        inputs = self._inputs(model, input_shape)
+
+        def measure(target: float) -> Calibration:
+            ranks, _ = self.plan(layers, target)
+            compact = _inference_form(_same_structure(model, scheme, ranks))
+            speedup = compare_latency(self._folded, compact, inputs, self.runtime, self.threads, self.repeats,
+                                      self.warmup, self.timer).speedup_by(self.statistic)
+            step = Calibration(target, speedup, dict(ranks))
+            self.history.append(step)
+            return step
+
+        # Two anchors before any search: the dense model (1x, no measurement needed) and the fastest plan,
+        # measured; the table's own scale may be off (per-layer times do not add up to the model's).
+        self.history.append(Calibration(1.0, 1.0, {}))
+        top = measure(fastest)
+        if top.measured < self.x * (1.0 - self.tolerance):
+            raise self._unreachable(top.measured, "measured with every layer at its fastest measured split")
+        if abs(top.measured / self.x - 1.0) <= self.tolerance:
+            return top.ranks
+        target = self._next_target(fastest)
+        for _ in range(self.calibrate):
+            step = measure(target)
+            if abs(step.measured / self.x - 1.0) <= self.tolerance:
+                break
+            target = self._next_target(fastest)
+            if any(abs(c.target / target - 1.0) < 1e-3 for c in self.history):
+                break  # no new plan to try
+        return self._best().ranks
+
+    def _next_target(self, fastest: float) -> float:
+        """The next internal target: between the closest measured points around ``x``, else scaled by ``x / measured``
+        (by at most 30%)."""
+        below = [c for c in self.history if c.measured < self.x]
+        above = [c for c in self.history if c.measured >= self.x]
+        if below and above:
+            lo = max(below, key=lambda c: c.measured)
+            hi = min(above, key=lambda c: c.measured)
+            if hi.measured > lo.measured:
+                w = math.log(self.x / lo.measured) / math.log(hi.measured / lo.measured)
+                return math.exp(math.log(lo.target) + w * math.log(hi.target / lo.target))
+        last = self.history[-1]
+        # one noisy measurement must not throw the target far: at most a 30% step per round
+        factor = min(max(self.x / last.measured, 1 / 1.3), 1.3)
+        return min(max(last.target * factor, 1.0 + 1e-6), fastest)
+
+    def _best(self) -> Calibration:
+        return min(self.history, key=lambda c: abs(math.log(c.measured / self.x)))
+
+    def _unreachable(self, best: float, how: str) -> ValueError:
+        assert self.table is not None
+        return ValueError(
+            f"TargetLatency({self.x:g}) cannot be reached in {self.table.runtime} at batch {self.table.batch_size}: "
+            f"the best reachable speedup is about {best:.2f}x ({how}); lower the target or select more layers"
+        )
+
+    def _reachable(self, layers: Sequence[LayerSpectrum]) -> float:
+        """The largest target the latency table allows (every layer at its fastest option)."""
+        return self.plan(layers, None)[1]
+
+    @property
+    def measured(self) -> Optional[float]:
+        """The measured speedup of the ranks last returned (after calibration), or None."""
+        if not self.history:
+            return None
+        return min(self.history, key=lambda c: abs(math.log(c.measured / self.x))).measured
+
+    def spec(self) -> str:
+        text = f"latency:{self.x:g}"
+        if self.runtime != "onnxruntime" or self.batch_size != 1:
+            text += f":{self.runtime}"
+        if self.batch_size != 1:
+            text += f":{self.batch_size}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"TargetLatency({self.x:g}, runtime={self.runtime!r}, batch_size={self.batch_size})"
+
+
+def _parse(value: str) -> TargetLatency:
+    parts = value.split(":")
+    if len(parts) > 3:
+        raise ValueError(f"latency criterion takes latency:X[:RUNTIME[:BATCH]], got latency:{value}")
+    x = float(parts[0])
+    runtime = parts[1] if len(parts) > 1 and parts[1] else "onnxruntime"
+    batch = int(parts[2]) if len(parts) > 2 else 1
+    return TargetLatency(x, runtime=runtime, batch_size=batch)
+
+
+register_criterion("latency", _parse, "latency:X[:RUNTIME[:BATCH]]")
