@@ -554,23 +554,12 @@ def make_target(config: TrainConfig, model: nn.Module, input_shape: tuple[int, .
         return TargetSpeedup(config.target_speedup)
     if config.target_latency is None:
         return None
-    import importlib
+    from ..deploy.profile import profile_layers
+    from ..deploy.target_latency import TargetLatency
 
-    # trp.TargetLatency and trp.profile_layers come from trp.deploy (measured latency); looked up on the
-    # package so that a build without them gives a clear error rather than an ImportError.
-    package = importlib.import_module("trp")
-    criterion = getattr(package, "TargetLatency", None)
-    if criterion is None:
-        raise ValueError(
-            "--target-latency needs trp.TargetLatency (the measured-latency criterion), which this build of trp "
-            "lacks; use --target-speedup X (MAC reduction) instead"
-        )
-    profile = getattr(package, "profile_layers", None)
     try:
-        if profile is None:
-            return criterion(config.target_latency)
         example = torch.zeros(input_shape, device=device)
-        return criterion(config.target_latency, table=profile(model, example, config.scheme))
+        return TargetLatency(config.target_latency, table=profile_layers(model, example, config.scheme))
     except TypeError as err:
         raise ValueError(f"--target-latency could not build trp.TargetLatency({config.target_latency:g}): {err}") from err
 

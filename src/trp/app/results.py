@@ -400,7 +400,7 @@ def seed_table(rows: Sequence[ResultRow]) -> Optional[str]:
         if len(seeds) < 2:
             continue
         accs = [r.top1 for _, r in sorted(members, key=lambda m: (m[0] is None, m[0]))]
-        reductions = [r.speedup for _, r in members if r.speedup is not None]
+        reductions = [r.mac_reduction for _, r in members if r.mac_reduction is not None]
         table.append((
             key[0], key[2], key[4] or MISSING, _finetune_cell(members[0][1]), ", ".join(map(str, seeds)),
             f"{sum(accs) / len(accs):.2f}", ", ".join(f"{a:.2f}" for a in accs), f"{max(accs) - min(accs):.2f}",
