@@ -11,11 +11,13 @@ from typing import Callable, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion
-from .counting import count_macs, probe_forward
+from .counting import MacCount, count_macs, mac_breakdown, probe_forward
 from .criteria import Criterion, Energy
+from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, select_layers, set_module
 from .schemes import LowRank, get_scheme, scheme_for
 from .svd import checked_svd
+from .wrappers import unwrap
 
 __all__ = [
     "LayerReport",
@@ -51,6 +53,9 @@ class Decomposition:
 
     model: nn.Module
     layers: list[LayerReport] = field(default_factory=list)
+    #: whole-model and per-layer MACs before / after (when inputs were given)
+    macs_before: Optional[MacCount] = None
+    macs_after: Optional[MacCount] = None
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -62,9 +67,13 @@ class Decomposition:
 
 
 def trace_sizes(
-    model: nn.Module, modules: Sequence[nn.Module], input_shape: Sequence[int]
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    input_shape: Optional[Sequence[int]] = None,
+    *,
+    example_inputs: Optional[ExampleInputs] = None,
 ) -> dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]]:
-    """Per-sample ``(out_hw, in_hw)`` of each module for one forward pass at ``input_shape``.
+    """Per-sample ``(out_hw, in_hw)`` of each module for one forward pass on the given inputs.
 
     For a Linear, ``out_hw`` is ``(positions, 1)``: how many vectors it is applied to.
     """
@@ -79,7 +88,7 @@ def trace_sizes(
             positions = output.numel() // (module.out_features * batch)
             sizes[module] = ((positions, 1), (positions, 1))
 
-    probe_forward(model, input_shape, {m: hook for m in modules})
+    probe_forward(model, model_inputs(model, input_shape, example_inputs), {m: hook for m in modules})
     return sizes
 
 
@@ -98,13 +107,20 @@ def decompose_with_report(
     criterion: Optional[RankCriterion] = None,
     layers: LayerSelector = None,
     input_shape: Optional[Sequence[int]] = None,
+    *,
+    example_inputs: Optional[ExampleInputs] = None,
 ) -> Decomposition:
-    """Like :func:`decompose`, also returning what happened to each selected layer."""
+    """Like :func:`decompose`, also returning what happened to each selected layer.
+
+    With inputs, the report also holds the MACs before and after (:class:`~trp.core.counting.MacCount`).
+    """
     get_scheme(scheme)  # unknown scheme -> ValueError before any work
     criterion = Energy(0.9) if criterion is None else criterion
     if not callable(criterion):
         raise ValueError(f"criterion must be a rank criterion such as trp.Energy(0.9), got {criterion!r}")
-    new = copy.deepcopy(model)
+    has_inputs = inputs_given(input_shape, example_inputs)
+    new = copy.deepcopy(unwrap(model))
+    inputs = model_inputs(new, input_shape, example_inputs) if has_inputs else None
     targets, skipped = select_layers(new, layers)
     report = Decomposition(new)
     for name, reason in skipped:
@@ -118,9 +134,13 @@ def decompose_with_report(
             + ". Pass layers=[names] or a predicate to choose layers explicitly."
         )
     whole = isinstance(criterion, WholeModelCriterion)
-    if whole and criterion.needs_input_shape and input_shape is None:
-        raise ValueError(f"{criterion!r} counts the model's MACs: pass input_shape=(1, C, H, W)")
-    sizes = trace_sizes(new, [m for _, m in targets], input_shape) if input_shape else {}
+    if whole and criterion.needs_input_shape and inputs is None:
+        raise ValueError(
+            f"{criterion!r} counts the model's MACs: pass input_shape=(1, C, H, W) or example_inputs"
+        )
+    sizes = trace_sizes(new, [m for _, m in targets], inputs) if inputs is not None else {}
+    if inputs is not None:
+        report.macs_before = mac_breakdown(new, inputs)
 
     # Pass 1: spectra and MAC costs of every target.
     entries = []
@@ -135,13 +155,16 @@ def decompose_with_report(
         convs_only = getattr(criterion, "convs_only", False)
         counted = [e for e in entries if not (convs_only and not isinstance(e[1], nn.Conv2d))]
         spectra = [
-            LayerSpectrum(name, svd[1], sch.macs(module, None, out_hw, in_hw),
-                          functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw))
+            LayerSpectrum(name, svd[1], *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs))
             for name, module, sch, svd, out_hw, in_hw in counted
         ]
         fixed = 0
-        if input_shape is not None:
-            fixed = count_macs(new, input_shape, convs_only=convs_only) - sum(sp.dense_macs for sp in spectra)
+        if report.macs_before is not None:
+            # Budgets are of the whole model: everything outside the counted layers is fixed.
+            before = report.macs_before
+            whole_count = before.total if not convs_only else sum(
+                c for n, c in before.layers.items() if isinstance(new.get_submodule(n), nn.Conv2d))
+            fixed = whole_count - sum(sp.dense_macs for sp in spectra)
         ranks = criterion.allocate(spectra, fixed)
         # With convs_only, linears are outside the budget: they keep full rank (stay dense).
         counted_names = {sp.name for sp in spectra}
@@ -170,6 +193,8 @@ def decompose_with_report(
             entry.macs_after = before
         report.layers.append(entry)
 
+    if inputs is not None:
+        report.macs_after = mac_breakdown(new, inputs)
     if skipped:
         warnings.warn(
             f"trp.decompose left {len(skipped)} selected layer(s) dense: "
@@ -185,6 +210,8 @@ def decompose(
     criterion: Optional[RankCriterion] = None,
     layers: LayerSelector = None,
     input_shape: Optional[Sequence[int]] = None,
+    *,
+    example_inputs: Optional[ExampleInputs] = None,
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
 
@@ -192,11 +219,34 @@ def decompose(
     ``in→r→out`` under any scheme. ``criterion`` (default ``Energy(0.9)``) picks each
     layer's rank from its spectrum, or, for a whole-model criterion such as
     ``TargetSpeedup(3.0)`` (:mod:`trp.core.allocation`), all ranks at once. ``layers`` is None (see :mod:`trp.core.layers`), a list of
-    module names, or a predicate ``(name, module) -> bool``. ``input_shape`` makes the
-    MAC comparison exact (it matters for the spatial scheme); without it costs are per
-    output pixel. The input model is not modified.
+    module names, or a predicate ``(name, module) -> bool``. ``input_shape`` (float zeros)
+    or ``example_inputs`` (a tensor, a tuple of tensors, or a dict of tensors such as
+    ``{"input_ids": ids}``) make the MAC comparison exact (it matters for the spatial
+    scheme); without them costs are per output pixel. The input model is not modified; a
+    DistributedDataParallel, DataParallel or ``torch.compile`` wrapper is removed (the
+    result is the plain model inside, decomposed).
     """
-    return decompose_with_report(model, scheme, criterion, layers, input_shape).model
+    return decompose_with_report(model, scheme, criterion, layers, input_shape, example_inputs=example_inputs).model
+
+
+def _layer_costs(sch, module: nn.Module, out_hw, in_hw, counted: Optional[MacCount], name: str, inputs):
+    """``(dense MACs, MACs at rank r)`` of a target for one forward pass on the inputs.
+
+    The scheme gives per-sample costs of one call; they are scaled to what the layer
+    really costs in the pass (batch, and every call of a layer used twice) from the
+    per-layer figures; a layer those do not cover is scaled by the batch size.
+    """
+    per_sample = sch.macs(module, None, out_hw, in_hw)
+    if counted is None:
+        return per_sample, functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw)
+    total = counted.layers.get(name)
+    if total is None:
+        total = per_sample * inputs.batch_size
+
+    def macs(rank: int) -> int:
+        return sch.macs(module, rank, out_hw, in_hw) * total // max(per_sample, 1)
+
+    return total, macs
 
 
 def fit_criterion(
@@ -204,29 +254,34 @@ def fit_criterion(
     scheme: str,
     make_criterion: Callable[[float], RankCriterion],
     budget: int,
-    input_shape: Sequence[int],
+    input_shape: Optional[Sequence[int]] = None,
     convs_only: bool = False,
     lo: float = 0.0,
     hi: float = 1.0,
     steps: int = 14,
+    *,
+    example_inputs: Optional[ExampleInputs] = None,
 ) -> tuple[float, nn.Module]:
     """The largest ``t`` in ``(lo, hi)`` (by bisection) whose ``make_criterion(t)`` split has MACs <= ``budget``.
 
     For a criterion that keeps more as ``t`` grows (``Energy``, ``Ratio``). Returns ``t`` and
     the decomposed model; when even ``t`` near ``lo`` misses the budget, that smallest split.
+    MACs are counted on ``input_shape`` or ``example_inputs``.
     """
+    model = unwrap(model)
+    inputs = model_inputs(model, input_shape, example_inputs)
     best: Optional[tuple[float, nn.Module]] = None
     low, high = lo, hi
     for _ in range(steps):
         t = (low + high) / 2
-        compact = decompose(model, scheme, make_criterion(t), input_shape=input_shape)
-        if count_macs(compact, input_shape, convs_only=convs_only) <= budget:
+        compact = decompose(model, scheme, make_criterion(t), input_shape=inputs)
+        if count_macs(compact, inputs, convs_only=convs_only) <= budget:
             best, low = (t, compact), t
         else:
             high = t
     if best is None:  # even the smallest ranks miss the budget: return those
         t = lo + (hi - lo) * 1e-6
-        return t, decompose(model, scheme, make_criterion(t), input_shape=input_shape)
+        return t, decompose(model, scheme, make_criterion(t), input_shape=inputs)
     return best
 
 

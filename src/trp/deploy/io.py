@@ -3,7 +3,8 @@
 A file holds the model's ``state_dict`` as safetensors and, in the safetensors
 metadata, the recipe ``{layer name: {"scheme", "rank"}}`` of every factorized layer.
 Loading replays the recipe on a freshly built original model, then loads the weights.
-Nothing is pickled.
+Nothing is pickled. A DistributedDataParallel, DataParallel or ``torch.compile`` wrapper is
+removed on both sides: names are the plain model's, never ``module.``-prefixed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.decompose import apply_recipe, recipe_of
+from ..core.wrappers import unwrap, wrapper_prefix
 
 __all__ = ["save", "load", "read_metadata", "atomic_write"]
 
@@ -54,8 +56,10 @@ class atomic_write:
 def save(model: nn.Module, path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:
     """Write ``model``'s weights and decomposition recipe to ``path`` (atomically).
 
-    ``metadata`` adds string entries (e.g. how to rebuild the original model).
+    ``metadata`` adds string entries (e.g. how to rebuild the original model). A wrapped
+    model (DDP, DataParallel, ``torch.compile``) is saved as the plain model inside.
     """
+    model = unwrap(model)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, recipe=json.dumps(recipe_of(model)))
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -82,8 +86,10 @@ def read_metadata(path: PathLike) -> dict[str, str]:
 def load(path: PathLike, model: nn.Module) -> nn.Module:
     """Rebuild the saved structure on ``model`` (the original, freshly built) and load weights.
 
-    ``model`` is modified in place and returned.
+    ``model`` is modified in place and returned; for a wrapped model (DDP, DataParallel,
+    ``torch.compile``) that is the plain model inside, which the caller wraps again.
     """
+    model = unwrap(model)
     meta = read_metadata(path)
     try:
         recipe = json.loads(meta.get("recipe", "{}"))
@@ -91,6 +97,7 @@ def load(path: PathLike, model: nn.Module) -> nn.Module:
             raise TypeError("recipe is not a mapping")
     except (json.JSONDecodeError, TypeError) as err:
         raise ValueError(f"{path}: the stored decomposition recipe is corrupt ({err})") from err
+    _check_prefix(path, model)
     apply_recipe(model, recipe)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -106,3 +113,18 @@ def load(path: PathLike, model: nn.Module) -> nn.Module:
             "architecture, input channels and classes the checkpoint was saved from"
         ) from err
     return model
+
+
+def _check_prefix(path: PathLike, model: nn.Module) -> None:
+    """A file whose names all carry a wrapper prefix the model lacks: say so, not "wrong architecture"."""
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+    prefix = wrapper_prefix(names)
+    own = wrapper_prefix(model.state_dict().keys())
+    if prefix is None or prefix == own:
+        return
+    raise ValueError(
+        f"{path}: every name in the checkpoint starts with {prefix!r} (it was saved from a "
+        "DistributedDataParallel/DataParallel or torch.compile wrapper), which this plain model's names lack; "
+        f"strip the prefix {prefix!r} from the names (or save the model with trp.save, which removes wrappers)"
+    )

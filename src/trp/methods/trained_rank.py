@@ -35,9 +35,11 @@ from torch import Tensor, nn
 from ..core.allocation import pooled_spectrum
 from ..core.criteria import Energy, Value
 from ..core.decompose import RankCriterion, decompose
+from ..core.inputs import ExampleInputs
 from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.svd import checked_svd
+from ..core.wrappers import unwrap
 
 __all__ = ["TRP"]
 
@@ -68,13 +70,14 @@ class TRP:
         if period is None and nuclear_weight == 0:
             raise ValueError("period=None and nuclear_weight=0 would do nothing: set one of them")
 
-        self.model = model
+        self.model = model  # as given: a DDP / torch.compile wrapper stays for training
         self.scheme = scheme
         self.criterion = Energy(energy)
         self.period = period
         self.nuclear_weight = float(nuclear_weight)
         self.subgradient_period = sub_period
-        targets, skipped = select_layers(model, layers)
+        # Layer names are the plain model's (no wrapper prefix); the parameters are shared.
+        targets, skipped = select_layers(unwrap(model), layers)
         if not targets:
             raise ValueError(
                 "TRP found no layer to train low-rank: the selection matched no factorizable "
@@ -124,15 +127,23 @@ class TRP:
         self.seconds += time.perf_counter() - start
 
     def decompose(
-        self, criterion: Optional[RankCriterion] = None, input_shape: Optional[tuple[int, ...]] = None
+        self,
+        criterion: Optional[RankCriterion] = None,
+        input_shape: Optional[tuple[int, ...]] = None,
+        *,
+        example_inputs: Optional[ExampleInputs] = None,
     ) -> nn.Module:
-        """Split the trained target layers (default criterion ``Value(0.05)``, SPEC §1.3)."""
+        """Split the trained target layers (default criterion ``Value(0.05)``, SPEC §1.3).
+
+        The result is the plain model (any DDP / torch.compile wrapper removed).
+        """
         return decompose(
             self.model,
             scheme=self.scheme,
             criterion=Value(0.05) if criterion is None else criterion,
             layers=self.layer_names,
             input_shape=input_shape,
+            example_inputs=example_inputs,
         )
 
     # -- state ----------------------------------------------------------------------------
