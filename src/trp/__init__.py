@@ -7,11 +7,12 @@ enforces it.
 """
 
 from .core.allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
-from .core.counting import count_macs, count_params, layer_macs
+from .core.counting import MacCount, count_macs, count_params, layer_macs, mac_breakdown
 from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
 from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report
 from .core.schemes import SCHEMES, LowRank
 from .core.svd import SVDError
+from .core.wrappers import unwrap
 from .deploy.io import load, save
 from .methods import lorita
 from .methods.trained_rank import TRP
@@ -42,6 +43,9 @@ __all__ = [
     "count_macs",
     "count_params",
     "layer_macs",
+    "mac_breakdown",
+    "MacCount",
+    "unwrap",
     "save",
     "load",
     "lorita",

@@ -23,7 +23,8 @@ The probe runs in eval mode without gradients, with PyTorch's fused
 ``nn.MultiheadAttention`` fast path switched off (its single kernel hides every matmul
 from FlopCounterMode; the unfused path computes the same function), and counts CPU flash
 attention with PyTorch's own attention formula, which FlopCounterMode lacks on CPU.
-Inputs are ``input_shape`` or ``example_inputs`` (see :mod:`trp.core.inputs`).
+Inputs are ``input_shape`` or ``example_inputs`` (see :mod:`trp.core.inputs`); a DDP or
+``torch.compile`` wrapper is looked through (names are the plain model's).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .inputs import ExampleInputs, ModelInputs, model_inputs
+from .wrappers import unwrap
 
 __all__ = [
     "MacCount",
@@ -178,6 +180,7 @@ def mac_breakdown(
     example_inputs: Optional[ExampleInputs] = None,
 ) -> MacCount:
     """The whole-model MAC total and the per-layer figures, from one forward pass."""
+    model = unwrap(model)
     inputs = model_inputs(model, input_shape, example_inputs)
     counts: dict[str, int] = {}
     counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
@@ -189,6 +192,7 @@ def layer_macs(
     model: nn.Module, input_shape: Optional[Sequence[int]] = None, *, example_inputs: Optional[ExampleInputs] = None
 ) -> dict[str, int]:
     """MACs of every layer trp can split (Conv2d, Conv1d, Linear, HF Conv1D), by module name."""
+    model = unwrap(model)
     inputs = model_inputs(model, input_shape, example_inputs)
     counts: dict[str, int] = {}
     probe_forward(model, inputs, _layer_hooks(model, counts))
@@ -206,6 +210,7 @@ def count_macs(
 
     With ``convs_only``, only ``Conv2d`` modules are counted (the paper's count).
     """
+    model = unwrap(model)
     if convs_only:
         modules = dict(model.named_modules())
         per_layer = layer_macs(model, input_shape, example_inputs=example_inputs)
