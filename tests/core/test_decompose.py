@@ -117,8 +117,8 @@ def test_per_layer_and_whole_model_exactness(scheme: str, criterion) -> None:
     model = _seeded(SmallCNN(torch.float64))
     result = trp.decompose_with_report(model, scheme, criterion)
     new = result.model
-    assert [r.name for r in result.layers] == ["conv1", "conv2", "fc1"]
-    assert len(result.factorized) >= 2
+    assert [r.name for r in result.layers] == ["conv1", "conv2", "pw", "fc1"]
+    assert len(result.factorized) >= 3
     expected = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     for entry in result.factorized:
@@ -140,7 +140,7 @@ def test_per_layer_and_whole_model_exactness(scheme: str, criterion) -> None:
         with torch.no_grad():
             torch.testing.assert_close(low(x), truncated(x), rtol=0, atol=1e-10)
     # Layers not selected are carried over unchanged.
-    for name in ("stem", "bn", "pw", "fc2"):
+    for name in ("stem", "bn", "fc2"):
         a, b = model.get_submodule(name).state_dict(), new.get_submodule(name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     x = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)
@@ -167,12 +167,17 @@ def test_default_selection_on_cifar_like_net() -> None:
     model = _seeded(TinyResNet())
     result = trp.decompose_with_report(model, "channel", FixedRank(1))
     names = [r.name for r in result.layers]
-    assert names == ["layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2"]
+    paper = ["layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2"]
+    assert names == paper[:3] + ["layer2.0.conv2", "layer2.0.shortcut.0"]
     new = result.model
     assert isinstance(new.conv1, nn.Conv2d)  # stem
-    assert isinstance(new.layer2[0].shortcut[0], nn.Conv2d)  # 1×1 downsample
+    assert isinstance(new.layer2[0].shortcut[0], LowRank)  # 1×1 downsample: two 1×1 convs
     assert isinstance(new.linear, nn.Linear)  # classifier
     assert all(isinstance(new.get_submodule(n), LowRank) for n in names)
+    # The paper's selection leaves the 1×1 downsample dense.
+    result = trp.decompose_with_report(model, "channel", FixedRank(1), layers="paper")
+    assert [r.name for r in result.layers] == paper
+    assert isinstance(result.model.layer2[0].shortcut[0], nn.Conv2d)
     # Already factorized layers are not picked again: nothing is left to decompose.
     with pytest.raises(ValueError, match="nothing to decompose"):
         trp.decompose(new, "channel", FixedRank(1))
@@ -180,6 +185,8 @@ def test_default_selection_on_cifar_like_net() -> None:
 
 def test_default_selection_keeps_last_linear_only() -> None:
     result = trp.decompose_with_report(_seeded(SmallCNN()), "channel", FixedRank(1))
+    assert [r.name for r in result.layers] == ["conv1", "conv2", "pw", "fc1"]
+    result = trp.decompose_with_report(_seeded(SmallCNN()), "channel", FixedRank(1), layers="paper")
     assert [r.name for r in result.layers] == ["conv1", "conv2", "fc1"]
 
 
@@ -209,23 +216,28 @@ def test_layers_as_predicate() -> None:
     assert all(isinstance(getattr(new, n), nn.Conv2d) for n in ("stem", "conv1", "conv2", "pw"))
 
 
-def test_grouped_conv_skipped_reported_and_warned() -> None:
+def test_depthwise_skipped_grouped_split_per_group() -> None:
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise
         nn.Conv2d(8, 8, 3, padding=1, groups=2),  # grouped
         nn.Conv2d(8, 16, 3, padding=1),
     )
-    with pytest.warns(UserWarning, match=r"left 2 selected layer\(s\) dense.*grouped"):
+    with pytest.warns(UserWarning, match=r"left 1 selected layer\(s\) dense.*depthwise"):
         result = trp.decompose_with_report(model, "channel", FixedRank(2))
     assert [(r.name, r.status) for r in result.layers] == [
-        ("1", "skipped"), ("2", "skipped"), ("3", "factorized")
+        ("1", "skipped"), ("2", "factorized"), ("3", "factorized")
     ]
-    assert [r.name for r in result.skipped] == ["1", "2"]
-    assert "groups=8" in result.skipped[0].reason and "groups=2" in result.skipped[1].reason
-    assert result.model[1].groups == 8 and result.model[2].groups == 2
+    assert "groups=8" in result.skipped[0].reason
+    assert result.model[1].groups == 8
     assert torch.equal(result.model[1].weight, model[1].weight)
+    low = result.model[2]
+    assert (low.first.groups, low.first.out_channels, low.second.groups) == (2, 4, 2)
     assert isinstance(result.model[3], LowRank)
+    # spatial and decouple refuse grouped convs, naming the scheme.
+    with pytest.warns(UserWarning, match=r"only the channel scheme splits it"):
+        result = trp.decompose_with_report(model, "spatial", FixedRank(2))
+    assert [r.status for r in result.layers] == ["skipped", "skipped", "factorized"]
 
 
 def test_no_warning_without_skipped_layers() -> None:
@@ -268,12 +280,12 @@ def test_unknown_scheme() -> None:
 )
 def test_nothing_to_decompose(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="nothing to decompose"):
-        trp.decompose(model)
+        trp.decompose(model, layers="paper")
 
 
 def test_nothing_to_decompose_when_all_selected_are_grouped() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
-    with pytest.raises(ValueError, match=r"nothing to decompose.*grouped"):
+    with pytest.raises(ValueError, match=r"nothing to decompose.*depthwise"):
         trp.decompose(model)
 
 
@@ -292,7 +304,7 @@ def test_unknown_or_wrong_layer_names() -> None:
         trp.decompose(model, layers=["conv9"])
     with pytest.raises(ValueError, match="'bn' is a BatchNorm2d"):
         trp.decompose(model, layers=["bn"])
-    with pytest.raises(ValueError, match="not the string"):
+    with pytest.raises(ValueError, match="a string names a selection"):
         trp.decompose(model, layers="conv1")
 
 
@@ -321,7 +333,7 @@ def test_svd_falls_back_to_float64(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch.linalg, "svd", flaky)
     new = trp.decompose(model, "channel", FixedRank(3))
-    assert calls == [torch.float32, torch.float64] * 3
+    assert calls == [torch.float32, torch.float64] * 4
     assert all(p.dtype == torch.float32 for p in new.parameters())
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

@@ -257,8 +257,9 @@ def test_get_scheme_and_scheme_for() -> None:
 def test_unsupported_reason() -> None:
     assert unsupported_reason(nn.Conv2d(4, 4, 3)) is None
     assert unsupported_reason(nn.Linear(4, 4)) is None
-    assert "groups=2" in unsupported_reason(nn.Conv2d(4, 4, 3, groups=2))
-    assert "grouped" in unsupported_reason(nn.Conv2d(4, 4, 3, groups=4))
+    assert unsupported_reason(nn.Conv2d(4, 4, 3, groups=2)) is None  # split per group
+    assert "only the channel scheme" in unsupported_reason(nn.Conv2d(4, 4, 3, groups=2), "spatial")
+    assert "depthwise" in unsupported_reason(nn.Conv2d(4, 4, 3, groups=4))
     assert "lazy" in unsupported_reason(nn.LazyConv2d(4, 3))
     assert "lazy" in unsupported_reason(nn.LazyLinear(4))
     assert "BatchNorm2d" in unsupported_reason(nn.BatchNorm2d(4))

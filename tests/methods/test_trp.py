@@ -15,7 +15,7 @@ import trp
 from trp.core.schemes import LowRank, scheme_for
 
 CONV_SCHEMES = ["channel", "spatial"]
-TARGETS = ["a", "b", "c", "d", "fc1"]  # the default selection of ResLike
+TARGETS = ["a", "b", "c", "d", "pw", "fc1"]  # the default selection of ResLike (1×1 included)
 
 
 class ResLike(nn.Module):
@@ -79,7 +79,7 @@ def test_project_gives_energy_rank_and_truncation(scheme: str, dtype: torch.dtyp
     assert pruner.layer_names == TARGETS
     before = {n: model.get_submodule(n).weight.detach().clone() for n in TARGETS}
     params = {n: model.get_submodule(n).weight for n in TARGETS}
-    untouched = {n: model.get_submodule(n).weight.detach().clone() for n in ("stem", "pw", "fc2")}
+    untouched = {n: model.get_submodule(n).weight.detach().clone() for n in ("stem", "fc2")}
     pruner.project()
     eps = 1e-10 if dtype == torch.float64 else 1e-5
     for name in TARGETS:
@@ -287,12 +287,12 @@ def test_bad_arguments(kwargs: dict, pattern: str) -> None:
 )
 def test_model_with_nothing_to_compress(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="no layer"):
-        trp.TRP(model)
+        trp.TRP(model, layers="paper")
 
 
 def test_layer_selection_and_grouped_warning() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3))
-    with pytest.warns(UserWarning, match="grouped"):
+    with pytest.warns(UserWarning, match="depthwise"):
         pruner = trp.TRP(model)
     assert pruner.layer_names == ["2"]
     pruner = trp.TRP(_model(), layers=["stem", "fc2"])
@@ -454,7 +454,7 @@ def test_decompose_after_projection_is_lossless(scheme: str) -> None:
 def test_groups_batch_same_shape_layers() -> None:
     pruner = trp.TRP(_model(), "channel")
     groups = sorted(pruner._groups().values())
-    assert groups == [["a", "b"], ["c"], ["d"], ["fc1"]]
+    assert groups == [["a", "b"], ["c"], ["d"], ["fc1"], ["pw"]]
 
 
 @pytest.mark.parametrize("scheme", CONV_SCHEMES)
@@ -472,14 +472,14 @@ def test_one_svd_per_distinct_shape(scheme: str, monkeypatch: pytest.MonkeyPatch
     pruner.project()
     views = {n: tuple(scheme_for(model.get_submodule(n), scheme).to_matrix(model.get_submodule(n).weight).shape)
              for n in TARGETS}
-    expected = sorted([(2, *views["a"]), (1, *views["c"]), (1, *views["d"]), (1, *views["fc1"])])
+    expected = sorted([(2, *views["a"]), (1, *views["c"]), (1, *views["d"]), (1, *views["pw"]), (1, *views["fc1"])])
     assert sorted(shapes) == expected
     shapes.clear()
     pruner.regularize()  # uses the projection's factors: no new SVD
     pruner.step()  # iteration 1: nothing
     assert shapes == []
-    pruner.step()  # iteration 2: one projection, 4 SVDs
-    assert len(shapes) == 4
+    pruner.step()  # iteration 2: one projection, 5 SVDs
+    assert len(shapes) == 5
 
 
 # --- decouple: one matrix per output filter ----------------------------------------------

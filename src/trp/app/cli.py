@@ -18,9 +18,14 @@ from . import engine, workflow
 from ..core.counting import count_macs, count_params
 from ..core.decompose import Decomposition
 from ..deploy.io import atomic_write
-from .config import DecomposeStep
+from .config import DecomposeStep, parse_layers, parse_patterns
 from .report import CompressionSummary
 from ..core.schemes import SCHEMES
+
+LAYERS_HELP = ("Layers to train low-rank / split: default (every layer but the first conv and the last linear), "
+               "paper (the reference selection: no 1×1 convs), all, or comma-separated module names / glob "
+               "patterns, e.g. 'layer*.conv2,fc1'.")
+EXCLUDE_HELP = "Comma-separated glob patterns of layers to leave dense, e.g. '*.downsample.*'."
 
 # Wide enough for the layer table when the output goes to a file or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -101,6 +106,8 @@ def main() -> None:
 @click.option("--holdout", type=int, default=0, show_default=True, help="Keep the last N training examples out of "
               "training (scores `trp decompose --criterion search:X`).")
 @click.option("--image-size", type=int, default=None, help="ImageNet crop size [default: 224].")
+@click.option("--layers", default=None, help=LAYERS_HELP)
+@click.option("--exclude", default=None, help=EXCLUDE_HELP)
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Start from this model file "
               "(e.g. a baseline run's model.safetensors; a decomposed one with --method finetune).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local pretrained weights "
@@ -213,7 +220,8 @@ def _print_result(result: workflow.DecomposeResult) -> None:
 
 
 def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[Path], data_dir: Optional[str],
-                       evaluate: bool, device: str, no_progress: bool = False) -> None:
+                       evaluate: bool, device: str, no_progress: bool = False, layers: Any = None,
+                       exclude: Optional[list[str]] = None) -> None:
     """Run each decomposition step on ``source`` and print its tables."""
     if out is not None and len(steps) > 1:
         raise ValueError("--out names one file, but several decompositions were requested")
@@ -222,7 +230,8 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
                       + (f", then {step.finetune} fine-tune epoch(s)" if step.finetune else ""))
         with progress_bars(not no_progress) as bars:
             result = workflow.decompose_source(source, step, out=out, data_dir=data_dir, evaluate=evaluate,
-                                               device=device, progress=bars, on_epoch=_epoch_line)
+                                               device=device, progress=bars, on_epoch=_epoch_line,
+                                               layers=layers, exclude=exclude)
         _print_result(result)
 
 
@@ -239,11 +248,13 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file [default: next to SOURCE].")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder for the accuracy check (CIFAR, ImageNet).")
 @click.option("--no-eval", is_flag=True, help="Skip the top-1 check on the test split.")
+@click.option("--layers", default=None, help=LAYERS_HELP + " [default: the run's selection]")
+@click.option("--exclude", default=None, help=EXCLUDE_HELP + " [default: the run's]")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str], target_speedup: Optional[float],
                   finetune: int, finetune_lr: float, recalibrate_bn: int, out: Optional[Path], data_dir: Optional[str], no_eval: bool,
-                  device: str, no_progress: bool) -> None:
+                  layers: Optional[str], exclude: Optional[str], device: str, no_progress: bool) -> None:
     """Split a trained model's layers into thin layers and report what it bought."""
     try:
         if criterion and target_speedup:
@@ -260,7 +271,8 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
                                             recalibrate_bn)]
         for step in steps:
             step.validate()
-        run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress)
+        run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
+                           parse_patterns(exclude) if exclude is not None else None)
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
         _fail(err)
 
@@ -317,9 +329,11 @@ def _run_label(run_dir: Path) -> str:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a speedup-vs-top-1 PNG of all runs here.")
 @click.option("--title", default="", help="Plot title.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (CIFAR, ImageNet).")
+@click.option("--layers", default=None, help=LAYERS_HELP + " [default: each run's selection]")
+@click.option("--exclude", default=None, help=EXCLUDE_HELP + " [default: each run's]")
 @click.option("--device", default="auto", show_default=True)
 def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, points: int, plot: Optional[Path],
-              title: str, data_dir: Optional[str], device: str) -> None:
+              title: str, data_dir: Optional[str], layers: Optional[str], exclude: Optional[str], device: str) -> None:
     """Decompose each run under a range of criteria; save sweep-<scheme>-<kind>.json per run (and a plot)."""
     from .plot import plot_tradeoff
     from .sweep import save_sweep, sweep
@@ -334,7 +348,9 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
             loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), config.seed if config else 0)
             label = f"{_run_label(run_dir)} ({sch})"
             console.print(f"sweeping {run_dir}: {label}, {len(criteria)} criteria")
-            pts = sweep(model, sch, criteria, loader, spec.input_shape, dev,
+            run_layers = parse_layers(layers) if layers is not None else (config.layers if config else None)
+            run_exclude = parse_patterns(exclude) if exclude is not None else (config.exclude if config else [])
+            pts = sweep(model, sch, criteria, loader, spec.input_shape, dev, layers=run_layers, exclude=run_exclude,
                         on_point=lambda p: console.print(f"  {p.criterion:>18}  {p.conv_speedup:5.2f}x conv  "
                                                          f"{p.speedup:5.2f}x all  top-1 {p.top1:6.2f}%"),
                         on_error=lambda c, e: console.print(f"  {c.spec():>18}  skipped: {e}"))

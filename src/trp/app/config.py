@@ -4,6 +4,12 @@ A :class:`TrainConfig` is everything that defines a training run (defaults: the 
 CIFAR-10 recipe, SPEC §1.3). Config files under ``configs/`` hold a mapping of its fields,
 plus a ``decompose`` list of the decompositions to run after training; numbers are
 coerced (YAML reads ``1e-4`` as a string) and bad keys or values fail before any training.
+
+``layers`` chooses the layers TRP trains and decomposition splits (:mod:`trp.core.layers`):
+unset for the default (every layer but the first conv and the last linear), ``paper`` for
+the reference selection (no 1×1 convs; the paper's configs use it), ``all``, or a list of
+module names / glob patterns; ``exclude`` lists glob patterns to leave dense. A run directory
+written before ``layers`` existed used the reference selection, and reads back as ``paper``.
 """
 
 from __future__ import annotations
@@ -14,13 +20,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ..core.criteria import parse_criterion
+from ..core.layers import NAMED_SELECTIONS
 from ..core.schemes import get_scheme
 from ..data import DATASET_INFO
 
-__all__ = ["METHODS", "OPTIMIZERS", "DEFAULT_WEIGHT_DECAY", "DecomposeStep", "TrainConfig", "load_config", "read_config_file"]
+__all__ = ["METHODS", "OPTIMIZERS", "DEFAULT_WEIGHT_DECAY", "DecomposeStep", "TrainConfig", "load_config",
+           "read_config_file", "parse_layers", "parse_patterns"]
 
 METHODS = ("baseline", "nuclear", "trp", "lorita", "finetune")
 
@@ -28,6 +36,37 @@ OPTIMIZERS = ("sgd", "adamw")
 
 # Weight decay when the config leaves it unset: LoRITa relies on it (SPEC §2).
 DEFAULT_WEIGHT_DECAY = {"lorita": 1e-3}
+
+
+def parse_layers(value: Any) -> Optional[Union[str, list[str]]]:
+    """A layer selection from a config or the CLI: None, a named selection, or a list of names/globs.
+
+    A string that is not a named selection (``default``, ``paper``, ``all``) is a comma-separated list.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip() in NAMED_SELECTIONS:
+            return value.strip()
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"layers must be {', '.join(NAMED_SELECTIONS)} or a list of module names / glob "
+                         f"patterns, got {value!r}")
+    names = [v.strip() for v in value if v.strip()]
+    if not names:
+        raise ValueError("layers is empty: leave it unset for the default selection")
+    return names
+
+
+def parse_patterns(value: Any) -> list[str]:
+    """Glob patterns (``exclude``) from a list or a comma-separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"exclude must be a list of glob patterns such as ['*.downsample.*'], got {value!r}")
+    return [v.strip() for v in value if v.strip()]
 
 
 @dataclass(frozen=True)
@@ -109,12 +148,16 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None  # stop each epoch after this many batches (smoke tests)
     holdout: int = 0  # last training examples kept out of training, for rank searches (see holdout_split)
     decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
+    layers: Optional[Union[str, list[str]]] = None  # layer selection (see the module docstring)
+    exclude: list[str] = field(default_factory=list)  # glob patterns of layers left dense
 
     def __post_init__(self) -> None:
         if self.weight_decay is None:
             self.weight_decay = DEFAULT_WEIGHT_DECAY.get(self.method, 1e-4)
         if isinstance(self.decompose, dict):
             self.decompose = [self.decompose]
+        self.layers = parse_layers(self.layers)
+        self.exclude = parse_patterns(self.exclude)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
@@ -195,6 +238,7 @@ def load_config(run_dir: Path) -> TrainConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
     data = json.loads(path.read_text())
+    data.setdefault("layers", "paper")  # runs from before `layers` existed used the reference selection
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in data.items() if k in known})
 

@@ -32,7 +32,7 @@ __all__ = ["DEMO_CONFIG", "DEMO_CRITERION", "run_demo", "match_conv_macs"]
 DEMO_CONFIG = TrainConfig(
     model="resnet20", data="mnist5k", method="baseline", scheme="spatial", epochs=20,
     batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, energy=0.9, period=20,
-    nuclear_weight=3e-4, seed=0,
+    nuclear_weight=3e-4, seed=0, layers="paper",
 )
 DEMO_CRITERION: Criterion = Value(0.05)
 BN_BATCHES = 20  # training batches for the re-estimated baseline row
@@ -42,7 +42,7 @@ def match_conv_macs(
     model: nn.Module, scheme: str, target: int, input_shape: tuple[int, ...], steps: int = 14
 ) -> tuple[float, nn.Module]:
     """The largest energy ``e`` (by bisection) whose decomposition has conv MACs <= ``target``."""
-    return fit_criterion(model, scheme, Energy, target, input_shape, convs_only=True, steps=steps)
+    return fit_criterion(model, scheme, Energy, target, input_shape, convs_only=True, steps=steps, layers="paper")
 
 
 def run_demo(
@@ -73,7 +73,7 @@ def run_demo(
     loader = make_loader(base.test_set, 500, False)
     scheme = trp_cfg.scheme
 
-    trp_compact = decompose(trpt.model, scheme, DEMO_CRITERION, input_shape=shape)
+    trp_compact = decompose(trpt.model, scheme, DEMO_CRITERION, "paper", shape)
     target = count_macs(trp_compact, shape, convs_only=True)
     energy, base_compact = match_conv_macs(base.model, scheme, target, shape)
     # A stronger baseline: the same split with BatchNorm statistics re-estimated (no training).

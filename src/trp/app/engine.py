@@ -177,7 +177,7 @@ class Trainer:
         if config.method == "lorita":
             from ..methods.lorita import overparameterize
 
-            self.model = overparameterize(self.model, config.factor)
+            self.model = overparameterize(self.model, config.factor, layers=config.layers, exclude=config.exclude)
         self.model.to(self.device)
         if config.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -190,13 +190,15 @@ class Trainer:
         )
         self.pruner: Optional[TRP] = None
         if config.method == "trp":
-            self.pruner = TRP(self.model, config.scheme, config.energy, config.period, config.nuclear_weight)
+            self.pruner = TRP(self.model, config.scheme, config.energy, config.period, config.nuclear_weight,
+                              layers=config.layers, exclude=config.exclude)
         elif config.method == "nuclear":
             if config.nuclear_weight <= 0:
                 raise ValueError("method 'nuclear' needs --nuclear-weight > 0")
             self.pruner = TRP(
                 self.model, config.scheme, config.energy, period=None,
                 nuclear_weight=config.nuclear_weight, subgradient_period=config.period,
+                layers=config.layers, exclude=config.exclude,
             )
         self.epoch = 0  # epochs completed
         self.last_row: dict[str, Any] = {}

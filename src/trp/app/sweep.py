@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..core.criteria import Criterion, Energy, Ratio, Value
 from ..core.decompose import decompose_with_report
+from ..core.layers import LayerSelector
 from .engine import evaluate
 from ..deploy.io import atomic_write
 from .report import summarize
@@ -63,6 +64,8 @@ def sweep(
     device: Union[torch.device, str],
     on_point: Optional[Callable[[SweepPoint], None]] = None,
     on_error: Optional[Callable[[Any, ValueError], None]] = None,
+    layers: LayerSelector = None,
+    exclude: Sequence[str] = (),
 ) -> list[SweepPoint]:
     """Decompose ``model`` with ``scheme`` under each criterion and evaluate it on ``loader``.
 
@@ -81,7 +84,7 @@ def sweep(
             # decompose reports the skipped layers itself; only its "left dense" notice is muted.
             warnings.filterwarnings("ignore", message=r"trp\.decompose left \d+ selected layer", category=UserWarning)
             try:
-                result = decompose_with_report(model, scheme, criterion, input_shape=input_shape)
+                result = decompose_with_report(model, scheme, criterion, layers, input_shape, exclude=exclude)
             except ValueError as err:  # e.g. a target speedup this model cannot reach
                 if on_error is None:
                     raise

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from . import engine
 from ..data import DATASET_INFO, get_datasets
 from ..core.criteria import parse_criterion
 from ..core.decompose import Decomposition, decompose_with_report
+from ..core.layers import LayerSelector
 from ..deploy.batchnorm import recalibrate_batchnorm
 from ..deploy.io import atomic_write, save
 from .config import DecomposeStep
@@ -108,8 +109,13 @@ def decompose_source(
     device: str = "auto",
     progress: Optional[engine.ProgressFactory] = None,
     on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+    layers: LayerSelector = None,
+    exclude: Optional[Sequence[str]] = None,
 ) -> DecomposeResult:
-    """Decompose the model in ``source`` as ``step`` says; write the compact model and its summary."""
+    """Decompose the model in ``source`` as ``step`` says; write the compact model and its summary.
+
+    ``layers``/``exclude`` default to the run config's (the layers TRP trained).
+    """
     step.validate()
     if (step.finetune or step.recalibrate_bn) and not evaluate:
         raise ValueError("fine-tuning and BatchNorm re-estimation need the data set: drop --no-eval")
@@ -117,11 +123,16 @@ def decompose_source(
     dev = engine.resolve_device(device)
     model, spec, config = load_source(source, dev)
     data_dir = data_dir or (config.data_dir if config else None)
+    if layers is None and config is not None:
+        layers = config.layers
+    if exclude is None:
+        exclude = config.exclude if config is not None else []
     if step.criterion.startswith("search:"):
-        crit = search_criterion(model, spec, config, step.scheme, float(step.criterion.partition(":")[2]), data_dir, dev)
+        crit = search_criterion(model, spec, config, step.scheme, float(step.criterion.partition(":")[2]), data_dir, dev,
+                                layers, exclude)
     else:
         crit = parse_criterion(step.criterion)
-    report = decompose_with_report(model, step.scheme, crit, input_shape=spec.input_shape)
+    report = decompose_with_report(model, step.scheme, crit, layers, spec.input_shape, exclude=exclude)
     summary = summarize(model, report.model, spec.input_shape)
     base_dir = source if source.is_dir() else source.parent
     out = Path(out) if out is not None else base_dir / f"{step.stem}.safetensors"
@@ -162,7 +173,8 @@ def decompose_source(
 
 
 def search_criterion(model: nn.Module, spec: engine.ModelSpec, config: Optional[engine.TrainConfig], scheme: str,
-                     target: float, data_dir: Optional[str], device: torch.device):
+                     target: float, data_dir: Optional[str], device: torch.device, layers: LayerSelector = None,
+                     exclude: Sequence[str] = ()):
     """Ranks from :func:`trp.methods.search.iterative_rank_search` on the run's held-out training examples."""
     from ..methods.search import iterative_rank_search
 
@@ -173,7 +185,8 @@ def search_criterion(model: nn.Module, spec: engine.ModelSpec, config: Optional[
         )
     _, held = engine.holdout_split(_full_train_set(spec, config, data_dir), config.holdout)
     loader = engine.make_loader(held, 256, False)
-    return iterative_rank_search(model, scheme, loader, target, spec.input_shape, device=device)
+    return iterative_rank_search(model, scheme, loader, target, spec.input_shape, layers=layers, device=device,
+                                 exclude=exclude)
 
 
 def _full_train_set(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):

@@ -1,4 +1,10 @@
-"""Split selected layers of a model into two thin layers by truncated SVD."""
+"""Split selected layers of a model into two thin layers by truncated SVD.
+
+``nn.MultiheadAttention`` is first rebuilt from separate projection layers
+(:mod:`trp.core.attention`); layers whose weight a parent reads directly stay dense
+(:mod:`trp.core.safety`). Given example inputs (or ``input_shape``), the result is checked once
+before it is returned: a split that is not exact is an error naming the layer.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,21 @@ import copy
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion
+from .attention import SplitMultiheadAttention, convert_attention, restore_attention
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward
 from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, select_layers, set_module
-from .schemes import LowRank, get_scheme, scheme_for
+from .safety import check_layer, check_outputs, direct_weight_readers, record_layer_inputs, run_model
+from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
 from .svd import checked_svd
+from .targets import effective_weight, is_candidate, layer_kind
 from .wrappers import unwrap
 
 __all__ = [
@@ -70,22 +80,29 @@ def trace_sizes(
     model: nn.Module,
     modules: Sequence[nn.Module],
     input_shape: Optional[Sequence[int]] = None,
-    *,
     example_inputs: Optional[ExampleInputs] = None,
 ) -> dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]]:
-    """Per-sample ``(out_hw, in_hw)`` of each module for one forward pass on the given inputs.
+    """Per-sample ``(out_hw, in_hw)`` of each module for one forward pass on the given inputs
+    (``input_shape`` zeros, or ``example_inputs``: a tensor, a tuple of inputs or a dict of keyword inputs).
 
-    For a Linear, ``out_hw`` is ``(positions, 1)``: how many vectors it is applied to.
+    For a Linear, ``out_hw`` is ``(positions, 1)``: how many vectors it is applied to; for a
+    Conv1d, ``(1, length)``.
     """
     sizes: dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]] = {}
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if module in sizes:
+            return
         x = inputs[0]
-        if isinstance(module, nn.Conv2d):
+        kind = layer_kind(module)
+        if kind == "conv2d":
             sizes[module] = ((output.shape[-2], output.shape[-1]), (x.shape[-2], x.shape[-1]))
+        elif kind == "conv1d":
+            sizes[module] = ((1, output.shape[-1]), (1, x.shape[-1]))
         else:
+            n_out = module.weight.shape[1] if kind == "hf_conv1d" else module.out_features
             batch = x.shape[0] if x.ndim > 1 else 1
-            positions = output.numel() // (module.out_features * batch)
+            positions = output.numel() // (n_out * batch)
             sizes[module] = ((positions, 1), (positions, 1))
 
     probe_forward(model, model_inputs(model, input_shape, example_inputs), {m: hook for m in modules})
@@ -101,6 +118,18 @@ def _kept_rank(criterion: RankCriterion, sigma: Tensor) -> int:
     return max(int(criterion(row)) for row in sigma.reshape(-1, sigma.shape[-1]))
 
 
+def _verification_inputs(model: nn.Module, input_shape: Optional[Sequence[int]], example_inputs: Any) -> Any:
+    if example_inputs is not None:
+        return example_inputs
+    if input_shape is None:
+        return None
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return torch.randn(tuple(input_shape), generator=gen).to(device=device, dtype=dtype)
+
+
 def decompose_with_report(
     model: nn.Module,
     scheme: str = "channel",
@@ -108,6 +137,7 @@ def decompose_with_report(
     layers: LayerSelector = None,
     input_shape: Optional[Sequence[int]] = None,
     *,
+    exclude: Sequence[str] = (),
     example_inputs: Optional[ExampleInputs] = None,
 ) -> Decomposition:
     """Like :func:`decompose`, also returning what happened to each selected layer.
@@ -121,17 +151,21 @@ def decompose_with_report(
     has_inputs = inputs_given(input_shape, example_inputs)
     new = copy.deepcopy(unwrap(model))
     inputs = model_inputs(new, input_shape, example_inputs) if has_inputs else None
-    targets, skipped = select_layers(new, layers)
+    converted = convert_attention(new)
+    targets, skipped = select_layers(new, layers, exclude, scheme)
+    readers = direct_weight_readers(new)
+    skipped += [(n, readers[n]) for n, _ in targets if n in readers]
+    targets = [(n, m) for n, m in targets if n not in readers]
     report = Decomposition(new)
     for name, reason in skipped:
         report.layers.append(LayerReport(name, scheme, "skipped", reason=reason))
     if not targets:
-        what = "the default selection (convs except the first and 1×1, linears except the last)" \
-            if layers is None else "`layers`"
+        what = "the default selection (every layer but the first conv and the last linear)" \
+            if layers is None else f"layers={layers!r}"
         raise ValueError(
-            f"nothing to decompose: {what} matched no factorizable Conv2d/Linear layer"
-            + (f" ({len(skipped)} skipped: {skipped[0][1]})" if skipped else "")
-            + ". Pass layers=[names] or a predicate to choose layers explicitly."
+            f"nothing to decompose: {what} matched no layer that can be split exactly"
+            + (f" ({len(skipped)} skipped: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
+            + ". Pass layers=[names or glob patterns] or a predicate to choose layers explicitly."
         )
     whole = isinstance(criterion, WholeModelCriterion)
     if whole and criterion.needs_input_shape and inputs is None:
@@ -141,12 +175,15 @@ def decompose_with_report(
     sizes = trace_sizes(new, [m for _, m in targets], inputs) if inputs is not None else {}
     if inputs is not None:
         report.macs_before = mac_breakdown(new, inputs)
+    check_inputs = _verification_inputs(new, input_shape, example_inputs)
+    if check_inputs is not None:
+        dense_output, layer_inputs = record_layer_inputs(new, dict(targets), check_inputs)
 
     # Pass 1: spectra and MAC costs of every target.
     entries = []
     for name, module in targets:
         sch = scheme_for(module, scheme)
-        u, s, vh = checked_svd(sch.to_matrix(module.weight.detach()), f"layer {name!r}")
+        u, s, vh = checked_svd(sch.to_matrix(effective_weight(module).detach()), f"layer {name!r}")
         out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
         entries.append((name, module, sch, (u, s, vh), out_hw, in_hw))
 
@@ -173,6 +210,7 @@ def decompose_with_report(
         ranks = {name: _kept_rank(criterion, svd[1]) for name, _, _, svd, _, _ in entries}
 
     # Pass 3: factorize where MACs drop.
+    split: dict[str, tuple[nn.Module, Tensor, LayerReport]] = {}
     for name, module, sch, (u, s, vh), out_hw, in_hw in entries:
         max_rank = s.shape[-1]
         before = sch.macs(module, None, out_hw, in_hw)
@@ -188,13 +226,22 @@ def decompose_with_report(
         if after < before:
             set_module(new, name, sch.factorize(module, u, s, vh, rank))
             entry.status = "factorized"
+            if check_inputs is not None:
+                split[name] = (module, sch.truncated(u, s, vh, rank, module.weight.shape), entry)
         else:
             entry.reason = f"rank {rank}/{max_rank} would not reduce MACs"
             entry.macs_after = before
         report.layers.append(entry)
 
+    if check_inputs is not None:
+        _check(new, split, layer_inputs, dense_output, check_inputs)
+    keep = {a for a in converted.originals
+            if any(isinstance(m, LowRank) for m in new.get_submodule(a).modules())}
+    restore_attention(new, converted, keep)
     if inputs is not None:
         report.macs_after = mac_breakdown(new, inputs)
+
+    skipped = [(r.name, r.reason) for r in report.layers if r.status == "skipped"]
     if skipped:
         warnings.warn(
             f"trp.decompose left {len(skipped)} selected layer(s) dense: "
@@ -204,6 +251,53 @@ def decompose_with_report(
     return report
 
 
+def _check(
+    new: nn.Module,
+    split: dict[str, tuple[nn.Module, Tensor, "LayerReport"]],
+    layer_inputs: dict[str, Tensor],
+    dense_output: Any,
+    example_inputs: Any,
+) -> None:
+    """Check the split model (see the module docstring); leave dense the layers a parent reads."""
+    for name, (dense, weight, _) in split.items():
+        if name not in layer_inputs:
+            continue  # not reached by the example inputs
+        problem = check_layer(name, dense, new.get_submodule(name), layer_inputs[name], weight)
+        if problem:
+            raise RuntimeError(f"trp.decompose: {problem}. No model is returned; leave the layer dense "
+                               f"with exclude=[{name!r}] and report the model's layer type.")
+    by_id = {id(new.get_submodule(n)): n for n in split}
+    while True:
+        modes = [(m, m.training) for m in new.modules()]
+        try:
+            new.eval()
+            with torch.no_grad():
+                output = run_model(new, example_inputs)
+        except SplitLayerAccess as err:
+            name = by_id.get(id(err.module))
+            if name is None:
+                raise
+            dense, _, entry = split.pop(name)
+            set_module(new, name, dense)
+            entry.status, entry.macs_after = "skipped", entry.macs_before
+            entry.reason = (f"code around the layer reads its .{err.attribute} directly (found running the "
+                            "example inputs); left dense")
+            continue
+        except Exception as err:
+            raise RuntimeError(
+                f"trp.decompose: the split model fails on the example inputs ({type(err).__name__}: {err}) "
+                f"although each split layer matches its dense layer; split layers: {sorted(split)[:5]}... "
+                "Pass exclude=[patterns] to leave the layers around the failure dense."
+            ) from err
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        break
+    problem = check_outputs(dense_output, output)
+    if problem:
+        raise RuntimeError(f"trp.decompose: {problem}; no model is returned (split layers: {sorted(split)[:5]}...)")
+
+
 def decompose(
     model: nn.Module,
     scheme: str = "channel",
@@ -211,6 +305,7 @@ def decompose(
     layers: LayerSelector = None,
     input_shape: Optional[Sequence[int]] = None,
     *,
+    exclude: Sequence[str] = (),
     example_inputs: Optional[ExampleInputs] = None,
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
@@ -218,15 +313,19 @@ def decompose(
     ``scheme`` is ``"channel"``, ``"spatial"`` or ``"decouple"`` for convs; Linear layers are split
     ``in→r→out`` under any scheme. ``criterion`` (default ``Energy(0.9)``) picks each
     layer's rank from its spectrum, or, for a whole-model criterion such as
-    ``TargetSpeedup(3.0)`` (:mod:`trp.core.allocation`), all ranks at once. ``layers`` is None (see :mod:`trp.core.layers`), a list of
-    module names, or a predicate ``(name, module) -> bool``. ``input_shape`` (float zeros)
-    or ``example_inputs`` (a tensor, a tuple of tensors, or a dict of tensors such as
-    ``{"input_ids": ids}``) make the MAC comparison exact (it matters for the spatial
-    scheme); without them costs are per output pixel. The input model is not modified; a
-    DistributedDataParallel, DataParallel or ``torch.compile`` wrapper is removed (the
-    result is the plain model inside, decomposed).
+    ``TargetSpeedup(3.0)`` (:mod:`trp.core.allocation`), all ranks at once. ``layers`` is None
+    (every layer but the first conv and the last linear), ``"paper"``, ``"all"``, a list of module
+    names or glob patterns, or a predicate ``(name, module) -> bool``; ``exclude`` holds glob
+    patterns of layers to leave dense (see :mod:`trp.core.layers`). ``input_shape`` makes the
+    MAC comparison exact (it matters for the spatial scheme); without it costs are per
+    output pixel. With ``example_inputs`` (a tensor, a tuple of inputs or a dict of keyword
+    inputs) or ``input_shape`` (random inputs of that shape), the split model is checked
+    against the dense one before it is returned; a split that is not exact raises
+    RuntimeError naming the layer. The input model is not modified; a DistributedDataParallel,
+    DataParallel or ``torch.compile`` wrapper is removed (the result is the plain model inside).
     """
-    return decompose_with_report(model, scheme, criterion, layers, input_shape, example_inputs=example_inputs).model
+    return decompose_with_report(model, scheme, criterion, layers, input_shape, exclude=exclude,
+                                 example_inputs=example_inputs).model
 
 
 def _layer_costs(sch, module: nn.Module, out_hw, in_hw, counted: Optional[MacCount], name: str, inputs):
@@ -259,6 +358,8 @@ def fit_criterion(
     lo: float = 0.0,
     hi: float = 1.0,
     steps: int = 14,
+    layers: LayerSelector = None,
+    exclude: Sequence[str] = (),
     *,
     example_inputs: Optional[ExampleInputs] = None,
 ) -> tuple[float, nn.Module]:
@@ -274,14 +375,16 @@ def fit_criterion(
     low, high = lo, hi
     for _ in range(steps):
         t = (low + high) / 2
-        compact = decompose(model, scheme, make_criterion(t), input_shape=inputs)
+        compact = decompose(model, scheme, make_criterion(t), layers, input_shape, exclude=exclude,
+                            example_inputs=example_inputs)
         if count_macs(compact, inputs, convs_only=convs_only) <= budget:
             best, low = (t, compact), t
         else:
             high = t
     if best is None:  # even the smallest ranks miss the budget: return those
         t = lo + (hi - lo) * 1e-6
-        return t, decompose(model, scheme, make_criterion(t), input_shape=inputs)
+        return t, decompose(model, scheme, make_criterion(t), layers, input_shape, exclude=exclude,
+                            example_inputs=example_inputs)
     return best
 
 
@@ -297,6 +400,15 @@ def recipe_of(model: nn.Module) -> dict[str, dict[str, object]]:
 def apply_recipe(model: nn.Module, recipe: dict[str, dict[str, object]]) -> nn.Module:
     """Give ``model`` (in place) the factorized structure ``recipe`` describes; weights unset."""
     modules = dict(model.named_modules())
+    attention = {name.rpartition(".")[0] for name in recipe} & {
+        n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+    if attention:  # split projections live in the attention module decompose builds
+        for name in attention:
+            set_module(model, name, SplitMultiheadAttention(modules[name]))
+        for m in model.modules():
+            if isinstance(m, nn.TransformerEncoder):
+                m.use_nested_tensor = False
+        modules = dict(model.named_modules())
     for name, entry in recipe.items():
         module = modules.get(name)
         if module is None:
@@ -304,7 +416,7 @@ def apply_recipe(model: nn.Module, recipe: dict[str, dict[str, object]]) -> nn.M
                 f"the recipe splits layer {name!r}, which this model lacks: build the same "
                 "architecture (model name, input channels, classes) the checkpoint was saved from"
             )
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        if not is_candidate(module):
             raise ValueError(f"the recipe splits layer {name!r}, but it is a {type(module).__name__}")
         rank = entry.get("rank")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

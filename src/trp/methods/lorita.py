@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -151,7 +151,9 @@ def is_overparameterized(model: nn.Module) -> bool:
     return any(isinstance(m, Composed) for m in model.modules())
 
 
-def overparameterize(model: nn.Module, factor: int = 2, layers: LayerSelector = None) -> nn.Module:
+def overparameterize(
+    model: nn.Module, factor: int = 2, layers: LayerSelector = None, exclude: Sequence[str] = ()
+) -> nn.Module:
     """A copy of ``model`` with each selected layer replaced by a product of ``factor`` layers.
 
     A Linear ``in→out`` becomes ``in→out`` then ``factor−1`` Linear ``out→out`` (bias on the
@@ -173,9 +175,16 @@ def overparameterize(model: nn.Module, factor: int = 2, layers: LayerSelector = 
             "collapse it first with trp.lorita.collapse, or over-parameterize the original model"
         )
     new = copy.deepcopy(model)
-    targets, skipped = select_layers(new, layers)
+    targets, skipped = select_layers(new, layers, exclude)
+    # Only plain layers have a Composed form (grouped convs, Conv1d, subclasses stay as they are).
+    plain = [(n, m) for n, m in targets
+             if type(m) is nn.Linear or (type(m) is nn.Conv2d and m.groups == 1)]
+    skipped += [(n, f"LoRITa composes only plain Linear and ungrouped Conv2d layers, not this "
+                 f"{type(m).__name__}" + (f" (groups={m.groups})" if getattr(m, "groups", 1) != 1 else ""))
+                for n, m in targets if (n, m) not in plain]
+    targets = plain
     if not targets:
-        what = "the default selection (convs except the first and 1×1, linears except the last)" \
+        what = "the default selection (every layer but the first conv and the last linear)" \
             if layers is None else "`layers`"
         raise ValueError(
             f"nothing to over-parameterize: {what} matched no Conv2d/Linear layer that can be "

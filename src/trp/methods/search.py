@@ -51,6 +51,7 @@ def iterative_rank_search(
     shrink: float = 0.25,
     max_batches: int = 4,
     device: Optional[torch.device | str] = None,
+    exclude: Sequence[str] = (),
     *,
     example_inputs: Optional[ExampleInputs] = None,
 ) -> LayerRanks:
@@ -67,7 +68,7 @@ def iterative_rank_search(
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     work = copy.deepcopy(unwrap(model)).to(device).eval()
-    targets, _ = select_layers(work, layers)
+    targets, _ = select_layers(work, layers, exclude, scheme)
     if not targets:
         raise ValueError("nothing to search: no factorizable layer is selected")
     batches = []

@@ -27,7 +27,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,7 @@ from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.svd import checked_svd
 from ..core.wrappers import unwrap
+from ..core.targets import projects_raw_weight
 
 __all__ = ["TRP"]
 
@@ -56,6 +57,7 @@ class TRP:
         nuclear_weight: float = 3e-4,
         layers: LayerSelector = None,
         subgradient_period: Optional[int] = None,
+        exclude: Sequence[str] = (),
     ) -> None:
         get_scheme(scheme)
         if not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
@@ -77,7 +79,12 @@ class TRP:
         self.nuclear_weight = float(nuclear_weight)
         self.subgradient_period = sub_period
         # Layer names are the plain model's (no wrapper prefix); the parameters are shared.
-        targets, skipped = select_layers(unwrap(model), layers)
+        targets, skipped = select_layers(unwrap(model), layers, exclude, scheme)
+        # Weight-standardized convs apply a function of their weight: projecting it does not
+        # make what they apply low rank.
+        skipped += [(n, "weight standardization: a low-rank stored weight does not give a low-rank "
+                     "applied weight") for n, m in targets if not projects_raw_weight(m)]
+        targets = [(n, m) for n, m in targets if projects_raw_weight(m)]
         if not targets:
             raise ValueError(
                 "TRP found no layer to train low-rank: the selection matched no factorizable "
@@ -171,7 +178,7 @@ class TRP:
     def _groups(self) -> dict[tuple, list[str]]:
         groups: dict[tuple, list[str]] = defaultdict(list)
         for name, param in self._params.items():
-            key = (self._schemes[name].name, tuple(param.shape), param.device, param.dtype)
+            key = (self._schemes[name].key, tuple(param.shape), param.device, param.dtype)
             groups[key].append(name)
         return groups
 
