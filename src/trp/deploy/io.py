@@ -10,6 +10,7 @@ removed on both sides: names are the plain model's, never ``module.``-prefixed.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 import tempfile
 from pathlib import Path
@@ -106,6 +107,10 @@ def load(path: PathLike, model: nn.Module) -> nn.Module:
     except Exception as err:
         raise ValueError(f"{path}: cannot read the weights ({err}); the file is corrupt") from err
     try:
+        # Modules that version their state (e.g. torchvision's MNASNet) read it from the
+        # metadata, which safetensors does not store: the fresh model's own is the right one.
+        state = OrderedDict(state)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(
