@@ -105,3 +105,23 @@ def test_example_inputs_through_decompose_and_fit() -> None:
     budget = trp.count_macs(safe, example_inputs=x) // 2
     _, fitted = fit_criterion(safe, "channel", trp.Energy, budget, example_inputs=x)
     assert trp.count_macs(fitted, example_inputs=x) <= budget
+
+
+def test_layer_that_does_not_run_costs_nothing() -> None:
+    """An auxiliary head skipped in eval (GoogLeNet's aux classifiers) is no MAC saving."""
+
+    class WithAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+            self.aux = nn.Linear(64, 64)
+            self.out = nn.Linear(64, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.out(h + self.aux(h)) if self.training else self.out(h)
+
+    torch.manual_seed(0)
+    model = WithAux().eval()
+    report = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.5), input_shape=(3, 64))
+    assert trp.count_macs(model, (3, 64)) / trp.count_macs(report.model, (3, 64)) >= 1.5

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
-from .counting import MacCount, count_macs, mac_breakdown, probe_forward
+from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
 from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, select_layers, set_module
@@ -333,14 +333,16 @@ def _layer_costs(sch, module: nn.Module, out_hw, in_hw, counted: Optional[MacCou
 
     The scheme gives per-sample costs of one call; they are scaled to what the layer
     really costs in the pass (batch, and every call of a layer used twice) from the
-    per-layer figures; a layer those do not cover is scaled by the batch size.
+    per-layer figures (a layer that did not run costs nothing); a layer of a kind those do
+    not cover is scaled by the batch size.
     """
     per_sample = sch.macs(module, None, out_hw, in_hw)
     if counted is None:
         return per_sample, functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw)
     total = counted.layers.get(name)
     if total is None:
-        total = per_sample * inputs.batch_size
+        # A layer the hooks cover but never saw did not run (e.g. an auxiliary head in eval): free.
+        total = 0 if splittable_kind(module) is not None else per_sample * inputs.batch_size
 
     def macs(rank: int) -> int:
         return sch.macs(module, rank, out_hw, in_hw) * total // max(per_sample, 1)
