@@ -40,6 +40,9 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "count_macs": ("trp.core.counting", "count_macs"),
     "count_params": ("trp.core.counting", "count_params"),
     "layer_macs": ("trp.core.counting", "layer_macs"),
+    "mac_breakdown": ("trp.core.counting", "mac_breakdown"),
+    "MacCount": ("trp.core.counting", "MacCount"),
+    "unwrap": ("trp.core.wrappers", "unwrap"),
     "save": ("trp.deploy.io", "save"),
     "load": ("trp.deploy.io", "load"),
     "fold_batchnorm": ("trp.deploy.fold", "fold_batchnorm"),
@@ -83,11 +86,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from . import data, models
     from .core.allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
-    from .core.counting import count_macs, count_params, layer_macs
+    from .core.counting import MacCount, count_macs, count_params, layer_macs, mac_breakdown
     from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
     from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report
     from .core.schemes import SCHEMES, LowRank
     from .core.svd import SVDError
+    from .core.wrappers import unwrap
     from .deploy.export import ExportResult, export_onnx, ort_session
     from .deploy.fold import fold_batchnorm
     from .deploy.io import load, save

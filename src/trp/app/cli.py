@@ -299,6 +299,10 @@ def _summary_table(summary: CompressionSummary, before: Optional[float], after: 
         table.add_column(col, justify="right")
     table.add_row("conv MACs", f"{summary.conv_macs_before:,}", f"{summary.conv_macs_after:,}", f"{summary.conv_mac_reduction:.2f}x")
     table.add_row("all MACs", f"{summary.macs_before:,}", f"{summary.macs_after:,}", f"{summary.mac_reduction:.2f}x")
+    if summary.layer_macs_before is not None and summary.layer_macs_after is not None:
+        table.add_row("  in layers trp can split", f"{summary.layer_macs_before:,}", f"{summary.layer_macs_after:,}", "")
+        table.add_row("  everything else", f"{summary.macs_before - summary.layer_macs_before:,}",
+                      f"{summary.macs_after - summary.layer_macs_after:,}", "")
     table.add_row("params", f"{summary.params_before:,}", f"{summary.params_after:,}", f"{summary.param_ratio:.2f}x")
     if before is not None and after is not None:
         table.add_row("top-1", f"{before:.2f}%", f"{after:.2f}%", f"{after - before:+.2f} pt")

@@ -1,18 +1,20 @@
 """Before/after comparison of a model and its decomposition, and plain-text tables.
 
-MACs follow :mod:`trp.core.counting` (Conv2d and Linear only, one multiply-add = 1). The MAC
-reduction is MACs before / MACs after (SPEC §1.4; the paper calls it "speedup", but it is not
-measured time), reported for convs only (the paper's count) and for the whole model.
+MACs follow :mod:`trp.core.counting` (one multiply-add = 1). The MAC reduction is MACs before /
+MACs after (SPEC §1.4; the paper calls it "speedup", but it is not measured time), reported for
+convs only (the paper's count) and for the whole model (the full count: every matmul, conv and
+attention product), whose MACs are split into those counted in layers trp can split and
+everything else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
-from ..core.counting import count_macs, count_params
+from ..core.counting import count_macs, count_params, mac_breakdown
 
 __all__ = ["CompressionSummary", "summarize", "markdown_table"]
 
@@ -27,6 +29,9 @@ class CompressionSummary:
     macs_after: int
     params_before: int
     params_after: int
+    #: of ``macs_before`` / ``macs_after``: MACs counted in layers trp can split (the rest is everything else)
+    layer_macs_before: Optional[int] = None
+    layer_macs_after: Optional[int] = None
 
     @property
     def conv_mac_reduction(self) -> float:
@@ -47,13 +52,16 @@ class CompressionSummary:
 
 def summarize(original: nn.Module, compact: nn.Module, input_shape: Sequence[int]) -> CompressionSummary:
     """Count MACs (per ``input_shape``) and parameters of both models."""
+    before, after = mac_breakdown(original, input_shape), mac_breakdown(compact, input_shape)
     return CompressionSummary(
         conv_macs_before=count_macs(original, input_shape, convs_only=True),
         conv_macs_after=count_macs(compact, input_shape, convs_only=True),
-        macs_before=count_macs(original, input_shape),
-        macs_after=count_macs(compact, input_shape),
+        macs_before=before.total,
+        macs_after=after.total,
         params_before=count_params(original),
         params_after=count_params(compact),
+        layer_macs_before=before.in_layers,
+        layer_macs_after=after.in_layers,
     )
 
 

@@ -68,7 +68,7 @@ def pooled_spectrum(sigma: Tensor, keep: int = 0) -> Tensor:
 class WholeModelCriterion(ABC):
     """Base class: :meth:`allocate` maps all layers' spectra to one rank per layer."""
 
-    #: whether :meth:`allocate` needs real MAC counts (``decompose(..., input_shape=...)``)
+    #: whether :meth:`allocate` needs real MAC counts (``decompose(..., input_shape=...)`` or ``example_inputs``)
     needs_input_shape: bool = False
 
     def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]]) -> None:
@@ -97,16 +97,25 @@ def _dense_total(layers: Sequence[LayerSpectrum], fixed: int) -> int:
     return fixed + sum(layer.dense_macs for layer in layers)
 
 
-def _unreachable(what: str, best: float, k: int = 1) -> ValueError:
+def _unreachable(what: str, layers: Sequence[LayerSpectrum], fixed: int) -> ValueError:
+    dense = _dense_total(layers, fixed)
+    lowest = _total(layers, [1] * len(layers), fixed)
+    outside = fixed / dense if dense else 0.0
     return ValueError(
-        f"{what} cannot be reached: rank {k} in every selected layer gives a MAC reduction of only {best:.2f}x "
-        "(the first conv, 1x1 convs and the last linear stay dense by default); "
+        f"{what} cannot be reached: rank 1 in every selected layer gives only {dense / max(lowest, 1):.2f}x "
+        f"fewer MACs, because {outside:.0%} of the model's {dense:,} MACs are outside the selected layers "
+        "(layers not selected, e.g. the first conv and the last linear by default; layers trp cannot "
+        "split; attention matmuls and other products outside layers), and those stay; "
         "lower the target or select more layers with layers=..."
     )
 
 
 class TargetSpeedup(WholeModelCriterion):
     """Ranks that cut the model's MACs by at least ``x``, keeping the most spectral energy.
+
+    The MAC reduction is of the whole model by the full count (:func:`trp.count_macs`:
+    every matmul, conv and attention product); what lies outside the selected layers is a
+    fixed cost the reduction has to carry.
 
     Each layer's squared singular values are taken as fractions of the layer's energy;
     singular values are kept best energy-per-MAC first while the model fits the budget
@@ -115,7 +124,7 @@ class TargetSpeedup(WholeModelCriterion):
     low rank. ``convs_only`` counts conv
     MACs only, as the paper does. ``round_to=k`` keeps ranks that are multiples of ``k``
     (or a layer's full rank), which runtimes often run faster. Needs
-    ``decompose(..., input_shape=...)``.
+    ``decompose(..., input_shape=...)`` or ``example_inputs``.
     """
 
     needs_input_shape = True
@@ -233,7 +242,7 @@ class Global(WholeModelCriterion):
             budget = _dense_total(layers, fixed_macs) / self.speedup
             lowest = _total(layers, [1] * len(layers), fixed_macs)
             if lowest > budget:
-                raise _unreachable(f"Global(speedup={self.speedup:g})", _dense_total(layers, fixed_macs) / lowest)
+                raise _unreachable(f"Global(speedup={self.speedup:g})", layers, fixed_macs)
             # Bisect over the number of dropped values: the fewest that meets the budget.
             lo, hi = 0, total  # dropping everything (hi) leaves rank 1 per layer, which fits
             while lo < hi:

@@ -19,13 +19,15 @@ from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
-from .counting import count_macs, probe_forward
+from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
 from .criteria import Criterion, Energy, FixedRank, Value
+from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, select_layers, set_module
 from .safety import check_layer, check_outputs, direct_weight_readers, record_layer_inputs, run_model
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
 from .svd import FULL_SVD_MAX, checked_svd, top_svd
 from .targets import effective_weight, is_candidate, layer_kind
+from .wrappers import unwrap
 
 __all__ = [
     "LayerReport",
@@ -62,6 +64,9 @@ class Decomposition:
 
     model: nn.Module
     layers: list[LayerReport] = field(default_factory=list)
+    #: whole-model and per-layer MACs before / after (when inputs were given)
+    macs_before: Optional[MacCount] = None
+    macs_after: Optional[MacCount] = None
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -75,11 +80,11 @@ class Decomposition:
 def trace_sizes(
     model: nn.Module,
     modules: Sequence[nn.Module],
-    input_shape: Optional[Sequence[int]],
-    example_inputs: Any = None,
+    input_shape: Optional[Sequence[int]] = None,
+    example_inputs: Optional[ExampleInputs] = None,
 ) -> dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]]:
-    """Per-sample ``(out_hw, in_hw)`` of each module for one forward pass at ``input_shape``
-    (or on ``example_inputs``: a tensor, a tuple of inputs or a dict of keyword inputs).
+    """Per-sample ``(out_hw, in_hw)`` of each module for one forward pass on the given inputs
+    (``input_shape`` zeros, or ``example_inputs``: a tensor, a tuple of inputs or a dict of keyword inputs).
 
     For a Linear, ``out_hw`` is ``(positions, 1)``: how many vectors it is applied to; for a
     Conv1d, ``(1, length)``.
@@ -101,20 +106,7 @@ def trace_sizes(
             positions = output.numel() // (n_out * batch)
             sizes[module] = ((positions, 1), (positions, 1))
 
-    if example_inputs is None:
-        probe_forward(model, input_shape, {m: hook for m in modules})
-        return sizes
-    handles = [m.register_forward_hook(hook) for m in modules]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            run_model(model, example_inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for h in handles:
-            h.remove()
+    probe_forward(model, model_inputs(model, input_shape, example_inputs), {m: hook for m in modules})
     return sizes
 
 
@@ -188,12 +180,13 @@ def decompose_with_report(
     *,
     on_layer: Optional[LayerProgress] = None,
     exclude: Sequence[str] = (),
-    example_inputs: Any = None,
+    example_inputs: Optional[ExampleInputs] = None,
     round_to: int = 1,
 ) -> Decomposition:
     """Like :func:`decompose`, also returning what happened to each selected layer.
 
     ``on_layer(name, done, total)`` is called as each layer's spectrum is computed (progress).
+    With inputs, the report also holds the MACs before and after (:class:`~trp.core.counting.MacCount`).
     """
     get_scheme(scheme)  # unknown scheme -> ValueError before any work
     criterion = Energy(0.9) if criterion is None else criterion
@@ -205,7 +198,9 @@ def decompose_with_report(
             f"round_to applies to per-layer criteria; a whole-model criterion keeps its budget only when it "
             f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetSpeedup(x, round_to={round_to}))"
         )
-    new = copy.deepcopy(model)
+    has_inputs = inputs_given(input_shape, example_inputs)
+    new = copy.deepcopy(unwrap(model))
+    inputs = model_inputs(new, input_shape, example_inputs) if has_inputs else None
     converted = convert_attention(new)
     targets, skipped = select_layers(new, layers, exclude, scheme)
     readers = direct_weight_readers(new)
@@ -223,10 +218,13 @@ def decompose_with_report(
             + ". Pass layers=[names or glob patterns] or a predicate to choose layers explicitly."
         )
     whole = isinstance(criterion, WholeModelCriterion)
-    if whole and criterion.needs_input_shape and input_shape is None:
-        raise ValueError(f"{criterion!r} counts the model's MACs: pass input_shape=(1, C, H, W)")
-    probe = input_shape is not None or example_inputs is not None
-    sizes = trace_sizes(new, [m for _, m in targets], input_shape, example_inputs) if probe else {}
+    if whole and criterion.needs_input_shape and inputs is None:
+        raise ValueError(
+            f"{criterion!r} counts the model's MACs: pass input_shape=(1, C, H, W) or example_inputs"
+        )
+    sizes = trace_sizes(new, [m for _, m in targets], inputs) if inputs is not None else {}
+    if inputs is not None:
+        report.macs_before = mac_breakdown(new, inputs)
     check_inputs = _verification_inputs(new, input_shape, example_inputs)
     if check_inputs is not None:
         dense_output, layer_inputs = record_layer_inputs(new, dict(targets), check_inputs)
@@ -251,13 +249,16 @@ def decompose_with_report(
         convs_only = getattr(criterion, "convs_only", False)
         counted = [e for e in entries if not (convs_only and not isinstance(e[1], nn.Conv2d))]
         spectra = [
-            LayerSpectrum(name, svd[1], sch.macs(module, None, out_hw, in_hw),
-                          functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw))
+            LayerSpectrum(name, svd[1], *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs))
             for name, module, sch, svd, out_hw, in_hw in counted
         ]
         fixed = 0
-        if input_shape is not None:
-            fixed = count_macs(new, input_shape, convs_only=convs_only) - sum(sp.dense_macs for sp in spectra)
+        if report.macs_before is not None:
+            # Budgets are of the whole model: everything outside the counted layers is fixed.
+            before = report.macs_before
+            whole_count = before.total if not convs_only else sum(
+                c for n, c in before.layers.items() if isinstance(new.get_submodule(n), nn.Conv2d))
+            fixed = whole_count - sum(sp.dense_macs for sp in spectra)
         ranks = criterion.allocate(spectra, fixed)
         # With convs_only, linears are outside the budget: they keep full rank (stay dense).
         counted_names = {sp.name for sp in spectra}
@@ -301,6 +302,8 @@ def decompose_with_report(
     keep = {a for a in converted.originals
             if any(isinstance(m, LowRank) for m in new.get_submodule(a).modules())}
     restore_attention(new, converted, keep)
+    if inputs is not None:
+        report.macs_after = mac_breakdown(new, inputs)
 
     skipped = [(r.name, r.reason) for r in report.layers if r.status == "skipped"]
     if skipped:
@@ -367,7 +370,7 @@ def decompose(
     input_shape: Optional[Sequence[int]] = None,
     *,
     exclude: Sequence[str] = (),
-    example_inputs: Any = None,
+    example_inputs: Optional[ExampleInputs] = None,
     round_to: int = 1,
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
@@ -385,10 +388,34 @@ def decompose(
     against the dense one before it is returned; a split that is not exact raises
     RuntimeError naming the layer. ``round_to=k`` rounds a per-layer criterion's ranks up to
     multiples of ``k`` where that keeps the split cheaper than the dense layer (whole-model
-    criteria take their own ``round_to``). The input model is not modified.
+    criteria take their own ``round_to``). The input model is not modified; a
+    DistributedDataParallel, DataParallel or ``torch.compile`` wrapper is removed (the result is
+    the plain model inside).
     """
     return decompose_with_report(model, scheme, criterion, layers, input_shape, exclude=exclude,
                                  example_inputs=example_inputs, round_to=round_to).model
+
+
+def _layer_costs(sch, module: nn.Module, out_hw, in_hw, counted: Optional[MacCount], name: str, inputs):
+    """``(dense MACs, MACs at rank r)`` of a target for one forward pass on the inputs.
+
+    The scheme gives per-sample costs of one call; they are scaled to what the layer
+    really costs in the pass (batch, and every call of a layer used twice) from the
+    per-layer figures (a layer that did not run costs nothing); a layer of a kind those do
+    not cover is scaled by the batch size.
+    """
+    per_sample = sch.macs(module, None, out_hw, in_hw)
+    if counted is None:
+        return per_sample, functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw)
+    total = counted.layers.get(name)
+    if total is None:
+        # A layer the hooks cover but never saw did not run (e.g. an auxiliary head in eval): free.
+        total = 0 if splittable_kind(module) is not None else per_sample * inputs.batch_size
+
+    def macs(rank: int) -> int:
+        return sch.macs(module, rank, out_hw, in_hw) * total // max(per_sample, 1)
+
+    return total, macs
 
 
 def fit_criterion(
@@ -396,31 +423,38 @@ def fit_criterion(
     scheme: str,
     make_criterion: Callable[[float], RankCriterion],
     budget: int,
-    input_shape: Sequence[int],
+    input_shape: Optional[Sequence[int]] = None,
     convs_only: bool = False,
     lo: float = 0.0,
     hi: float = 1.0,
     steps: int = 14,
     layers: LayerSelector = None,
     exclude: Sequence[str] = (),
+    *,
+    example_inputs: Optional[ExampleInputs] = None,
 ) -> tuple[float, nn.Module]:
     """The largest ``t`` in ``(lo, hi)`` (by bisection) whose ``make_criterion(t)`` split has MACs <= ``budget``.
 
     For a criterion that keeps more as ``t`` grows (``Energy``, ``Ratio``). Returns ``t`` and
     the decomposed model; when even ``t`` near ``lo`` misses the budget, that smallest split.
+    MACs are counted on ``input_shape`` or ``example_inputs``.
     """
+    model = unwrap(model)
+    inputs = model_inputs(model, input_shape, example_inputs)
     best: Optional[tuple[float, nn.Module]] = None
     low, high = lo, hi
     for _ in range(steps):
         t = (low + high) / 2
-        compact = decompose(model, scheme, make_criterion(t), layers, input_shape, exclude=exclude)
-        if count_macs(compact, input_shape, convs_only=convs_only) <= budget:
+        compact = decompose(model, scheme, make_criterion(t), layers, input_shape, exclude=exclude,
+                            example_inputs=example_inputs)
+        if count_macs(compact, inputs, convs_only=convs_only) <= budget:
             best, low = (t, compact), t
         else:
             high = t
     if best is None:  # even the smallest ranks miss the budget: return those
         t = lo + (hi - lo) * 1e-6
-        return t, decompose(model, scheme, make_criterion(t), layers, input_shape, exclude=exclude)
+        return t, decompose(model, scheme, make_criterion(t), layers, input_shape, exclude=exclude,
+                            example_inputs=example_inputs)
     return best
 
 

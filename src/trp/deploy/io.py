@@ -7,11 +7,14 @@ Nothing is pickled. A file is untrusted: its recipe is checked against the model
 layers and schemes, ranks within each layer's maximum) and the stored tensor shapes against
 the rebuilt model before any weight is read, so a crafted file cannot make loading allocate
 more than the model itself; every failure is a ``ValueError`` naming the field.
+Nothing is pickled. A DistributedDataParallel, DataParallel or ``torch.compile`` wrapper is
+removed on both sides: names are the plain model's, never ``module.``-prefixed.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 import re
 import shutil
@@ -28,6 +31,7 @@ from torch import nn
 from ..core.decompose import apply_recipe, convert_recipe_attention, recipe_of
 from ..core.schemes import scheme_for
 from ..core.targets import is_candidate, split_reason
+from ..core.wrappers import unwrap, wrapper_prefix
 
 __all__ = [
     "save", "load", "read_metadata", "read_recipe", "parse_json_field", "stored_shapes",
@@ -68,8 +72,10 @@ class atomic_write:
 def save(model: nn.Module, path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:
     """Write ``model``'s weights and decomposition recipe to ``path`` (atomically).
 
-    ``metadata`` adds string entries (e.g. how to rebuild the original model).
+    ``metadata`` adds string entries (e.g. how to rebuild the original model). A wrapped
+    model (DDP, DataParallel, ``torch.compile``) is saved as the plain model inside.
     """
+    model = unwrap(model)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format=FORMAT, format_version=FORMAT_VERSION,
                 recipe=json.dumps(recipe_of(model), sort_keys=True))
@@ -242,9 +248,13 @@ def check_file(path: PathLike, model: nn.Module) -> dict[str, str]:
 def load(path: PathLike, model: nn.Module) -> nn.Module:
     """Rebuild the saved structure on ``model`` (the original, freshly built) and load weights.
 
-    ``model`` is modified in place and returned. Everything in the file is checked against
-    ``model`` before weights are read (see the module docstring); a bad file raises ValueError.
+    ``model`` is modified in place and returned; for a wrapped model (DDP, DataParallel,
+    ``torch.compile``) that is the plain model inside, which the caller wraps again. Everything in
+    the file is checked against ``model`` before weights are read (see the module docstring); a
+    bad file raises ValueError.
     """
+    model = unwrap(model)
+    _check_prefix(path, model)
     check_file(path, model)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -252,6 +262,10 @@ def load(path: PathLike, model: nn.Module) -> nn.Module:
         state = load_file(str(path), device=str(device))
     except Exception as err:
         raise ValueError(f"{path}: cannot read the weights ({err}); the file is corrupt") from None
+    # Modules that version their state (e.g. torchvision's MNASNet) read it from the metadata,
+    # which safetensors does not store: the fresh model's own is the right one.
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)  # names and shapes checked above
     return model
 
@@ -270,3 +284,18 @@ def remove_stale_temporaries(path: PathLike) -> list[Path]:
 def glob_escape(name: str) -> str:
     """``name`` with glob wildcards escaped."""
     return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _check_prefix(path: PathLike, model: nn.Module) -> None:
+    """A file whose names all carry a wrapper prefix the model lacks: say so, not "wrong architecture"."""
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+    prefix = wrapper_prefix(names)
+    own = wrapper_prefix(model.state_dict().keys())
+    if prefix is None or prefix == own:
+        return
+    raise ValueError(
+        f"{path}: every name in the checkpoint starts with {prefix!r} (it was saved from a "
+        "DistributedDataParallel/DataParallel or torch.compile wrapper), which this plain model's names lack; "
+        f"strip the prefix {prefix!r} from the names (or save the model with trp.save, which removes wrappers)"
+    )

@@ -21,11 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..core.allocation import LayerRanks
-from ..core.counting import count_macs
+from ..core.counting import mac_breakdown
 from ..core.decompose import trace_sizes
+from ..core.inputs import ExampleInputs, model_inputs
 from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import scheme_for
 from ..core.svd import checked_svd
+from ..core.wrappers import unwrap
 
 __all__ = ["iterative_rank_search"]
 
@@ -44,18 +46,20 @@ def iterative_rank_search(
     scheme: str,
     loader: DataLoader,
     target_speedup: float,
-    input_shape: Sequence[int],
+    input_shape: Optional[Sequence[int]] = None,
     layers: LayerSelector = None,
     shrink: float = 0.25,
     max_batches: int = 4,
     device: Optional[torch.device | str] = None,
     exclude: Sequence[str] = (),
+    *,
+    example_inputs: Optional[ExampleInputs] = None,
 ) -> LayerRanks:
     """Per-layer ranks reaching ``target_speedup`` (whole-model MACs) chosen on held-out data.
 
     ``loader`` should be held-out data (not the test split); its first ``max_batches``
-    batches score every trial. Returns a :class:`trp.LayerRanks` to pass to
-    :func:`trp.decompose`. ``model`` is not modified.
+    batches score every trial. MACs are counted on ``input_shape`` or ``example_inputs``.
+    Returns a :class:`trp.LayerRanks` to pass to :func:`trp.decompose`. ``model`` is not modified.
     """
     if not (isinstance(target_speedup, (int, float)) and math.isfinite(target_speedup) and target_speedup > 1):
         raise ValueError(f"target_speedup must be a number > 1, got {target_speedup!r}")
@@ -63,7 +67,7 @@ def iterative_rank_search(
         raise ValueError(f"shrink must lie in (0, 1), got {shrink!r}")
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
-    work = copy.deepcopy(model).to(device).eval()
+    work = copy.deepcopy(unwrap(model)).to(device).eval()
     targets, _ = select_layers(work, layers, exclude, scheme)
     if not targets:
         raise ValueError("nothing to search: no factorizable layer is selected")
@@ -75,26 +79,32 @@ def iterative_rank_search(
     if not batches:
         raise ValueError("the held-out loader is empty")
 
-    sizes = trace_sizes(work, [m for _, m in targets], input_shape)
-    total_dense = count_macs(work, input_shape)
+    inputs = model_inputs(work, input_shape, example_inputs)
+    sizes = trace_sizes(work, [m for _, m in targets], inputs)
+    counted = mac_breakdown(work, inputs)
+    total_dense = counted.total
     budget = total_dense / target_speedup
     state = []  # per layer: name, module, scheme, svd, dense macs, current rank
     for name, module in targets:
         sch = scheme_for(module, scheme)
         u, s, vh = checked_svd(sch.to_matrix(module.weight.detach()), f"layer {name!r}")
         out_hw, in_hw = sizes[module]
-        dense = sch.macs(module, None, out_hw, in_hw)
+        per_sample = sch.macs(module, None, out_hw, in_hw)
+        # Scaled to the whole pass (batch, repeated calls), as the full count is.
+        dense = counted.layers.get(name, per_sample * inputs.batch_size)
         # Largest rank that still saves MACs (rank >= it: the layer stays dense).
         rank = int(s.shape[-1])
-        while rank > 1 and sch.macs(module, rank, out_hw, in_hw) >= dense:
+        while rank > 1 and sch.macs(module, rank, out_hw, in_hw) >= per_sample:
             rank -= 1
         state.append({"name": name, "module": module, "sch": sch, "svd": (u, s, vh), "dense": dense,
+                      "per_sample": max(per_sample, 1),
                       "orig": module.weight.detach().clone(), "hw": (out_hw, in_hw), "rank": None, "start": rank})
 
     def cost(entry: dict, rank: Optional[int]) -> int:
         if rank is None:
             return entry["dense"]
-        return min(entry["sch"].macs(entry["module"], rank, *entry["hw"]), entry["dense"])
+        macs = entry["sch"].macs(entry["module"], rank, *entry["hw"]) * entry["dense"] // entry["per_sample"]
+        return min(macs, entry["dense"])
 
     def set_rank(entry: dict, rank: Optional[int]) -> None:
         w = entry["orig"]

@@ -56,6 +56,7 @@ from ..core.criteria import Energy, Value
 from ..core.decompose import RankCriterion, decompose, trace_sizes
 from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
+from ..core.inputs import ExampleInputs
 from ..core.svd import checked_svd
 from .sharded import ShardSetting, assign_owners, broadcast_results, resolve_group, unwrap_model
 from ..core.targets import projects_raw_weight
@@ -103,7 +104,8 @@ class TRP:
         self.period = period
         self.nuclear_weight = float(nuclear_weight)
         self.subgradient_period = sub_period
-        targets, skipped = select_layers(model, layers, exclude, scheme)
+        # Layer names are the plain model's (no wrapper prefix); the parameters are shared.
+        targets, skipped = select_layers(unwrap(model), layers, exclude, scheme)
         # Weight-standardized convs apply a function of their weight: projecting it does not
         # make what they apply low rank.
         skipped += [(n, "weight standardization: a low-rank stored weight does not give a low-rank "
@@ -173,9 +175,16 @@ class TRP:
         self.seconds += time.perf_counter() - start
 
     def decompose(
-        self, criterion: Optional[RankCriterion] = None, input_shape: Optional[tuple[int, ...]] = None
+        self,
+        criterion: Optional[RankCriterion] = None,
+        input_shape: Optional[tuple[int, ...]] = None,
+        *,
+        example_inputs: Optional[ExampleInputs] = None,
     ) -> nn.Module:
-        """Split the trained target layers (default criterion: the ``target``, else ``Value(0.05)``, SPEC §1.3)."""
+        """Split the trained target layers (default criterion: the ``target``, else ``Value(0.05)``, SPEC §1.3).
+
+        The result is the plain model (any DDP / torch.compile wrapper removed).
+        """
         if criterion is None:
             criterion = self.target if self.target is not None else Value(0.05)
         return decompose(
@@ -183,7 +192,8 @@ class TRP:
             scheme=self.scheme,
             criterion=criterion,
             layers=self.layer_names,
-            input_shape=input_shape if input_shape is not None else self.input_shape,
+            input_shape=input_shape if input_shape is not None or example_inputs is not None else self.input_shape,
+            example_inputs=example_inputs,
         )
 
     # -- state ----------------------------------------------------------------------------
