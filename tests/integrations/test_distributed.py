@@ -12,8 +12,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import trp
+import trp.methods.trained_rank
 from trp.methods import sharded
-from trp.methods.sharded import assign_owners, unwrap_model
+from trp.core.wrappers import unwrap as unwrap_model
+from trp.methods.sharded import assign_owners
 
 GLOBAL_BATCH = 8
 STEPS = 5

@@ -97,12 +97,12 @@ def _dense_total(layers: Sequence[LayerSpectrum], fixed: int) -> int:
     return fixed + sum(layer.dense_macs for layer in layers)
 
 
-def _unreachable(what: str, layers: Sequence[LayerSpectrum], fixed: int) -> ValueError:
+def _unreachable(what: str, layers: Sequence[LayerSpectrum], fixed: int, k: int = 1) -> ValueError:
     dense = _dense_total(layers, fixed)
-    lowest = _total(layers, [1] * len(layers), fixed)
+    lowest = _total(layers, [min(k, layer.max_rank) for layer in layers], fixed)
     outside = fixed / dense if dense else 0.0
     return ValueError(
-        f"{what} cannot be reached: rank 1 in every selected layer gives only {dense / max(lowest, 1):.2f}x "
+        f"{what} cannot be reached: rank {k} in every selected layer gives only {dense / max(lowest, 1):.2f}x "
         f"fewer MACs, because {outside:.0%} of the model's {dense:,} MACs are outside the selected layers "
         "(layers not selected, e.g. the first conv and the last linear by default; layers trp cannot "
         "split; attention matmuls and other products outside layers), and those stay; "
@@ -143,7 +143,7 @@ class TargetSpeedup(WholeModelCriterion):
         ranks = [min(k, layer.max_rank) for layer in layers]
         total = _total(layers, ranks, fixed_macs)
         if total > budget:
-            raise _unreachable(f"TargetSpeedup({self.x:g})", dense / total, k)
+            raise _unreachable(f"TargetSpeedup({self.x:g})", layers, fixed_macs, k)
         # Every block of k singular values beyond the first block of each layer is an item worth its
         # share of the layer's energy per MAC; take items best first while they fit. Within a layer the
         # worth never rises with the index, so each layer keeps a prefix; ties (exact zeros of

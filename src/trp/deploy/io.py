@@ -239,6 +239,7 @@ def check_file(path: PathLike, model: nn.Module) -> dict[str, str]:
     meta = read_metadata(path)
     recipe = read_recipe(meta, path)
     shapes = stored_shapes(path)
+    _check_prefix(path, list(shapes), model)
     check_recipe(model, recipe, path)
     apply_recipe(model, recipe)
     check_shapes(model, shapes, path)
@@ -254,7 +255,6 @@ def load(path: PathLike, model: nn.Module) -> nn.Module:
     bad file raises ValueError.
     """
     model = unwrap(model)
-    _check_prefix(path, model)
     check_file(path, model)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -286,10 +286,8 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def _check_prefix(path: PathLike, model: nn.Module) -> None:
+def _check_prefix(path: PathLike, names: list[str], model: nn.Module) -> None:
     """A file whose names all carry a wrapper prefix the model lacks: say so, not "wrong architecture"."""
-    with safe_open(str(path), framework="pt") as f:
-        names = list(f.keys())
     prefix = wrapper_prefix(names)
     own = wrapper_prefix(model.state_dict().keys())
     if prefix is None or prefix == own:

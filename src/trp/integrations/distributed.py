@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..methods.sharded import unwrap_model
+from ..core.wrappers import unwrap as unwrap_model
 
 __all__ = [
     "DistEnv",

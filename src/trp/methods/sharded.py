@@ -14,20 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["unwrap_model", "resolve_group", "assign_owners", "broadcast_results"]
+__all__ = ["resolve_group", "assign_owners", "broadcast_results"]
 
 ShardSetting = Union[bool, None, "dist.ProcessGroup"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
-        else:
-            return model
 
 
 def _find_ddp(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:

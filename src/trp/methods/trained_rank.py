@@ -58,7 +58,8 @@ from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.inputs import ExampleInputs
 from ..core.svd import checked_svd
-from .sharded import ShardSetting, assign_owners, broadcast_results, resolve_group, unwrap_model
+from ..core.wrappers import unwrap
+from .sharded import ShardSetting, assign_owners, broadcast_results, resolve_group
 from ..core.targets import projects_raw_weight
 
 __all__ = ["TRP"]
@@ -97,7 +98,7 @@ class TRP:
             raise ValueError("period=None and nuclear_weight=0 would do nothing: set one of them")
 
         self._group = resolve_group(model, shard)
-        model = unwrap_model(model)
+        model = unwrap(model)
         self.model = model
         self.scheme = scheme
         self.criterion = Energy(energy)
@@ -105,7 +106,7 @@ class TRP:
         self.nuclear_weight = float(nuclear_weight)
         self.subgradient_period = sub_period
         # Layer names are the plain model's (no wrapper prefix); the parameters are shared.
-        targets, skipped = select_layers(unwrap(model), layers, exclude, scheme)
+        targets, skipped = select_layers(model, layers, exclude, scheme)
         # Weight-standardized convs apply a function of their weight: projecting it does not
         # make what they apply low rank.
         skipped += [(n, "weight standardization: a low-rank stored weight does not give a low-rank "
