@@ -26,7 +26,7 @@ from .layers import LayerSelector, select_layers, set_module
 from .safety import check_layer, check_outputs, direct_weight_readers, record_layer_inputs, run_model
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
 from .svd import FULL_SVD_MAX, checked_svd, top_svd
-from .targets import effective_weight, is_candidate, layer_kind
+from .targets import effective_weight, is_candidate, layer_kind, split_reason
 from .wrappers import unwrap
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "trace_sizes",
     "recipe_of",
     "apply_recipe",
+    "check_recipe",
     "convert_recipe_attention",
 ]
 
@@ -480,22 +481,60 @@ def convert_recipe_attention(model: nn.Module, recipe: dict[str, Any]) -> None:
                 m.use_nested_tensor = False
 
 
-def apply_recipe(model: nn.Module, recipe: dict[str, dict[str, object]]) -> nn.Module:
-    """Give ``model`` (in place) the factorized structure ``recipe`` describes; weights unset."""
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_recipe(model: nn.Module, recipe: dict[str, Any], source: object = "recipe") -> None:
+    """Check every entry of ``recipe`` against ``model`` without building anything.
+
+    Each layer must exist and be one trp splits, each entry a mapping with a known
+    ``scheme`` and an integer ``rank`` between 1 and the layer's maximum rank under it.
+    """
     convert_recipe_attention(model, recipe)
     modules = dict(model.named_modules())
     for name, entry in recipe.items():
+        field = f"recipe[{_short(name)}]"
         module = modules.get(name)
         if module is None:
             raise ValueError(
-                f"the recipe splits layer {name!r}, which this model lacks: build the same "
-                "architecture (model name, input channels, classes) the checkpoint was saved from"
+                f"{source}: {field} splits a layer this model lacks: build the same architecture "
+                "(model name, input channels, classes) the file was saved from"
             )
         if not is_candidate(module):
-            raise ValueError(f"the recipe splits layer {name!r}, but it is a {type(module).__name__}")
+            raise ValueError(f"{source}: {field} splits a {type(module).__name__}, which trp does not split")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: {field} must be a mapping {{scheme, rank}}, got {_short(entry)}")
+        unknown = sorted(str(k) for k in entry if k not in ("scheme", "rank"))
+        if unknown:
+            raise ValueError(f"{source}: {field} has unknown key(s) {_short(unknown)}; known: rank, scheme")
+        scheme = entry.get("scheme")
+        if not isinstance(scheme, str):
+            raise ValueError(f"{source}: {field}.scheme must be a scheme name, got {_short(scheme)}")
+        reason = split_reason(module, scheme)
+        if reason is not None:
+            raise ValueError(f"{source}: {field} splits a layer trp does not split with scheme {scheme!r}: {reason}")
+        try:
+            sch = scheme_for(module, scheme)
+        except ValueError as err:
+            raise ValueError(f"{source}: {field}.scheme: {err}") from None
         rank = entry.get("rank")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"the recipe gives layer {name!r} an invalid rank {rank!r}")
-        sch = scheme_for(module, str(entry.get("scheme")))
-        set_module(model, name, sch.build(module, rank))
+        max_rank = sch.max_rank(module)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+            raise ValueError(
+                f"{source}: {field}.rank must be an integer from 1 to {max_rank} (the layer's maximum "
+                f"rank under scheme {scheme!r}), got {_short(rank)}"
+            )
+
+
+def apply_recipe(model: nn.Module, recipe: dict[str, Any], source: object = "recipe") -> nn.Module:
+    """Give ``model`` (in place) the factorized structure ``recipe`` describes; weights unset.
+
+    The whole recipe is checked first (:func:`check_recipe`; ``source`` names it in errors).
+    """
+    check_recipe(model, recipe, source)  # also rebuilds the attention modules the recipe splits
+    modules = dict(model.named_modules())
+    for name, entry in recipe.items():
+        set_module(model, name, scheme_for(modules[name], entry["scheme"]).build(modules[name], entry["rank"]))
     return model

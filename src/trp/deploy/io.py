@@ -28,9 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.decompose import apply_recipe, convert_recipe_attention, recipe_of
-from ..core.schemes import scheme_for
-from ..core.targets import is_candidate, split_reason
+from ..core.decompose import apply_recipe, check_recipe, recipe_of
 from ..core.wrappers import unwrap, wrapper_prefix
 
 __all__ = [
@@ -53,9 +51,6 @@ class atomic_write:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         self.tmp = Path(tmp)
         return self.tmp
 
@@ -63,7 +58,8 @@ class atomic_write:
         if exc_type is None:
             umask = os.umask(0)
             os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # writers that recreate the file make it 0600 again
+            # mkstemp makes 0600 (and writers that recreate the file too): give it the usual mode
+            os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
@@ -148,53 +144,6 @@ def read_recipe(meta: dict[str, str], path: PathLike) -> dict[str, Any]:
     return recipe
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_recipe(model: nn.Module, recipe: dict[str, Any], source: PathLike = "recipe") -> None:
-    """Check every entry of ``recipe`` against ``model`` without building anything.
-
-    Each layer must exist and be one trp splits, each entry a mapping with a known
-    ``scheme`` and an integer ``rank`` between 1 and the layer's maximum rank under it.
-    """
-    convert_recipe_attention(model, recipe)
-    modules = dict(model.named_modules())
-    for name, entry in recipe.items():
-        field = f"recipe[{_short(name)}]"
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(
-                f"{source}: {field} splits a layer this model lacks: build the same architecture "
-                "(model name, input channels, classes) the file was saved from"
-            )
-        if not is_candidate(module):
-            raise ValueError(f"{source}: {field} splits a {type(module).__name__}, which trp does not split")
-        if not isinstance(entry, dict):
-            raise ValueError(f"{source}: {field} must be a mapping {{scheme, rank}}, got {_short(entry)}")
-        unknown = sorted(str(k) for k in entry if k not in ("scheme", "rank"))
-        if unknown:
-            raise ValueError(f"{source}: {field} has unknown key(s) {_short(unknown)}; known: rank, scheme")
-        scheme = entry.get("scheme")
-        if not isinstance(scheme, str):
-            raise ValueError(f"{source}: {field}.scheme must be a scheme name, got {_short(scheme)}")
-        reason = split_reason(module, scheme)
-        if reason is not None:
-            raise ValueError(f"{source}: {field} splits a layer trp does not split with scheme {scheme!r}: {reason}")
-        try:
-            sch = scheme_for(module, scheme)
-        except ValueError as err:
-            raise ValueError(f"{source}: {field}.scheme: {err}") from None
-        rank = entry.get("rank")
-        max_rank = sch.max_rank(module)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-            raise ValueError(
-                f"{source}: {field}.rank must be an integer from 1 to {max_rank} (the layer's maximum "
-                f"rank under scheme {scheme!r}), got {_short(rank)}"
-            )
-
-
 def stored_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor stored in a safetensors file (read from the header only)."""
     try:
@@ -240,8 +189,7 @@ def check_file(path: PathLike, model: nn.Module) -> dict[str, str]:
     recipe = read_recipe(meta, path)
     shapes = stored_shapes(path)
     _check_prefix(path, list(shapes), model)
-    check_recipe(model, recipe, path)
-    apply_recipe(model, recipe)
+    apply_recipe(model, recipe, path)  # checks every entry before building anything
     check_shapes(model, shapes, path)
     return meta
 
