@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .targets import layer_kind
 from .inputs import ExampleInputs, ModelInputs, model_inputs
 from .wrappers import unwrap
 
@@ -70,17 +71,7 @@ def _extra_formulas() -> dict[Any, Callable[..., int]]:
 
 def splittable_kind(module: nn.Module) -> Optional[str]:
     """``"conv2d"``, ``"conv1d"``, ``"linear"`` or ``"hf_conv1d"`` for a layer trp can split, else None."""
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Conv1d):
-        return "conv1d"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    # Hugging Face's Conv1D (GPT-2): a linear with a transposed (in, out) weight.
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor) and weight.ndim == 2:
-        return "hf_conv1d"
-    return None
+    return layer_kind(module)
 
 
 def _inputs_per_output(module: nn.Module, kind: str) -> int:
