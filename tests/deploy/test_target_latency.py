@@ -213,3 +213,14 @@ def test_without_calibration_the_table_is_scaled_to_the_model():
     ranks, predicted = crit.plan(spectra, 2.0)
     assert predicted >= 2.0 and sum(table.layers[n].split_time(r) for n, r in ranks.items()) <= 15.0
     assert crit.plan(spectra, None)[1] == pytest.approx(5.0)  # 30 / 6
+
+
+def test_a_noisy_measurement_does_not_stall_the_search():
+    from trp.deploy.target_latency import Calibration
+
+    crit = trp.TargetLatency(1.5, table=_table({"a": (10.0, [1], [1.0])}, 20.0))
+    # 1.65 measured slower than 1.5 (noise): read as equal, the search moves on past 1.65
+    crit.history = [Calibration(1.0, 1.0, {}), Calibration(10.0, 10.0, {}), Calibration(1.5, 1.36, {}),
+                    Calibration(1.65, 1.32, {})]
+    nxt = crit._next_target(fastest=10.0)
+    assert 1.65 * 1.01 < nxt < 10.0

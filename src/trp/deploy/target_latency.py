@@ -345,16 +345,23 @@ class TargetLatency(WholeModelCriterion):
 
     def _next_target(self, fastest: float) -> float:
         """The next internal target: between the closest measured points around ``x``, else scaled by ``x / measured``
-        (by at most 30%)."""
-        below = [c for c in self.history if c.measured < self.x]
-        above = [c for c in self.history if c.measured >= self.x]
+        (by at most 30%).
+
+        The measured speedups are first read as non-decreasing in the target (a least-squares fit), so a
+        noisy measurement cannot make the search step back onto a target already tried.
+        """
+        points = sorted(self.history, key=lambda c: c.target)
+        smooth = _nondecreasing([c.measured for c in points])
+        below = [(c.target, m) for c, m in zip(points, smooth) if m < self.x]
+        above = [(c.target, m) for c, m in zip(points, smooth) if m >= self.x]
         if below and above:
-            lo = max(below, key=lambda c: c.measured)
-            hi = min(above, key=lambda c: c.measured)
-            if hi.measured > lo.measured:
-                w = math.log(self.x / lo.measured) / math.log(hi.measured / lo.measured)
-                return math.exp(math.log(lo.target) + w * math.log(hi.target / lo.target))
-        last = self.history[-1]
+            (t_lo, m_lo), (t_hi, m_hi) = below[-1], above[0]
+            if m_hi > m_lo:
+                w = math.log(self.x / m_lo) / math.log(m_hi / m_lo)
+                target = math.exp(math.log(t_lo) + w * math.log(t_hi / t_lo))
+                if not any(abs(c.target / target - 1.0) < 1e-3 for c in self.history):
+                    return target
+        last = self._best() if len(self.history) > 1 else self.history[-1]
         # one noisy measurement must not throw the target far: at most a 30% step per round
         factor = min(max(self.x / last.measured, 1 / 1.3), 1.3)
         return min(max(last.target * factor, 1.0 + 1e-6), fastest)
