@@ -13,20 +13,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from ..deploy.batchnorm import recalibrate_batchnorm
 from ..core.counting import count_macs
+from ..core.allocation import TargetSpeedup
 from ..core.criteria import Criterion, Energy, Value
 from ..core.decompose import decompose, fit_criterion
 from .engine import ProgressFactory, Trainer, TrainConfig, evaluate, make_loader
 from ..deploy.io import atomic_write
+from ..deploy.latency import Timer, compare_latency
+from ..deploy.target_latency import TargetLatency, _inference_form
 from .report import markdown_table, summarize
 
-__all__ = ["DEMO_CONFIG", "DEMO_CRITERION", "DEMO_LATENCY", "run_demo", "match_conv_macs", "measure_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_CRITERION", "DEMO_LATENCY", "run_demo", "match_conv_macs", "match_measured_speedup",
+           "measure_demo"]
 
 # The demo's training run (CPU-sized); the TRP run only changes `method`.
 DEMO_CONFIG = TrainConfig(
@@ -44,6 +50,32 @@ def match_conv_macs(
 ) -> tuple[float, nn.Module]:
     """The largest energy ``e`` (by bisection) whose decomposition has conv MACs <= ``target``."""
     return fit_criterion(model, scheme, Energy, target, input_shape, convs_only=True, steps=steps, layers="paper")
+
+
+def match_measured_speedup(
+    model: nn.Module, scheme: str, speedup: float, input_shape: tuple[int, ...], runtime: str, batch: int,
+    rounds: int = 5, tolerance: float = 0.03, timer: Optional[Timer] = None,
+) -> tuple[float, nn.Module]:
+    """The MAC-based split (``TargetSpeedup(y)``, paper layers) whose measured speedup is closest to ``speedup``.
+
+    ``y`` starts at ``speedup`` and is rescaled by ``speedup / measured`` each round (at most 1.5x per
+    round); returns ``(y, split model)`` of the closest round.
+    """
+    folded = _inference_form(model)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    x = torch.randn((batch, *input_shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
+    y, best = speedup, None
+    for _ in range(rounds):
+        split = decompose(model, scheme, TargetSpeedup(y), "paper", input_shape)
+        measured = compare_latency(folded, _inference_form(split), x, runtime, timer=timer).speedup
+        if best is None or abs(math.log(measured / speedup)) < abs(math.log(best[2] / speedup)):
+            best = (y, split, measured)
+        if abs(measured / speedup - 1.0) <= tolerance:
+            break
+        y = max(1.0 + 1e-6, y * min(max(speedup / measured, 1 / 1.5), 1.5))
+    assert best is not None
+    return best[0], best[1]
 
 
 def run_demo(
@@ -142,7 +174,6 @@ def measure_demo(base: nn.Module, base_compact: nn.Module, trp_model: nn.Module,
                  shape: tuple[int, ...], loader, device, log: Callable[[Any], None] = print) -> tuple[dict[str, Any], str]:
     """Measured speedups (eager and ONNX Runtime, batch 1 and 64) of the demo's splits, and the TRP model split
     with :class:`trp.TargetLatency` (``DEMO_LATENCY``); returns the records and a Markdown section."""
-    from ..deploy.target_latency import TargetLatency
     from .bench import bench_models
 
     x, runtime, batch = DEMO_LATENCY
@@ -151,9 +182,13 @@ def measure_demo(base: nn.Module, base_compact: nn.Module, trp_model: nn.Module,
     note = ""
     log(f"splitting the TRP+Nu model for a measured {x:g}x in {runtime} at batch {batch} (profiling its layers)")
     try:
-        latency_split = decompose(trp_model, scheme, TargetLatency(x, runtime=runtime, batch_size=batch),
-                                  input_shape=shape)
+        latency = TargetLatency(x, runtime=runtime, batch_size=batch)
+        latency_split = decompose(trp_model, scheme, latency, "paper", shape)
         splits.append((f"TRP+Nu, decomposed (latency:{x:g}:{runtime}:{batch})", trp_model, latency_split))
+        # The MAC-based split at the same measured speedup, for the accuracy comparison.
+        mac_x, mac_split = match_measured_speedup(trp_model, scheme, latency.measured or x, shape, runtime, batch)
+        splits.append((f"TRP+Nu, decomposed (MAC-based, speed:{mac_x:.2f}, same measured speedup)", trp_model,
+                       mac_split))
     except ValueError as err:
         note = f"\nTargetLatency({x:g}) for the TRP+Nu model: {err}\n"
     measured = []
