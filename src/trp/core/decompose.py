@@ -25,7 +25,8 @@ from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, select_layers, set_module
 from .safety import check_layer, check_outputs, direct_weight_readers, record_layer_inputs, run_model
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
-from .svd import FULL_SVD_MAX, checked_svd, top_svd
+from .svd import FULL_SVD_MAX, checked_svd, scaled_energy, top_svd
+from .topspectra import LayerMatrix, allocate_leading
 from .targets import effective_weight, is_candidate, layer_kind, split_reason
 from .wrappers import unwrap
 
@@ -131,10 +132,7 @@ def _top_needs(criterion: RankCriterion, matrix: Tensor) -> Optional[tuple[int, 
     if isinstance(criterion, Value):
         return 64, lambda top: bool(top[-1] < criterion.t), lambda top: top
     if isinstance(criterion, Energy):
-        matrix = matrix.detach()
-        scale = torch.maximum(matrix.max(), -matrix.min()).double().clamp_min(torch.finfo(torch.float64).tiny)
-        # The squared Frobenius norm, normalised, in row blocks: no full float64 copy of a large weight.
-        total = sum((rows.double() / scale).square().sum() for rows in matrix.split(1024))
+        scale, total = scaled_energy(matrix)  # the squared Frobenius norm of matrix / scale
 
         def with_rest(top: Tensor) -> Tensor:
             top = top.double() / scale
@@ -233,25 +231,37 @@ def decompose_with_report(
         criterion.prepare(model, scheme, layers, input_shape)
 
     # Pass 1: spectra and MAC costs of every target.
-    # Large layers under a per-layer criterion get only the top of their spectrum (core.svd.top_svd).
+    # Large layers get only the top of their spectrum: under a per-layer criterion as much as it
+    # needs (core.svd.top_svd), under a whole-model criterion as much as the allocation needs
+    # (core.topspectra), so there the SVDs wait for pass 2.
     entries, rank_spectra = [], {}
-    for i, (name, module) in enumerate(targets):
-        sch = scheme_for(module, scheme)
-        (u, s, vh), for_rank = _layer_svd(criterion, sch.to_matrix(effective_weight(module).detach()), f"layer {name!r}")
-        if for_rank is not None:
-            rank_spectra[name] = for_rank
-        out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
-        entries.append((name, module, sch, (u, s, vh), out_hw, in_hw))
+    done = 0
+
+    def progress(name: str) -> None:
+        nonlocal done
+        done += 1
         if on_layer is not None:
-            on_layer(name, i + 1, len(targets))
+            on_layer(name, done, len(targets))
+
+    for name, module in targets:
+        sch = scheme_for(module, scheme)
+        out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
+        svd = None
+        if not whole:
+            svd, for_rank = _layer_svd(criterion, sch.to_matrix(effective_weight(module).detach()), f"layer {name!r}")
+            if for_rank is not None:
+                rank_spectra[name] = for_rank
+            progress(name)
+        entries.append([name, module, sch, svd, out_hw, in_hw])
 
     # Pass 2: ranks, per layer or for the whole model at once.
     if whole:
         convs_only = getattr(criterion, "convs_only", False)
         counted = [e for e in entries if not (convs_only and not isinstance(e[1], nn.Conv2d))]
-        spectra = [
-            LayerSpectrum(name, svd[1], *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs))
-            for name, module, sch, svd, out_hw, in_hw in counted
+        matrices = [
+            LayerMatrix(name, sch.to_matrix(effective_weight(module).detach()),
+                        *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs))
+            for name, module, sch, _, out_hw, in_hw in counted
         ]
         fixed = 0
         if report.macs_before is not None:
@@ -259,11 +269,16 @@ def decompose_with_report(
             before = report.macs_before
             whole_count = before.total if not convs_only else sum(
                 c for n, c in before.layers.items() if isinstance(new.get_submodule(n), nn.Conv2d))
-            fixed = whole_count - sum(sp.dense_macs for sp in spectra)
-        ranks = criterion.allocate(spectra, fixed)
-        # With convs_only, linears are outside the budget: they keep full rank (stay dense).
-        counted_names = {sp.name for sp in spectra}
-        ranks.update({e[0]: int(e[3][1].shape[-1]) for e in entries if e[0] not in counted_names})
+            fixed = whole_count - sum(m.dense_macs for m in matrices)
+        svds, ranks = allocate_leading(criterion, matrices, fixed, on_svd=progress)
+        for entry in entries:
+            entry[3] = svds.get(entry[0])
+        # With convs_only, linears are outside the budget: they keep full rank (stay dense, no SVD).
+        counted_names = {m.name for m in matrices}
+        for name, module, sch, *_ in entries:
+            if name not in counted_names:
+                ranks[name] = sch.max_rank(module)
+                progress(name)
     else:
         ranks = {}
         for name, module, sch, svd, out_hw, in_hw in entries:
@@ -276,7 +291,8 @@ def decompose_with_report(
 
     # Pass 3: factorize where MACs drop.
     split: dict[str, tuple[nn.Module, Tensor, LayerReport]] = {}
-    for name, module, sch, (u, s, vh), out_hw, in_hw in entries:
+    for name, module, sch, svd, out_hw, in_hw in entries:
+        u, s, vh = svd if svd is not None else (None, None, None)
         max_rank = sch.max_rank(module)
         before = sch.macs(module, None, out_hw, in_hw)
         if name not in ranks:
@@ -284,11 +300,14 @@ def decompose_with_report(
                                              reason=f"{criterion!r} gives it no rank"))
             continue
         rank = ranks[name]
-        if not 1 <= rank <= s.shape[-1]:  # a truncated spectrum: the rank lies within it
+        if not 1 <= rank <= max_rank:
             raise ValueError(f"criterion {criterion!r} returned rank {rank} for layer {name!r} (1..{max_rank})")
         after = sch.macs(module, rank, out_hw, in_hw)
         entry = LayerReport(name, sch.name, "dense", rank, max_rank, before, after)
         if after < before:
+            if s is None or rank > s.shape[-1]:  # the truncated spectra were chosen to hold every split rank
+                raise RuntimeError(f"trp.decompose: layer {name!r} got rank {rank} beyond the "
+                                   f"{0 if s is None else s.shape[-1]} singular values computed; please report this")
             set_module(new, name, sch.factorize(module, u, s, vh, rank))
             entry.status = "factorized"
             if check_inputs is not None:
