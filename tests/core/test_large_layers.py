@@ -33,7 +33,6 @@ def _layer(m: int = 160, n: int = 300, seed: int = 0) -> nn.Linear:
 def small_full_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """Treat matrices with more than 32 singular values as large, so tests stay fast."""
     monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", 32)
-    monkeypatch.setattr(trp.core.decompose, "FULL_SVD_MAX", 32)
 
 
 def _model() -> nn.Sequential:
@@ -46,11 +45,10 @@ def test_truncated_split_matches_the_full_svd(small_full_limit: None, criterion:
     model = _model()
     calls = []
     real = trp.core.svd.checked_svd
-    for module in (trp.core.svd, trp.core.decompose):
-        monkeypatch.setattr(module, "checked_svd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(trp.core.svd, "checked_svd", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = trp.decompose_with_report(model, criterion=criterion, layers=["0"])
     assert not calls  # no full SVD was needed
-    monkeypatch.setattr(trp.core.decompose, "FULL_SVD_MAX", 10**9)
+    monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", 10**9)
     exact = trp.decompose_with_report(model, criterion=criterion, layers=["0"])
     got, want = fast.layers[0], exact.layers[0]
     assert (got.rank, got.max_rank, got.status) == (want.rank, want.max_rank, "factorized")

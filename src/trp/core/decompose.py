@@ -20,13 +20,12 @@ from torch import Tensor, nn
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
-from .criteria import Criterion, Energy, FixedRank, Value
+from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, select_layers, set_module
 from .safety import check_layer, check_outputs, direct_weight_readers, record_layer_inputs, run_model
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
-from .svd import FULL_SVD_MAX, checked_svd, scaled_energy, top_svd
-from .topspectra import LayerMatrix, allocate_leading
+from .topspectra import LayerMatrix, allocate_leading, leading_svd
 from .targets import effective_weight, is_candidate, layer_kind, split_reason
 from .wrappers import unwrap
 
@@ -119,40 +118,6 @@ def _kept_rank(criterion: RankCriterion, sigma: Tensor) -> int:
     if isinstance(criterion, Criterion):
         return int(criterion.ranks(sigma).max())
     return max(int(criterion(row)) for row in sigma.reshape(-1, sigma.shape[-1]))
-
-
-def _top_needs(criterion: RankCriterion, matrix: Tensor) -> Optional[tuple[int, Callable[[Tensor], bool], Callable[[Tensor], Tensor]]]:
-    """For a criterion that needs only the top of a spectrum: ``(start, enough, for_rank)``, else None.
-
-    ``enough(top)`` says whether the top singular values decide the rank; ``for_rank(top)`` is
-    the spectrum to give the criterion (for Energy, the top plus one value standing for the rest).
-    """
-    if isinstance(criterion, FixedRank):
-        return criterion.k, lambda top: top.numel() >= criterion.k, lambda top: top
-    if isinstance(criterion, Value):
-        return 64, lambda top: bool(top[-1] < criterion.t), lambda top: top
-    if isinstance(criterion, Energy):
-        scale, total = scaled_energy(matrix)  # the squared Frobenius norm of matrix / scale
-
-        def with_rest(top: Tensor) -> Tensor:
-            top = top.double() / scale
-            rest = (total - top.square().sum()).clamp_min(0).sqrt()
-            return torch.cat([top, rest.reshape(1)])
-
-        return 64, lambda top: criterion(with_rest(top)) <= top.numel(), with_rest
-    return None
-
-
-def _layer_svd(criterion: RankCriterion, matrix: Tensor, what: str) -> tuple[tuple[Tensor, Tensor, Tensor], Optional[Tensor]]:
-    """The SVD a layer needs under ``criterion`` and, when truncated, the spectrum to choose its rank from."""
-    needs = None if isinstance(criterion, WholeModelCriterion) else _top_needs(criterion, matrix)
-    if needs is None or matrix.ndim != 2 or min(matrix.shape) <= FULL_SVD_MAX:
-        return checked_svd(matrix, what), None
-    start, enough, for_rank = needs
-    u, s, vh = top_svd(matrix, what, enough, start=start)
-    if s.shape[-1] == min(matrix.shape):  # fell back to the full SVD
-        return (u, s, vh), None
-    return (u, s, vh), for_rank(s)
 
 
 LayerProgress = Callable[[str, int, int], None]
@@ -248,7 +213,7 @@ def decompose_with_report(
         out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
         svd = None
         if not whole:
-            svd, for_rank = _layer_svd(criterion, sch.to_matrix(effective_weight(module).detach()), f"layer {name!r}")
+            svd, for_rank = leading_svd(criterion, sch.to_matrix(effective_weight(module).detach()), f"layer {name!r}")
             if for_rank is not None:
                 rank_spectra[name] = for_rank
             progress(name)

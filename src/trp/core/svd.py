@@ -61,8 +61,8 @@ def top_svd(
     what: str,
     enough: Callable[[Tensor], bool],
     start: int = 64,
-    oversample: int = 16,
-    niter: int = 3,
+    oversample: int = 32,
+    niter: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Leading singular triplets ``(U, S, Vh)`` of one matrix, as many as ``enough(S)`` needs.
 
