@@ -226,6 +226,9 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
                 )
         with progress_bars(not no_progress and _is_main()) as bars:
             trainer = engine.Trainer(config, run_dir, bars)
+            if trainer.skipped_images and trainer.env.is_main:
+                console.print(f"skipped {len(trainer.skipped_images)} corrupt image(s) (--skip-corrupt); listed in "
+                              f"{run_dir / engine.SKIPPED_IMAGES}", markup=False, highlight=False)
             if resume:
                 trainer.resume()
                 if trainer.env.is_main:

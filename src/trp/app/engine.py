@@ -3,7 +3,8 @@
 A run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl``
 (one JSON object per epoch), ``checkpoint.pt`` (written atomically after every epoch;
 loads with ``torch.load(weights_only=True)``) and, when training ends, ``model.safetensors``
-(:func:`trp.save` format, with the metadata needed to rebuild the model). Each epoch
+(:func:`trp.save` format, with the metadata needed to rebuild the model), and with
+``skip_corrupt`` the image files left out (``skipped_images.txt``, :func:`screen_datasets`). Each epoch
 reseeds the random generators from ``(seed, epoch)``, so a run resumed from its last
 checkpoint ends exactly where an uninterrupted run would (on CPU).
 
@@ -503,8 +504,6 @@ class Trainer:
                 listing = self.run_dir / SKIPPED_IMAGES
                 with atomic_write(listing) as tmp:
                     tmp.write_text("".join(f"{path}\t{reason}\n" for path, reason in self.skipped_images))
-                warnings.warn(f"skipped {len(self.skipped_images)} corrupt image(s) (--skip-corrupt), listed in "
-                              f"{listing}", stacklevel=3)
         test_loader = make_loader(distributed.eval_shard(self.test_set, self.env), 512, False, workers=self.config.workers)
         row: dict[str, Any] = self.last_row
         if self.config.epochs == 0 and not row:  # evaluate the given weights only

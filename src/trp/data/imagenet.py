@@ -129,7 +129,8 @@ def _decode_error(path: str) -> Optional[str]:
     try:
         load_image(path)
     except ValueError as err:
-        return str(err).split(": replace or remove it")[0].removeprefix(f"corrupt or unreadable image {path} ")
+        reason = str(err).split(": replace or remove it")[0].removeprefix(f"corrupt or unreadable image {path} ")
+        return reason[1:-1] if reason.startswith("(") and reason.endswith(")") else reason
     return None
 
 
