@@ -3,7 +3,9 @@
 ``nn.MultiheadAttention`` is first rebuilt from separate projection layers
 (:mod:`trp.core.attention`); layers whose weight a parent reads directly stay dense
 (:mod:`trp.core.safety`). Given example inputs (or ``input_shape``), the result is checked once
-before it is returned: a split that is not exact is an error naming the layer.
+before it is returned: a split that is not exact is an error naming the layer. Layers with
+more than ``trp.core.svd.FULL_SVD_MAX`` singular values get only the leading ones their rank
+needs (:mod:`trp.core.topspectra`); ``on_layer`` reports progress per layer.
 """
 
 from __future__ import annotations

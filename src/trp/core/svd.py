@@ -4,6 +4,12 @@
 singular triplets of a large matrix (a randomized SVD), growing their
 number until the caller's test says they suffice, and falls back to the full SVD when most
 of the spectrum is needed anyway.
+
+Precision: SVDs run in float32 (float64 for float64 weights, and as the retry of a failed
+float32 SVD); the float32 randomized SVD matches the full one to float32 rounding in the
+triplets it returns. Sums of squared singular values are taken in float64 after scaling
+(:func:`scaled_energy`): in float32 they overflow for weights above ~1e19 and lose the
+small tail of a long spectrum.
 """
 
 from __future__ import annotations
