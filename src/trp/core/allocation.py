@@ -308,6 +308,15 @@ class Global(WholeModelCriterion):
             ranks = self._ranks(normalized, order, lo)
         return {layer.name: r for layer, r in zip(layers, ranks)}
 
+    def leading_needed(self, layer: LayerSpectrum, rank: int) -> Optional[int]:
+        # A layer that dropped a known value dropped its whole unknown tail too: the smallest value
+        # kept anywhere is at least that dropped value, which bounds the tail. Known values are
+        # exact, so the same values drop whatever the tail holds (and the budget search agrees).
+        return min(rank + 1, layer.max_rank)
+
+    def leading_bound(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> Optional[dict[str, int]]:
+        return {layer.name: layer.max_rank for layer in layers}  # any layer may keep everything
+
     def spec(self) -> str:
         if self.drop is not None:
             return f"global:{self.drop:g}"
