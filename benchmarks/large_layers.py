@@ -131,7 +131,7 @@ def _markdown(rows: list[dict]) -> str:
     """One line per layer and criterion: before (full SVD) and after (leading triplets)."""
     lines = ["| layer | criterion | rank (full / top) | full SVD s | top s | time ratio | peak MB (full / top) |",
              "|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["layer"], r["criterion"]) for r in rows}, key=lambda k: [r["layer"] for r in rows].index(k[0]))
+    keys = list(dict.fromkeys((r["layer"], r["criterion"]) for r in rows))  # in the order run
     for layer, spec in keys:
         got = {r["path"]: r for r in rows if (r["layer"], r["criterion"]) == (layer, spec)}
         full, top = got.get("full"), got.get("top")
