@@ -133,7 +133,7 @@ def allocate_leading(
             if on_svd is not None:
                 on_svd(layer.name)
     energy = {name: _svd.scaled_energy(l.matrix) for name, l in large.items()}
-    wanted = {name: max(1, min(bounds[name], max(8, l.max_rank // 16))) for name, l in large.items()}
+    wanted = {name: _step(max(8, l.max_rank // 16), bounds[name]) for name, l in large.items()}
     reported: set[str] = set()
     while True:
         for name, q in wanted.items():
@@ -160,7 +160,12 @@ def allocate_leading(
                 # Double (a need read off a padded tail is no guide), stopping once at the full
                 # SVD's threshold, a third of the spectrum.
                 third = spectrum.max_rank // 3
-                q = min(2 * known, max(bounds[spectrum.name], need))
+                q = _step(2 * known, max(bounds[spectrum.name], need))
                 wanted[spectrum.name] = min(q, third) if known < third else q
         if not wanted:
             return svds, ranks
+
+
+def _step(q: int, bound: int) -> int:
+    """``q`` values, or all ``bound`` the criterion can need when that is at most a quarter more."""
+    return max(1, bound if bound <= q * 5 // 4 else q)
