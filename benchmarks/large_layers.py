@@ -11,7 +11,8 @@ layer has a flat spectrum: Energy(0.9) would need most of it, and the full SVD i
 Criteria: FixedRank(256), Energy(0.9), TargetSpeedup(4) (a MAC reduction of 4 for the layer).
 The script checks that both paths choose the same rank and reports the split's relative error
 against the dense layer. Writes benchmarks/results/large_layers.{json,md}
-(``--quick``: large_layers-quick.{json,md}).
+(``--quick``: large_layers-quick.*; a partial run with --layers/--only/--skip-full-large:
+large_layers-partial.*).
 
 Expected times, float32 on a 2-core shared CPU (noisy; an idle or larger machine is faster):
 - ``--quick`` (Linear(1536, 4128) and Linear(2500, 2500), both paths): about 1-3 minutes in all.
@@ -119,7 +120,9 @@ def main() -> None:
                       f"peak {row['peak_rss_mb']} MB", flush=True)
     table = _markdown(rows)
     print("\n" + table)
-    name = "large_layers-quick" if args.quick else "large_layers"
+    # a partial run (--layers, --only, --skip-full-large) never replaces the full table
+    partial = args.layers or args.only or args.skip_full_large
+    name = "large_layers-quick" if args.quick else "large_layers-partial" if partial else "large_layers"
     RESULTS.mkdir(exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor(), "command": " ".join(["python"] + sys.argv)}
