@@ -340,11 +340,12 @@ R18_SHAPE = (1, 3, 224, 224)
 def resnet18() -> tuple[nn.Module, int, int]:
     """Random-init ResNet-18 with its dense (all, conv) MACs; SVDs are memoized for the module.
 
-    trp.core.decompose takes the SVD of every selected layer on each call; the spectra do not
-    depend on the criterion, so the module reuses them (same values, far less time).
+    trp.core.decompose takes the SVD of every selected layer on each call (through
+    trp.core.svd.checked_svd); the spectra do not depend on the criterion, so the module reuses
+    them (same values, far less time).
     """
-    decompose_module = importlib.import_module("trp.core.decompose")
-    real_svd = decompose_module.checked_svd
+    svd_module = importlib.import_module("trp.core.svd")
+    real_svd = svd_module.checked_svd
     cache: dict[tuple, tuple] = {}
 
     def memo_svd(matrix: torch.Tensor, what: str):
@@ -357,7 +358,7 @@ def resnet18() -> tuple[nn.Module, int, int]:
     torch.manual_seed(0)
     model = trp.models.create_model("resnet18", num_classes=10)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(decompose_module, "checked_svd", memo_svd)
+        mp.setattr(svd_module, "checked_svd", memo_svd)
         yield model, trp.count_macs(model, R18_SHAPE), trp.count_macs(model, R18_SHAPE, convs_only=True)
 
 

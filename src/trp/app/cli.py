@@ -163,6 +163,10 @@ def main() -> None:
 @click.option("--holdout", type=int, default=0, show_default=True, help="Keep the last N training examples out of "
               "training (scores `trp decompose --criterion search:X`).")
 @click.option("--image-size", type=int, default=None, help="ImageNet crop size [default: 224].")
+@click.option("--verify-images", is_flag=True, default=False, help="Image folders: decode every image once before "
+              "training; corrupt ones fail the run with one error listing them all.")
+@click.option("--skip-corrupt", is_flag=True, default=False, help="Image folders: decode every image once and leave "
+              "the corrupt ones out (listed in RUN/skipped_images.txt); train on the rest.")
 @click.option("--steps-per-epoch", type=int, default=None, help="Stop each epoch after this many batches "
               "(smoke runs) [default: the whole training set].")
 @click.option("--layers", default=None, help=LAYERS_HELP)
@@ -222,6 +226,9 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
                 )
         with progress_bars(not no_progress and _is_main()) as bars:
             trainer = engine.Trainer(config, run_dir, bars)
+            if trainer.skipped_images and trainer.env.is_main:
+                console.print(f"skipped {len(trainer.skipped_images)} corrupt image(s) (--skip-corrupt); listed in "
+                              f"{run_dir / engine.SKIPPED_IMAGES}", markup=False, highlight=False)
             if resume:
                 trainer.resume()
                 if trainer.env.is_main:
@@ -562,7 +569,12 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (CIFAR).")
 @click.option("--seed", type=int, default=None, help="Split seed (MNIST-5k) [default: the run's seed, else 0].")
 @click.option("--device", default="auto", show_default=True)
-def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], device: str) -> None:
+@click.option("--verify-images", is_flag=True, help="Image folders: decode every test image first; corrupt ones "
+              "fail with one error listing them all.")
+@click.option("--skip-corrupt", is_flag=True, help="Image folders: leave corrupt test images out (listed) and "
+              "evaluate on the rest.")
+def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], device: str, verify_images: bool,
+                 skip_corrupt: bool) -> None:
     """Evaluate a saved (compact) model on its data set's test split."""
     try:
         dev = engine.resolve_device(device)
@@ -571,6 +583,14 @@ def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], devic
         if seed is None:
             seed = config.seed if config else 0
         loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
+        if verify_images or skip_corrupt:
+            with progress_bars(sys.stdout.isatty()) as bars:
+                skipped = engine.screen_datasets([loader.dataset], skip_corrupt, bars)
+            if skipped:
+                listed = "\n".join(f"  {p} ({reason})" for p, reason in skipped[:10])
+                more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+                console.print(f"skipped {len(skipped)} corrupt image(s) (--skip-corrupt):\n{listed}{more}",
+                              markup=False, highlight=False)
         start = time.perf_counter()
         metrics = engine.evaluate(model, loader, dev)
         seconds = time.perf_counter() - start

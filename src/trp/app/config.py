@@ -164,6 +164,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)
     layers: Optional[Union[str, list[str]]] = None  # layer selection (see the module docstring)
     exclude: list[str] = field(default_factory=list)  # glob patterns of layers left dense
+    verify_images: bool = False  # image folders: decode every image before training; corrupt ones: one error
+    skip_corrupt: bool = False  # image folders: drop corrupt images (listed in skipped_images.txt) and go on
 
     def __post_init__(self) -> None:
         if self.weight_decay is None:
@@ -267,6 +269,9 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
                 raise ValueError(f"{name} must be an integer from {low} to {high}, got {v!r}")
 
+        for flag in ("verify_images", "skip_corrupt"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         number("momentum", 0.0, 1.0)
         number("gamma", 0.0, 1.0, low_open=True)
         number("energy", 0.0, 1.0, low_open=True)
@@ -322,7 +327,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 
 # Settings a resumed run may change: more epochs, and how (not what) it computes.
-RESUMABLE = ("epochs", "workers", "device", "data_dir")
+RESUMABLE = ("epochs", "workers", "device", "data_dir", "verify_images", "skip_corrupt")
 
 
 def parse_milestones(text: str) -> list[int]:

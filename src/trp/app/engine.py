@@ -3,7 +3,8 @@
 A run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl``
 (one JSON object per epoch), ``checkpoint.pt`` (written atomically after every epoch;
 loads with ``torch.load(weights_only=True)``) and, when training ends, ``model.safetensors``
-(:func:`trp.save` format, with the metadata needed to rebuild the model). Each epoch
+(:func:`trp.save` format, with the metadata needed to rebuild the model), and with
+``skip_corrupt`` the image files left out (``skipped_images.txt``, :func:`screen_datasets`). Each epoch
 reseeds the random generators from ``(seed, epoch)``, so a run resumed from its last
 checkpoint ends exactly where an uninterrupted run would (on CPU).
 
@@ -57,6 +58,8 @@ __all__ = [
     "resolve_device",
     "load_model_file",
     "check_finite",
+    "screen_datasets",
+    "SKIPPED_IMAGES",
     "load_config",
     "read_checkpoint",
     "read_config_file",
@@ -255,6 +258,10 @@ class Trainer:
         train_set, test_set, info = get_datasets(config.data, config.data_dir, seed=config.seed, image_size=config.image_size,
                                                     hflip=config.hflip)
         self.spec = ModelSpec.from_info(config.model, info)
+        self.skipped_images: list[tuple[str, str]] = []
+        if config.verify_images or config.skip_corrupt:
+            self.skipped_images = screen_datasets([train_set, test_set], config.skip_corrupt, self.progress,
+                                                  threads=config.workers)
         train_set, _ = holdout_split(train_set, config.holdout)
         self.train_set, self.test_set = train_set, test_set
         torch.manual_seed(config.seed)
@@ -493,6 +500,10 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+            if self.skipped_images:
+                listing = self.run_dir / SKIPPED_IMAGES
+                with atomic_write(listing) as tmp:
+                    tmp.write_text("".join(f"{path}\t{reason}\n" for path, reason in self.skipped_images))
         test_loader = make_loader(distributed.eval_shard(self.test_set, self.env), 512, False, workers=self.config.workers)
         row: dict[str, Any] = self.last_row
         if self.config.epochs == 0 and not row:  # evaluate the given weights only
@@ -574,6 +585,29 @@ def train(
         trainer.resume()
     trainer.run(stop_after=stop_after)
     return trainer
+
+
+SKIPPED_IMAGES = "skipped_images.txt"
+
+
+def screen_datasets(datasets: list[Dataset], skip: bool, progress: Optional[ProgressFactory] = None,
+                    threads: int = 0) -> list[tuple[str, str]]:
+    """Decode every image of the image-folder data sets among ``datasets`` once (``--verify-images``).
+
+    Corrupt images raise one ValueError listing them, or with ``skip`` (``--skip-corrupt``) are
+    dropped from their data set and returned as ``(path, reason)``. Data sets read from arrays
+    (MNIST, CIFAR) have nothing to decode: a warning says the option does nothing for them.
+    """
+    from ..data.imagenet import screen_images
+
+    folders = [d for d in datasets if hasattr(d, "samples") and hasattr(d, "root")]
+    if not folders:
+        warnings.warn("--verify-images/--skip-corrupt check image folders (--data imagenet); this data set "
+                      "is read from arrays, so there is nothing to check", stacklevel=2)
+        return []
+    total = sum(len(d.samples) for d in folders)
+    advance = progress(total, "checking images") if progress is not None else None
+    return screen_images(folders, skip, advance, threads)
 
 
 def check_finite(model: nn.Module, what: str) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LayerSpectrum", "WholeModelCriterion", "TargetSpeedup", "Global", "LayerRanks", "pooled_spectrum",
-    "check_round_to", "round_rank",
+    "check_round_to", "round_rank", "break_even_rank",
 ]
 
 
@@ -85,8 +85,33 @@ class WholeModelCriterion(ABC):
     def spec(self) -> str:
         """The criterion as a CLI string, e.g. ``speedup:3``."""
 
+    def leading_needed(self, layer: LayerSpectrum, rank: int) -> Optional[int]:
+        """How many leading singular values of ``layer`` must be exact for :meth:`allocate`'s ``rank``
+        to be its choice, whatever the rest of the spectrum; None (the default): all of them.
+
+        A criterion that answers lets :func:`trp.decompose` compute only the top of a large
+        layer's spectrum (the rest stands in as equal values carrying the remaining energy).
+        """
+        return None
+
+    def leading_bound(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> Optional[dict[str, int]]:
+        """Per layer, the most leading singular values :meth:`leading_needed` can ask for; None: unknown."""
+        return None
+
     def __call__(self, sigma: Tensor) -> int:
         raise TypeError(f"{self!r} chooses ranks for the whole model; pass it to trp.decompose")
+
+
+def break_even_rank(layer: LayerSpectrum) -> int:
+    """The smallest rank at which the split costs at least the dense layer (``max_rank + 1`` if none)."""
+    lo, hi = 1, layer.max_rank + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if layer.macs(mid) >= layer.dense_macs:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _total(layers: Sequence[LayerSpectrum], ranks: Sequence[int], fixed: int) -> int:
@@ -169,6 +194,35 @@ class TargetSpeedup(WholeModelCriterion):
             else:
                 closed.add(li)  # its later items cannot be taken without this one
         return {layer.name: r for layer, r in zip(layers, ranks)}
+
+    def leading_needed(self, layer: LayerSpectrum, rank: int) -> Optional[int]:
+        # Layers keep prefixes; a layer below full rank was stopped by the item after its rank,
+        # one at full rank took the item that crossed its break-even rank (later items cost
+        # nothing). Tail items rank behind those, so only the values up to them matter.
+        k, m = self.round_to, layer.max_rank
+        if rank < m:
+            return min(rank + k, m)
+        return min(-(-break_even_rank(layer) // k) * k, m)
+
+    def leading_bound(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> Optional[dict[str, int]]:
+        budget = _dense_total(layers, fixed_macs) / self.x
+        k = self.round_to
+        floor = [layer.cost(min(k, layer.max_rank)) for layer in layers]
+        if fixed_macs + sum(floor) > budget:
+            return None  # unreachable: allocate says so
+        bounds = {}
+        for layer, own in zip(layers, floor):
+            room = budget - (fixed_macs + sum(floor) - own)
+            lo, hi = min(k, layer.max_rank), layer.max_rank  # the largest affordable rank
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if layer.cost(mid) <= room:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            # No allocation gives the layer more than rank lo; below full rank it needs lo + k values.
+            bounds[layer.name] = self.leading_needed(layer, lo) if lo == layer.max_rank else min(lo + k, layer.max_rank)
+        return bounds
 
     def spec(self) -> str:
         return f"speedup:{self.x:g}" + (":convs" if self.convs_only else "")
@@ -254,6 +308,15 @@ class Global(WholeModelCriterion):
             ranks = self._ranks(normalized, order, lo)
         return {layer.name: r for layer, r in zip(layers, ranks)}
 
+    def leading_needed(self, layer: LayerSpectrum, rank: int) -> Optional[int]:
+        # A layer that dropped a known value dropped its whole unknown tail too: the smallest value
+        # kept anywhere is at least that dropped value, which bounds the tail. Known values are
+        # exact, so the same values drop whatever the tail holds (and the budget search agrees).
+        return min(rank + 1, layer.max_rank)
+
+    def leading_bound(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> Optional[dict[str, int]]:
+        return {layer.name: layer.max_rank for layer in layers}  # any layer may keep everything
+
     def spec(self) -> str:
         if self.drop is not None:
             return f"global:{self.drop:g}"
@@ -282,6 +345,12 @@ class LayerRanks(WholeModelCriterion):
                 f"selected: {', '.join(sorted(known))}"
             )
         return {layer.name: min(self.ranks[layer.name], layer.max_rank) for layer in layers if layer.name in self.ranks}
+
+    def leading_needed(self, layer: LayerSpectrum, rank: int) -> Optional[int]:
+        return rank  # the ranks do not depend on the spectrum
+
+    def leading_bound(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> Optional[dict[str, int]]:
+        return {layer.name: min(self.ranks.get(layer.name, 1), layer.max_rank) for layer in layers}
 
     def spec(self) -> str:
         return "ranks:" + ",".join(f"{n}={r}" for n, r in self.ranks.items())

@@ -3,7 +3,9 @@
 ``nn.MultiheadAttention`` is first rebuilt from separate projection layers
 (:mod:`trp.core.attention`); layers whose weight a parent reads directly stay dense
 (:mod:`trp.core.safety`). Given example inputs (or ``input_shape``), the result is checked once
-before it is returned: a split that is not exact is an error naming the layer.
+before it is returned: a split that is not exact is an error naming the layer. Layers with
+more than ``trp.core.svd.FULL_SVD_MAX`` singular values get only the leading ones their rank
+needs (:mod:`trp.core.topspectra`); ``on_layer`` reports progress per layer.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from torch import Tensor, nn
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
-from .criteria import Criterion, Energy, FixedRank, Value
+from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, select_layers, set_module
 from .safety import check_layer, check_outputs, direct_weight_readers, record_layer_inputs, run_model
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
-from .svd import FULL_SVD_MAX, checked_svd, top_svd
+from .topspectra import LayerMatrix, allocate_leading, leading_svd
 from .targets import effective_weight, is_candidate, layer_kind, split_reason
 from .wrappers import unwrap
 
@@ -120,43 +122,6 @@ def _kept_rank(criterion: RankCriterion, sigma: Tensor) -> int:
     return max(int(criterion(row)) for row in sigma.reshape(-1, sigma.shape[-1]))
 
 
-def _top_needs(criterion: RankCriterion, matrix: Tensor) -> Optional[tuple[int, Callable[[Tensor], bool], Callable[[Tensor], Tensor]]]:
-    """For a criterion that needs only the top of a spectrum: ``(start, enough, for_rank)``, else None.
-
-    ``enough(top)`` says whether the top singular values decide the rank; ``for_rank(top)`` is
-    the spectrum to give the criterion (for Energy, the top plus one value standing for the rest).
-    """
-    if isinstance(criterion, FixedRank):
-        return criterion.k, lambda top: top.numel() >= criterion.k, lambda top: top
-    if isinstance(criterion, Value):
-        return 64, lambda top: bool(top[-1] < criterion.t), lambda top: top
-    if isinstance(criterion, Energy):
-        matrix = matrix.detach()
-        scale = torch.maximum(matrix.max(), -matrix.min()).double().clamp_min(torch.finfo(torch.float64).tiny)
-        # The squared Frobenius norm, normalised, in row blocks: no full float64 copy of a large weight.
-        total = sum((rows.double() / scale).square().sum() for rows in matrix.split(1024))
-
-        def with_rest(top: Tensor) -> Tensor:
-            top = top.double() / scale
-            rest = (total - top.square().sum()).clamp_min(0).sqrt()
-            return torch.cat([top, rest.reshape(1)])
-
-        return 64, lambda top: criterion(with_rest(top)) <= top.numel(), with_rest
-    return None
-
-
-def _layer_svd(criterion: RankCriterion, matrix: Tensor, what: str) -> tuple[tuple[Tensor, Tensor, Tensor], Optional[Tensor]]:
-    """The SVD a layer needs under ``criterion`` and, when truncated, the spectrum to choose its rank from."""
-    needs = None if isinstance(criterion, WholeModelCriterion) else _top_needs(criterion, matrix)
-    if needs is None or matrix.ndim != 2 or min(matrix.shape) <= FULL_SVD_MAX:
-        return checked_svd(matrix, what), None
-    start, enough, for_rank = needs
-    u, s, vh = top_svd(matrix, what, enough, start=start)
-    if s.shape[-1] == min(matrix.shape):  # fell back to the full SVD
-        return (u, s, vh), None
-    return (u, s, vh), for_rank(s)
-
-
 LayerProgress = Callable[[str, int, int], None]
 
 
@@ -233,25 +198,37 @@ def decompose_with_report(
         criterion.prepare(model, scheme, layers, input_shape)
 
     # Pass 1: spectra and MAC costs of every target.
-    # Large layers under a per-layer criterion get only the top of their spectrum (core.svd.top_svd).
+    # Large layers get only the top of their spectrum: under a per-layer criterion as much as it
+    # needs (core.svd.top_svd), under a whole-model criterion as much as the allocation needs
+    # (core.topspectra), so there the SVDs wait for pass 2.
     entries, rank_spectra = [], {}
-    for i, (name, module) in enumerate(targets):
-        sch = scheme_for(module, scheme)
-        (u, s, vh), for_rank = _layer_svd(criterion, sch.to_matrix(effective_weight(module).detach()), f"layer {name!r}")
-        if for_rank is not None:
-            rank_spectra[name] = for_rank
-        out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
-        entries.append((name, module, sch, (u, s, vh), out_hw, in_hw))
+    done = 0
+
+    def progress(name: str) -> None:
+        nonlocal done
+        done += 1
         if on_layer is not None:
-            on_layer(name, i + 1, len(targets))
+            on_layer(name, done, len(targets))
+
+    for name, module in targets:
+        sch = scheme_for(module, scheme)
+        out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
+        svd = None
+        if not whole:
+            svd, for_rank = leading_svd(criterion, sch.to_matrix(effective_weight(module).detach()), f"layer {name!r}")
+            if for_rank is not None:
+                rank_spectra[name] = for_rank
+            progress(name)
+        entries.append([name, module, sch, svd, out_hw, in_hw])
 
     # Pass 2: ranks, per layer or for the whole model at once.
     if whole:
         convs_only = getattr(criterion, "convs_only", False)
         counted = [e for e in entries if not (convs_only and not isinstance(e[1], nn.Conv2d))]
-        spectra = [
-            LayerSpectrum(name, svd[1], *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs))
-            for name, module, sch, svd, out_hw, in_hw in counted
+        matrices = [
+            LayerMatrix(name, sch.to_matrix(effective_weight(module).detach()),
+                        *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs))
+            for name, module, sch, _, out_hw, in_hw in counted
         ]
         fixed = 0
         if report.macs_before is not None:
@@ -259,11 +236,16 @@ def decompose_with_report(
             before = report.macs_before
             whole_count = before.total if not convs_only else sum(
                 c for n, c in before.layers.items() if isinstance(new.get_submodule(n), nn.Conv2d))
-            fixed = whole_count - sum(sp.dense_macs for sp in spectra)
-        ranks = criterion.allocate(spectra, fixed)
-        # With convs_only, linears are outside the budget: they keep full rank (stay dense).
-        counted_names = {sp.name for sp in spectra}
-        ranks.update({e[0]: int(e[3][1].shape[-1]) for e in entries if e[0] not in counted_names})
+            fixed = whole_count - sum(m.dense_macs for m in matrices)
+        svds, ranks = allocate_leading(criterion, matrices, fixed, on_svd=progress)
+        for entry in entries:
+            entry[3] = svds.get(entry[0])
+        # With convs_only, linears are outside the budget: they keep full rank (stay dense, no SVD).
+        counted_names = {m.name for m in matrices}
+        for name, module, sch, *_ in entries:
+            if name not in counted_names:
+                ranks[name] = sch.max_rank(module)
+                progress(name)
     else:
         ranks = {}
         for name, module, sch, svd, out_hw, in_hw in entries:
@@ -276,7 +258,8 @@ def decompose_with_report(
 
     # Pass 3: factorize where MACs drop.
     split: dict[str, tuple[nn.Module, Tensor, LayerReport]] = {}
-    for name, module, sch, (u, s, vh), out_hw, in_hw in entries:
+    for name, module, sch, svd, out_hw, in_hw in entries:
+        u, s, vh = svd if svd is not None else (None, None, None)
         max_rank = sch.max_rank(module)
         before = sch.macs(module, None, out_hw, in_hw)
         if name not in ranks:
@@ -284,11 +267,14 @@ def decompose_with_report(
                                              reason=f"{criterion!r} gives it no rank"))
             continue
         rank = ranks[name]
-        if not 1 <= rank <= s.shape[-1]:  # a truncated spectrum: the rank lies within it
+        if not 1 <= rank <= max_rank:
             raise ValueError(f"criterion {criterion!r} returned rank {rank} for layer {name!r} (1..{max_rank})")
         after = sch.macs(module, rank, out_hw, in_hw)
         entry = LayerReport(name, sch.name, "dense", rank, max_rank, before, after)
         if after < before:
+            if s is None or rank > s.shape[-1]:  # the truncated spectra were chosen to hold every split rank
+                raise RuntimeError(f"trp.decompose: layer {name!r} got rank {rank} beyond the "
+                                   f"{0 if s is None else s.shape[-1]} singular values computed; please report this")
             set_module(new, name, sch.factorize(module, u, s, vh, rank))
             entry.status = "factorized"
             if check_inputs is not None:

@@ -4,6 +4,12 @@
 singular triplets of a large matrix (a randomized SVD), growing their
 number until the caller's test says they suffice, and falls back to the full SVD when most
 of the spectrum is needed anyway.
+
+Precision: SVDs run in float32 (float64 for float64 weights, and as the retry of a failed
+float32 SVD); the float32 randomized SVD matches the full one to float32 rounding in the
+triplets it returns. Sums of squared singular values are taken in float64 after scaling
+(:func:`scaled_energy`): in float32 they overflow for weights above ~1e19 and lose the
+small tail of a long spectrum.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["SVDError", "checked_svd", "top_svd", "FULL_SVD_MAX"]
+__all__ = ["SVDError", "checked_svd", "top_svd", "scaled_energy", "FULL_SVD_MAX"]
 
 # Matrices whose smaller side is at most this always get the full SVD (it takes well under a second).
 FULL_SVD_MAX = 1024
@@ -61,13 +67,13 @@ def top_svd(
     what: str,
     enough: Callable[[Tensor], bool],
     start: int = 64,
-    oversample: int = 16,
-    niter: int = 3,
+    oversample: int = 32,
+    niter: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Leading singular triplets ``(U, S, Vh)`` of one matrix, as many as ``enough(S)`` needs.
 
     ``enough`` receives the top ``q`` singular values (descending) and says whether they decide
-    the rank; ``q`` starts at ``start`` (at most an eighth of the spectrum) and doubles. Small
+    the rank; ``q`` starts at ``start`` (at most a third of the spectrum) and doubles. Small
     matrices, batches, and a ``q`` beyond a third of the spectrum get the full :func:`checked_svd`
     instead. The randomized SVD uses its own seeded generator: results repeat and the global
     random state is untouched.
@@ -77,7 +83,7 @@ def top_svd(
     if matrix.ndim != 2 or k <= FULL_SVD_MAX:
         return checked_svd(matrix, what)
     dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-    q = max(1, min(start, k // 8))
+    q = max(1, min(start, k // 3))
     with torch.autocast(device_type=matrix.device.type, enabled=False):
         work = matrix.to(dtype)
         while q <= k // 3:
@@ -90,6 +96,21 @@ def top_svd(
                 return u, s, vh
             q *= 2
     return checked_svd(matrix, what)
+
+
+def scaled_energy(matrix: Tensor) -> tuple[float, float]:
+    """``(scale, total)``: the largest absolute entry and ``||matrix / scale||_F²``, in float64.
+
+    The squared Frobenius norm is the sum of all squared singular values, so it normalises a
+    spectrum of which only the top is known. It is summed in row blocks (no float64 copy of a
+    large weight) after dividing by ``scale``, so weights of any magnitude neither overflow
+    nor underflow when squared.
+    """
+    matrix = matrix.detach()
+    flat = matrix.reshape(-1, matrix.shape[-1])
+    scale = float(flat.abs().max().double().clamp_min(torch.finfo(torch.float64).tiny)) if flat.numel() else 1.0
+    total = sum(float((rows.double() / scale).square().sum()) for rows in flat.split(1024))
+    return scale, total
 
 
 def _randomized_svd(matrix: Tensor, q: int, niter: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -4,6 +4,10 @@ Expected layout: ``DATA_DIR/{train,val}/<class>/<image>.JPEG``, one sub-folder p
 each split, with the same class folders in both (the usual layout after re-foldering the
 ImageNet validation images into per-class folders). Any number of classes works, so a
 subset or a small fake tree loads the same way as the full 1000-class set.
+
+A corrupt image fails with a ValueError naming it when it is reached; :func:`find_corrupt_images`
+decodes every image up front, and :func:`screen_images` turns what it finds into one error
+listing the files, or drops them (``skip=True``, the CLI's ``--skip-corrupt``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional, Sequence
 
 from torchvision import transforms
 from PIL import Image
@@ -26,6 +31,10 @@ __all__ = [
     "imagenet_layout",
     "imagenet_transform",
     "load_image",
+    "find_corrupt_images",
+    "drop_images",
+    "screen_images",
+    "CORRUPT_FIX",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -104,8 +113,80 @@ def load_image(path: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(
             f"corrupt or unreadable image {path} ({type(err).__name__}: {err}): replace or remove it, "
-            "then start again (PIL's verify() on each file finds all such images)"
+            f"then start again. {CORRUPT_FIX}"
         ) from None
+
+
+CORRUPT_FIX = (
+    "To find every such file before training, pass --verify-images (config: verify_images: true); "
+    "to leave them out and train on the rest, pass --skip-corrupt (config: skip_corrupt: true), "
+    "which lists them in the run directory's skipped_images.txt."
+)
+
+
+def _decode_error(path: str) -> Optional[str]:
+    """Why the image at ``path`` does not decode, or None when it does."""
+    try:
+        load_image(path)
+    except ValueError as err:
+        reason = str(err).split(": replace or remove it")[0].removeprefix(f"corrupt or unreadable image {path} ")
+        return reason[1:-1] if reason.startswith("(") and reason.endswith(")") else reason
+    return None
+
+
+def find_corrupt_images(
+    dataset: Any, advance: Optional[Callable[[int], None]] = None, threads: int = 0
+) -> list[tuple[str, str]]:
+    """``(path, reason)`` of every image of an ImageFolder-style ``dataset`` (``.samples``) that does not decode.
+
+    Each image is decoded once, in ``threads`` threads (0: up to 8, by CPU count);
+    ``advance(n)`` is called as images are checked (progress).
+    """
+    paths = [str(path) for path, _ in dataset.samples]
+    threads = threads or min(8, os.cpu_count() or 1)
+    bad = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for path, reason in zip(paths, pool.map(_decode_error, paths, chunksize=64)):
+            if reason is not None:
+                bad.append((path, reason))
+            if advance is not None:
+                advance(1)
+    return bad
+
+
+def drop_images(dataset: Any, paths: Sequence[str]) -> None:
+    """Remove ``paths`` from an ImageFolder-style ``dataset`` in place (labels of the rest unchanged)."""
+    gone = {str(p) for p in paths}
+    dataset.samples = [s for s in dataset.samples if str(s[0]) not in gone]
+    dataset.imgs = dataset.samples
+    dataset.targets = [label for _, label in dataset.samples]
+    if not dataset.samples:
+        raise ValueError(f"no readable image left in {dataset.root}: every image is corrupt; replace the files")
+
+
+def screen_images(
+    datasets: Sequence[Any], skip: bool, advance: Optional[Callable[[int], None]] = None, threads: int = 0
+) -> list[tuple[str, str]]:
+    """Decode every image of the ImageFolder-style ``datasets`` once; corrupt ones raise one
+    ValueError listing them all (the first 10 and a count), or with ``skip`` are dropped.
+
+    Returns the dropped ``(path, reason)`` pairs (empty when all images decode).
+    """
+    found = [(dataset, find_corrupt_images(dataset, advance, threads)) for dataset in datasets]
+    bad = [item for _, items in found for item in items]
+    if bad and not skip:
+        listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        roots = ", ".join(str(dataset.root) for dataset, items in found if items)
+        raise ValueError(
+            f"{len(bad)} corrupt or unreadable image(s) in {roots}: {listed}{more}. Replace or remove "
+            "them, or pass --skip-corrupt (config: skip_corrupt: true) to train on the rest (the skipped "
+            "files are then listed in the run directory's skipped_images.txt)."
+        )
+    for dataset, items in found:
+        if items:
+            drop_images(dataset, [path for path, _ in items])
+    return bad
 
 
 def imagenet(

@@ -14,7 +14,9 @@ Use it inside any training loop (SPEC §1.3)::
 
 Cost: target weights with the same matrix shape are projected with one batched SVD,
 and the projection's factors give the sub-gradient ``U_r V_rᵀ`` that ``regularize``
-then adds at every step until the next projection (one ``add_`` per layer). With
+then adds at every step until the next projection (one ``add_`` per layer). A projection of
+a large layer (above ``trp.core.svd.FULL_SVD_MAX`` singular values) computes only the leading
+triplets it keeps (:mod:`trp.core.topspectra`), in float32 for float32 weights. With
 ``period=None`` no projection happens (nuclear-norm-only training) and the
 sub-gradient ``U Vᵀ`` over the nonzero singular values is refreshed every
 ``subgradient_period`` steps. With a ``GradScaler``, call ``scaler.unscale_(optimizer)``
@@ -57,7 +59,9 @@ from ..core.decompose import RankCriterion, decompose, trace_sizes
 from ..core.layers import LayerSelector, select_layers
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.inputs import ExampleInputs
+from ..core import svd as svd_module
 from ..core.svd import checked_svd
+from ..core.topspectra import LayerMatrix, allocate_leading, leading_svd
 from ..core.wrappers import unwrap
 from .sharded import ShardSetting, assign_owners, broadcast_results, resolve_group
 from ..core.targets import projects_raw_weight
@@ -280,6 +284,10 @@ class TRP:
         shape = self._params[names[0]].shape
         weights = torch.stack([self._params[n].detach() for n in names])
         matrix = scheme.to_matrix(weights)
+        if project and matrix.ndim == 3 and min(matrix.shape[-2:]) > svd_module.FULL_SVD_MAX:
+            for i, name in enumerate(names):  # large layers: one at a time, only the kept triplets
+                self._project_large(name, matrix[i])
+            return
         u, s, vh = checked_svd(matrix, f"TRP layers {names}")
         if project:
             if s.ndim > 2:
@@ -304,6 +312,30 @@ class TRP:
             if project:
                 param.copy_(low[i].to(param.dtype))
                 self.ranks[name] = int(kept[i])
+
+    def _project_large(self, name: str, matrix: Tensor) -> None:
+        """Project one large layer at its energy rank from its leading singular triplets only.
+
+        The search starts at the layer's previous rank; a layer that last kept more than a third
+        of its spectrum gets the full SVD at once (the leading part would not be cheaper).
+        """
+        previous = self.ranks.get(name)
+        what = f"TRP layer {name!r}"
+        if previous is not None and previous > min(matrix.shape) // 3:
+            (u, s, vh), for_rank = checked_svd(matrix, what), None
+        else:
+            (u, s, vh), for_rank = leading_svd(self.criterion, matrix, what, start=previous)
+        rank = int(self.criterion(s if for_rank is None else for_rank))
+        self._set_projection(name, u, s, vh, rank, project=True)
+
+    def _set_projection(self, name: str, u: Tensor, s: Tensor, vh: Tensor, rank: int, project: bool) -> None:
+        """Store ``U_r V_rᵀ`` as the layer's sub-gradient and, with ``project``, set its weight to ``U_r S_r V_rᵀ``."""
+        param, scheme = self._params[name], self._schemes[name]
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        self._subgrad[name] = scheme.from_matrix((u @ vh)[None], param.shape)[0].to(param.dtype)
+        if project:
+            param.copy_(scheme.from_matrix(((u * s) @ vh)[None], param.shape)[0].to(param.dtype))
+            self.ranks[name] = rank
 
     # -- toward a whole-model target (target=...) -----------------------------------------
     def _init_target(self, targets: list[tuple[str, nn.Module]], period: Optional[int],
@@ -351,9 +383,13 @@ class TRP:
             raise ValueError("this TRP has no target: build it with target=trp.TargetSpeedup(x)")
         layers = [LayerSpectrum(n, spectra[n], dense, macs) for n, (dense, macs) in self._costs.items()]
         given = self.target.allocate(layers, self._fixed_macs)
+        return self._checked_ranks(given, {n: int(spectra[n].shape[-1]) for n in self.layer_names})
+
+    def _checked_ranks(self, given: dict[str, int], max_ranks: dict[str, int]) -> dict[str, int]:
+        """The target's ranks for every layer, each checked against the layer's maximum rank."""
         ranks = {}
         for name in self.layer_names:
-            max_rank = int(spectra[name].shape[-1])
+            max_rank = max_ranks[name]
             rank = int(given.get(name, max_rank))  # a layer the criterion leaves out stays full rank
             if not 1 <= rank <= max_rank:
                 raise ValueError(f"target {self.target!r} gave layer {name!r} rank {rank} (1..{max_rank})")
@@ -366,15 +402,36 @@ class TRP:
         groups = self._groups()
         first = next(iter(self._params.values()))
         with torch.autocast(device_type=first.device.type, enabled=False):
-            svds, spectra = {}, {}
+            # Large single-matrix layers inside the budget: only the leading triplets the target's
+            # ranks need (core.topspectra); the others: one batched full SVD per group.
+            large, small = {}, {}
             for key, names in groups.items():
                 matrix = self._schemes[names[0]].to_matrix(torch.stack([self._params[n].detach() for n in names]))
-                svds[key] = checked_svd(matrix, f"TRP layers {names}")
-                spectra.update({n: svds[key][1][i] for i, n in enumerate(names)})
-            ranks = self.allocate(spectra)
+                if matrix.ndim == 3 and min(matrix.shape[-2:]) > svd_module.FULL_SVD_MAX:
+                    large.update({n: matrix[i] for i, n in enumerate(names) if n in self._costs})
+                    names = [n for n in names if n not in self._costs]
+                    if not names:
+                        continue
+                    matrix = self._schemes[names[0]].to_matrix(torch.stack([self._params[n].detach() for n in names]))
+                small[tuple(names)] = checked_svd(matrix, f"TRP layers {names}")
+            if large:
+                full = {n: (u[i], s[i], vh[i]) for names, (u, s, vh) in small.items()
+                        for i, n in enumerate(names) if n in self._costs}
+                layers = [LayerMatrix(n, large[n] if n in large else self._schemes[n].to_matrix(self._params[n].detach()),
+                                      *self._costs[n]) for n in self._costs]
+                svds, given = allocate_leading(self.target, layers, self._fixed_macs, known=full)
+                ranks = self._checked_ranks(given, {n: int(min(self._schemes[n].to_matrix(self._params[n].detach()).shape[-2:]))
+                                                    for n in self.layer_names})
+                for n in large:
+                    u, s, vh = svds[n]
+                    if ranks[n] > s.shape[-1]:  # kept whole (dense): the sub-gradient needs every triplet
+                        u, s, vh = checked_svd(large[n], f"TRP layer {n!r}")
+                    self._set_projection(n, u, s, vh, ranks[n], project)
+            else:
+                spectra = {n: s[i] for names, (_, s, _) in small.items() for i, n in enumerate(names)}
+                ranks = self.allocate(spectra)
             self.allocated = ranks
-            for key, names in groups.items():
-                u, s, vh = svds[key]
+            for names, (u, s, vh) in small.items():
                 scheme, shape = self._schemes[names[0]], self._params[names[0]].shape
                 r = torch.tensor([ranks[n] for n in names], device=s.device)
                 r = r.reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
