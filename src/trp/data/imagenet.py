@@ -118,8 +118,8 @@ def load_image(path: str) -> Image.Image:
 
 
 CORRUPT_FIX = (
-    "To find every such file before training, pass --verify-images (config: verify_images: true); "
-    "to leave them out and train on the rest, pass --skip-corrupt (config: skip_corrupt: true), "
+    "To find every such file first, pass --verify-images to trp train or trp evaluate (config: verify_images: "
+    "true); to leave them out and use the rest, pass --skip-corrupt (config: skip_corrupt: true), "
     "which lists them in the run directory's skipped_images.txt."
 )
 
