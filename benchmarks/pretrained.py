@@ -418,9 +418,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = args.out.with_suffix("") if args.out.suffix in (".json", ".md", ".png") else args.out
     if args.combine:
         parts = [json.loads(p.read_text()) for p in args.combine]
-        result = {"command": " ; ".join(p["command"] for p in parts), "machine": parts[0]["machine"],
-                  "tasks": {k: v for p in parts for k, v in p["tasks"].items()},
-                  "rows": [r for p in parts for r in p["rows"]]}
+        tasks: dict = {}
+        for part in parts:  # the first file's description of a model wins
+            for key, value in part["tasks"].items():
+                tasks.setdefault(key, value)
+        rows_by: dict = {}
+        for row in (r for p in parts for r in p["rows"]):  # one row per (model, method, target)
+            rows_by.setdefault((row["model"], row["method"], row["target"]), row)
+        order = ["original", *METHODS]
+        result = {"command": " ; ".join(p["command"] for p in parts), "machine": parts[0]["machine"], "tasks": tasks,
+                  "rows": sorted(rows_by.values(), key=lambda r: (list(tasks).index(r["model"]), r["target"],
+                                                                   order.index(r["method"])))}
         write(result, out)
         return
     torch.set_num_threads(args.threads)
