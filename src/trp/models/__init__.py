@@ -1,4 +1,4 @@
-"""Model registry: build networks by name."""
+"""Model registry: build networks by name; real pretrained models from offline packages (:mod:`trp.models.pretrained`)."""
 
 from __future__ import annotations
 
