@@ -1,4 +1,4 @@
-"""Model registry: build networks by name."""
+"""Model registry: build networks by name; real pretrained models from offline packages (:mod:`trp.models.pretrained`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ from trp.models.resnet_cifar import (
     resnet110,
     resnet_cifar,
 )
+from trp.models.pretrained import (
+    PretrainedNotInstalled,
+    SentenceEncoder,
+    minilm_l6_v2,
+    mobilenet_v2_imagenet,
+)
 from trp.models.torchvision_models import (
     create_torchvision_model,
     list_torchvision_models,
@@ -33,6 +39,10 @@ __all__ = [
     "list_models",
     "list_torchvision_models",
     "load_pretrained",
+    "mobilenet_v2_imagenet",
+    "minilm_l6_v2",
+    "SentenceEncoder",
+    "PretrainedNotInstalled",
     "BasicBlock",
     "CifarResNet",
     "ShortcutA",
