@@ -268,3 +268,21 @@ def test_batchnorm_folding_is_exact(case: Case) -> None:
             assert _rel(g, e) < 1e-5
         else:
             assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("spec, kinds", [("hf:gpt2", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+                                         ("hf:bert", ("query", "key", "value", "intermediate.dense", "output.dense"))])
+def test_gpt2_and_bert_are_split_and_counted(spec: str, kinds: tuple[str, ...]) -> None:
+    """The issue's bar: GPT-2 (HF Conv1D layers) and BERT are split, and counted by the full count."""
+    model, inputs = zoo.build(spec), zoo.example_inputs(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.5), example_inputs=inputs)
+    split, chosen = {r.name for r in report.factorized}, {r.name for r in report.layers}
+    # every kind of projection is selected (none skipped as unsafe); the budget splits most of them
+    assert all(any(n.endswith(kind) for n in chosen) for kind in kinds) and not report.skipped
+    assert sum(any(n.endswith(kind) for n in split) for kind in kinds) >= len(kinds) - 1, sorted(split)
+    assert report.macs_before.total == trp.count_macs(model, example_inputs=inputs) > 0
+    assert report.macs_after.total == trp.count_macs(report.model, example_inputs=inputs)
+    assert report.macs_before.total / report.macs_after.total >= 1.5
+    assert report.macs_before.other > 0  # attention matmuls are in the full count, outside the layers
