@@ -242,6 +242,19 @@ def test_ort_session_options(tmp_path):
         ort_session(tmp_path / "missing.onnx")
 
 
+def test_auto_exporter_falls_back_to_dynamo_where_torchscript_cannot(tmp_path):
+    """AlexNet's pattern: adaptive average pooling to a size that does not divide its input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 3)).eval()
+    x = torch.randn(2, 3, 7, 7)
+    with pytest.raises(ExportError, match="torchscript exporter.*adaptive_avg_pool2d"):
+        trp.export_onnx(model, tmp_path / "m.onnx", x, exporter="torchscript")
+    result = trp.export_onnx(model, tmp_path / "m.onnx", x)
+    assert result.exporter == "dynamo" and "adaptive_avg_pool2d" in result.fallback_reason
+    assert result.max_rel_error <= TOL and "dynamo exporter" in result.summary()
+    assert trp.export_onnx(nn.Linear(3, 2), tmp_path / "l.onnx", torch.randn(2, 3)).exporter == "torchscript"
+
+
 @pytest.mark.slow
 def test_dynamo_exporter_gives_the_same_result(tmp_path):
     model = _resnet20("decouple").eval()

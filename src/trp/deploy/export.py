@@ -5,7 +5,9 @@ convolutional and transformer models trp splits it gives the same graphs and the
 against PyTorch as the torch.export-based (dynamo) exporter, with a dynamic batch size, in a
 fraction of the time (measured with torch 2.14 on a shared 2-core CPU: ResNet-20 0.3 s against
 5 s, MobileNetV2 0.5 s against 13 s), and needs no onnxscript. Its deprecation notice is silenced.
-``exporter="dynamo"`` selects the other one. In eval mode torch.onnx itself fuses a Conv followed
+``exporter="auto"`` (the default) falls back to the dynamo exporter where the TorchScript one
+fails (e.g. AlexNet's ``adaptive_avg_pool2d`` to a size that does not divide its input), and the
+result says so; ``exporter="torchscript"`` or ``"dynamo"`` uses only that one. In eval mode torch.onnx itself fuses a Conv followed
 by BatchNorm; :func:`trp.fold_batchnorm` (on by default) also folds BatchNorm after a Linear.
 Either exporter sees the model through a thin wrapper taking tensors positionally and returning
 a flat tuple of tensors, so models called with keyword inputs (Hugging Face token ids and masks)
@@ -35,7 +37,7 @@ __all__ = ["export_onnx", "ExportResult", "ExportError", "ort_session", "GRAPH_O
 
 PathLike = Union[str, os.PathLike]
 ExampleInputs = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("auto", "torchscript", "dynamo")
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -64,13 +66,15 @@ class ExportResult:
     checked_batch_sizes: list[int] = field(default_factory=list)
     folded_batchnorms: int = 0
     unfolded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    fallback_reason: str = ""  # with exporter="auto": why the TorchScript exporter was not used
 
     def summary(self) -> str:
         """One line: file, opset and the error against PyTorch."""
         err = (f"max error vs PyTorch {self.max_abs_error:.3g} abs, {self.max_rel_error:.3g} relative "
                f"(tolerance {self.tolerance:g}, batch {', '.join(map(str, self.checked_batch_sizes))})"
                if self.checked_batch_sizes else "not checked")
-        return f"{self.path}: ONNX opset {self.opset}, {self.folded_batchnorms} BatchNorm folded; {err}"
+        via = f" (dynamo exporter: {self.fallback_reason})" if self.fallback_reason else ""
+        return f"{self.path}: ONNX opset {self.opset}{via}, {self.folded_batchnorms} BatchNorm folded; {err}"
 
 
 def _graph_level(level: str):
@@ -223,7 +227,7 @@ def export_onnx(
     opset: Optional[int] = None,
     tolerance: float = 1e-4,
     check: bool = True,
-    exporter: str = "torchscript",
+    exporter: str = "auto",
     forward_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> ExportResult:
     """Write ``model`` (in eval mode) to the ONNX file ``path`` and check it in ONNX Runtime.
@@ -235,7 +239,8 @@ def export_onnx(
     With ``check``, ONNX Runtime (CPU) runs the file and its outputs are compared with
     ``model``'s own; if the relative error exceeds ``tolerance`` an :class:`ExportError` is
     raised and no file is left at ``path``. ``forward_kwargs`` are constant, non-tensor keyword
-    arguments of every call (e.g. ``{"use_cache": False}`` for Hugging Face models). The file's
+    arguments of every call (e.g. ``{"use_cache": False}`` for Hugging Face models). ``exporter``
+    is ``"auto"`` (TorchScript-based, the dynamo one where that fails), ``"torchscript"`` or ``"dynamo"``. The file's
     outputs are the model's output tensors in order (a ModelOutput, tuple or dict flattened).
     ``model`` is not modified.
     """
@@ -299,13 +304,21 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
     output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
 
     with atomic_write(path) as tmp:
-        try:
-            flat = _Flat(exported, len(args), list(kwargs), forward_kwargs).eval()
-            _torch_export(flat, args + tuple(kwargs.values()), tmp, exporter, opset, input_names, output_names,
-                          dynamic_batch)
-        except Exception as err:
-            raise ExportError(f"torch.onnx ({exporter} exporter) could not export the model: "
-                              f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+        flat = _Flat(exported, len(args), list(kwargs), forward_kwargs).eval()
+        fallback = ""
+        for i, tried in enumerate(("torchscript", "dynamo") if exporter == "auto" else (exporter,)):
+            try:
+                _torch_export(flat, args + tuple(kwargs.values()), tmp, tried, opset, input_names, output_names,
+                              dynamic_batch)
+                break
+            except Exception as err:
+                why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                if exporter == "auto" and i == 0:
+                    fallback = f"the TorchScript exporter failed ({why})"
+                    continue
+                raise ExportError(f"torch.onnx ({tried} exporter) could not export the model: {why}"
+                                  + (f"; before it, {fallback}" if fallback else "")) from err
+        exporter = tried
         import onnx
 
         proto = onnx.load(str(tmp), load_external_data=False)
@@ -319,7 +332,8 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
             )
         del proto
         result = ExportResult(path, used_opset, exporter, [], input_names, output_names, dynamic_batch,
-                              tolerance=tolerance, folded_batchnorms=folded, unfolded_batchnorms=unfolded)
+                              tolerance=tolerance, folded_batchnorms=folded, unfolded_batchnorms=unfolded,
+                              fallback_reason=fallback)
         if check:
             session = ort_session(tmp)
             result.providers = list(session.get_providers())
