@@ -64,7 +64,12 @@ _SWIN = ("{} reads its qkv/proj weights itself (F.linear on .weight): they stay 
          "projections and attention products")
 UNREACHABLE: dict[str, str] = {
     "tv:swin_t": _SWIN.format("ShiftedWindowAttention"),
+    "tv:swin_s": _SWIN.format("ShiftedWindowAttention"),
     "tv:swin_v2_t": _SWIN.format("ShiftedWindowAttentionV2"),
+    # the same blocks, deeper (not yet run: the slowest of the zoo)
+    "tv:swin_b": _SWIN.format("ShiftedWindowAttention"),
+    "tv:swin_v2_s": _SWIN.format("ShiftedWindowAttentionV2"),
+    "tv:swin_v2_b": _SWIN.format("ShiftedWindowAttentionV2"),
 }
 
 
