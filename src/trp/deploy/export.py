@@ -316,8 +316,10 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
                 if exporter == "auto" and i == 0:
                     fallback = f"the TorchScript exporter failed ({why})"
                     continue
-                raise ExportError(f"torch.onnx ({tried} exporter) could not export the model: {why}"
-                                  + (f"; before it, {fallback}" if fallback else "")) from err
+                if fallback:
+                    raise ExportError(f"torch.onnx could not export the model with either exporter: "
+                                      f"{fallback}; the dynamo exporter failed too ({why})") from err
+                raise ExportError(f"torch.onnx ({tried} exporter) could not export the model: {why}") from err
         exporter = tried
         import onnx
 
