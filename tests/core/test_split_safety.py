@@ -165,6 +165,27 @@ def test_parent_reading_weight_is_left_dense_by_source_scan() -> None:
     result.model(x)  # runs
 
 
+def test_trp_trains_only_layers_decompose_splits() -> None:
+    """TRP applies decompose's safety net (one selection): a layer whose weight a parent reads is
+    not trained low rank, and every layer it trains is split afterwards."""
+    model = _net(ReadsWeight())
+    with pytest.warns(UserWarning, match=r"TRP leaves these selected layers alone: 1\.fc .*reads self\.fc\.weight"):
+        pruner = trp.TRP(model, energy=0.5)
+    assert pruner.layer_names == ["0", "1.out"]
+    result = trp.decompose_with_report(model, "channel", trp.FixedRank(2), layers=pruner.layer_names)
+    assert [r.name for r in result.factorized] == ["0", "1.out"] and not result.skipped
+
+
+def test_trp_trains_attention_projections_decompose_converts() -> None:
+    """nn.MultiheadAttention reads out_proj.weight, and nn.TransformerEncoderLayer its linears' weights
+    on its fast path; decompose converts the attention first, so TRP trains them too."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Linear(8, 2))
+    pruner = trp.TRP(model, energy=0.5)
+    assert pruner.layer_names == ["0", "1.self_attn.out_proj", "1.linear1", "1.linear2"]
+    result = trp.decompose_with_report(model, "channel", trp.FixedRank(2), layers=pruner.layer_names)
+    assert {r.name for r in result.factorized} == set(pruner.layer_names) and not result.skipped
+
+
 def test_parent_reading_weight_found_by_running_example_inputs() -> None:
     torch.manual_seed(0)
     model = _net(ReadsWeightHidden())

@@ -116,6 +116,45 @@ def test_several_inputs_as_dict_or_tuple(tmp_path, as_dict):
         assert float(abs(torch.from_numpy(g) - r).max() / r.abs().max()) <= TOL
 
 
+class _KeywordModel(nn.Module):
+    """Token ids in, a dict (like a Hugging Face ModelOutput) with a cache object unless told not to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=True, scale=1.0):
+        h = self.embed(input_ids) * attention_mask.unsqueeze(-1) * scale
+        out = {"logits": self.head(h), "hidden": (h, h.mean(1))}
+        if use_cache:
+            out["past_key_values"] = _FakeCache()
+        return out
+
+
+class _FakeCache:
+    pass
+
+
+def test_keyword_inputs_and_nested_outputs_as_hugging_face_models_take_them(tmp_path):
+    model = _KeywordModel().eval()
+    ids = torch.randint(0, 10, (2, 5))
+    inputs = {"attention_mask": torch.ones(2, 5), "input_ids": ids}
+    with pytest.raises(TypeError, match=r"output\['past_key_values'\] is a _FakeCache.*use_cache"):
+        trp.export_onnx(model, tmp_path / "m.onnx", inputs)
+    assert not (tmp_path / "m.onnx").exists()
+    result = trp.export_onnx(model, tmp_path / "m.onnx", inputs, forward_kwargs={"use_cache": False, "scale": 2.0})
+    assert result.input_names == ["input_ids", "attention_mask"]
+    assert result.output_names == ["output_0", "output_1", "output_2"] and result.max_rel_error <= TOL
+    ids3 = torch.randint(0, 10, (3, 5))
+    got = ort_session(tmp_path / "m.onnx").run(None, {"input_ids": ids3.numpy(),
+                                                      "attention_mask": torch.ones(3, 5).numpy()})
+    with torch.no_grad():
+        ref = model(ids3, torch.ones(3, 5), use_cache=False, scale=2.0)
+    for g, r in zip(got, [ref["logits"], *ref["hidden"]]):
+        torch.testing.assert_close(torch.from_numpy(g), r)
+
+
 class _DiffersInOnnx(nn.Module):
     """Exports fine but computes something else in ONNX Runtime: a traced Python-side branch."""
 
@@ -152,7 +191,8 @@ def test_unexportable_model_raises_export_error(tmp_path):
         def forward(self, x):
             return torch.linalg.svd(x)[1]
 
-    with pytest.raises(ExportError, match="could not export the model: UnsupportedOperatorError"):
+    with pytest.raises(ExportError, match=r"with either exporter: the TorchScript exporter failed \(Unsupported"
+                                          r"OperatorError.*linalg_svd.*the dynamo exporter failed too"):
         trp.export_onnx(Svd(), tmp_path / "m.onnx", torch.randn(2, 3, 3))
     assert list(tmp_path.iterdir()) == []
 
@@ -177,6 +217,8 @@ def test_output_computed_outside_torch_is_caught(tmp_path):
         (dict(tolerance=0), ValueError, "tolerance must be positive"),
         (dict(example_inputs={"y": torch.randn(2, 3)}), ValueError, "not parameters of Linear.forward"),
         (dict(exporter="tflite"), ValueError, "unknown exporter"),
+        (dict(forward_kwargs={"x": torch.ones(1)}), ValueError, "are tensors"),
+        (dict(example_inputs={"input": torch.randn(2, 3)}, forward_kwargs={"input": 1}), ValueError, "both"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
@@ -199,6 +241,19 @@ def test_ort_session_options(tmp_path):
         ort_session(data, threads=0)
     with pytest.raises(FileNotFoundError):
         ort_session(tmp_path / "missing.onnx")
+
+
+def test_auto_exporter_falls_back_to_dynamo_where_torchscript_cannot(tmp_path):
+    """AlexNet's pattern: adaptive average pooling to a size that does not divide its input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 3)).eval()
+    x = torch.randn(2, 3, 7, 7)
+    with pytest.raises(ExportError, match="torchscript exporter.*adaptive_avg_pool2d"):
+        trp.export_onnx(model, tmp_path / "m.onnx", x, exporter="torchscript")
+    result = trp.export_onnx(model, tmp_path / "m.onnx", x)
+    assert result.exporter == "dynamo" and "adaptive_avg_pool2d" in result.fallback_reason
+    assert result.max_rel_error <= TOL and "dynamo exporter" in result.summary()
+    assert trp.export_onnx(nn.Linear(3, 2), tmp_path / "l.onnx", torch.randn(2, 3)).exporter == "torchscript"
 
 
 @pytest.mark.slow

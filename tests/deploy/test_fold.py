@@ -180,3 +180,21 @@ def test_fold_matches_for_any_conv(cin, mult, k, stride, groups_all, bias, affin
     x = torch.randn(2, cin, 11, 12)
     with torch.no_grad():
         assert rel_error(report.model(x), model(x)) < RTOL
+
+
+def test_timm_batchnorm_act_and_same_padding_conv_fold():
+    """timm's BatchNormAct2d folds its BatchNorm and keeps its activation; Conv2dSame takes a BatchNorm
+    like a plain conv; a weight-standardized conv (StdConv2d) does not."""
+    layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(
+        layers.Conv2dSame(3, 8, 3, stride=2), layers.BatchNormAct2d(8, act_layer=nn.ReLU),
+        layers.StdConv2d(8, 8, 3), nn.BatchNorm2d(8),
+    )).eval()
+    x = torch.randn(2, 3, 9, 9)
+    report = fold_batchnorm_with_report(model)
+    assert report.folded == [("1", "0")]
+    assert [n for n, _ in report.kept] == ["3"] and "is not a Conv2d" in report.kept[0][1]
+    assert isinstance(report.model[1], nn.Sequential) and isinstance(report.model[1][1], nn.ReLU)
+    with torch.no_grad():
+        assert rel_error(report.model(x), model(x)) < RTOL

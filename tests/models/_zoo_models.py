@@ -47,6 +47,8 @@ TIMM_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 HF = ("bert", "gpt2", "t5", "llama", "vit")
+#: constant keyword arguments for export (T5 returns its key/value cache whatever its config says)
+FORWARD_KWARGS: dict[str, dict[str, Any]] = {"hf:t5": {"use_cache": False}}
 SEQ = 12  # tokens per sequence
 VOCAB = 96
 
@@ -109,6 +111,12 @@ def example_inputs(spec: str) -> Any:
         return {"pixel_values": torch.randn(2, 3, 32, 32, generator=gen)}
     size = TV_SIZE.get(name, 32) if source == "tv" else TIMM.get(name, 32)
     return torch.randn(2, 3, size, size, generator=gen)
+
+
+def batch_size(inputs: Any) -> int:
+    """The batch size of example inputs (a tensor or a dict of them)."""
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+    return int(first.shape[0])
 
 
 def outputs(result: Any) -> list[torch.Tensor]:

@@ -24,8 +24,8 @@ from .attention import SplitMultiheadAttention, convert_attention, restore_atten
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
 from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
-from .layers import LayerSelector, select_layers, set_module
-from .safety import check_layer, check_outputs, direct_weight_readers, record_layer_inputs, run_model
+from .layers import LayerSelector, set_module
+from .safety import check_layer, check_outputs, record_layer_inputs, run_model, split_targets
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
 from .topspectra import LayerMatrix, allocate_leading, leading_svd
 from .targets import effective_weight, is_candidate, layer_kind, split_reason
@@ -168,10 +168,7 @@ def decompose_with_report(
     new = copy.deepcopy(unwrap(model))
     inputs = model_inputs(new, input_shape, example_inputs) if has_inputs else None
     converted = convert_attention(new)
-    targets, skipped = select_layers(new, layers, exclude, scheme)
-    readers = direct_weight_readers(new)
-    skipped += [(n, readers[n]) for n, _ in targets if n in readers]
-    targets = [(n, m) for n, m in targets if n not in readers]
+    targets, skipped = split_targets(new, layers, exclude, scheme)
     report = Decomposition(new)
     for name, reason in skipped:
         report.layers.append(LayerReport(name, scheme, "skipped", reason=reason))

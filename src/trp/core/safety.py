@@ -5,6 +5,9 @@ parents read a child's ``.weight`` directly (torchvision Swin's ``F.linear(x, se
 Hugging Face T5's ``self.wo.weight.dtype``); after a split that code would crash or compute
 something else. :func:`direct_weight_readers` finds them by reading the parents' source
 (every method but the constructor and weight initializers) for ``self.<child>.weight``/``.bias``.
+:func:`split_targets` is the one selection every method uses (``decompose`` splits these layers,
+``TRP`` trains them low rank, LoRITa over-parameterizes them): the selected layers less those read
+directly, so no method trains a layer low rank that ``decompose`` will then leave dense.
 
 :func:`check_split` runs a decomposed model on example inputs and compares it with the dense
 one: each split layer, fed the input it received in the dense model, must match the dense
@@ -17,15 +20,16 @@ from __future__ import annotations
 import inspect
 import re
 from functools import lru_cache
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .layers import LayerSelector, select_layers
 from .targets import dense_forward
 
-__all__ = ["direct_weight_readers", "run_model", "record_layer_inputs", "check_layer", "check_outputs"]
+__all__ = ["split_targets", "direct_weight_readers", "run_model", "record_layer_inputs", "check_layer", "check_outputs"]
 
 _READ = re.compile(r"self\.((?:\w+\.)*\w+)\.(weight|bias)\b")
 
@@ -48,20 +52,34 @@ def _reads_of(cls: type) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(found))
 
 
-def _fast_path_only(parent: nn.Module) -> bool:
-    """``nn.TransformerEncoderLayer`` reads its linears' weights only on its fast path, which is
-    off once its attention is a :class:`~trp.core.attention.SplitMultiheadAttention`."""
+def _converted(module: nn.Module, places: dict[int, int]) -> bool:
+    """``module`` is, or will be before any split, a :class:`~trp.core.attention.SplitMultiheadAttention`:
+    :func:`~trp.core.attention.convert_attention` replaces every ``nn.MultiheadAttention`` used at one place."""
     from .attention import SplitMultiheadAttention
 
-    return isinstance(parent, nn.TransformerEncoderLayer) and isinstance(parent.self_attn, SplitMultiheadAttention)
+    return isinstance(module, SplitMultiheadAttention) or (
+        isinstance(module, nn.MultiheadAttention) and places.get(id(module), 0) == 1)
+
+
+def _fast_path_only(parent: nn.Module, places: dict[int, int]) -> bool:
+    """``nn.TransformerEncoderLayer`` reads its linears' weights only on its fast path, which is
+    off once its attention is a :class:`~trp.core.attention.SplitMultiheadAttention`."""
+    return isinstance(parent, nn.TransformerEncoderLayer) and _converted(parent.self_attn, places)
 
 
 def direct_weight_readers(model: nn.Module) -> dict[str, str]:
-    """``{layer name: reason}`` for the layers whose ``weight``/``bias`` a parent reads directly."""
+    """``{layer name: reason}`` for the layers whose ``weight``/``bias`` a parent reads directly.
+
+    ``nn.MultiheadAttention`` (which reads ``out_proj.weight``) does not count when it is used at one
+    place: ``decompose`` converts it into a module that calls its projections before splitting.
+    """
+    places: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        places[id(m)] = places.get(id(m), 0) + 1
     found: dict[str, str] = {}
     for name, parent in model.named_modules():
         reads = _reads_of(type(parent))
-        if not reads or _fast_path_only(parent):
+        if not reads or _fast_path_only(parent, places) or _converted(parent, places):
             continue
         for path, attr in reads:
             child = f"{name}.{path}" if name else path
@@ -69,6 +87,20 @@ def direct_weight_readers(model: nn.Module) -> dict[str, str]:
                 found[child] = (f"{type(parent).__name__} ({name or 'the model'}) reads self.{path}.{attr} "
                                 "directly, which a split layer does not have")
     return found
+
+
+def split_targets(
+    model: nn.Module, layers: LayerSelector = None, exclude: Sequence[str] = (), scheme: str = "channel"
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """The layers trp may split: ``(name, module)`` targets and ``(name, reason)`` for those skipped.
+
+    :func:`~trp.core.layers.select_layers`, less the layers whose weight a parent reads directly
+    (:func:`direct_weight_readers`). ``decompose`` splits these, ``TRP`` trains these low rank.
+    """
+    targets, skipped = select_layers(model, layers, exclude, scheme)
+    readers = direct_weight_readers(model)
+    skipped += [(n, readers[n]) for n, _ in targets if n in readers]
+    return [(n, m) for n, m in targets if n not in readers], skipped
 
 
 def run_model(model: nn.Module, example_inputs: Any) -> Any:

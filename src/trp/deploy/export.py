@@ -5,9 +5,15 @@ convolutional and transformer models trp splits it gives the same graphs and the
 against PyTorch as the torch.export-based (dynamo) exporter, with a dynamic batch size, in a
 fraction of the time (measured with torch 2.14 on a shared 2-core CPU: ResNet-20 0.3 s against
 5 s, MobileNetV2 0.5 s against 13 s), and needs no onnxscript. Its deprecation notice is silenced.
-``exporter="dynamo"`` selects the other one. In eval mode torch.onnx itself fuses a Conv followed
-by BatchNorm; :func:`trp.fold_batchnorm` (on by default) also folds BatchNorm after a Linear. Also here: :func:`ort_session`, an ONNX Runtime session with chosen
-threads, device and graph optimization, for anyone who times the exported model.
+``exporter="auto"`` (the default) falls back to the dynamo exporter where the TorchScript one
+fails (e.g. AlexNet's ``adaptive_avg_pool2d`` to a size that does not divide its input), and the
+result says so; ``exporter="torchscript"`` or ``"dynamo"`` uses only that one. In eval mode torch.onnx itself fuses a Conv followed
+by BatchNorm; :func:`trp.fold_batchnorm` (on by default) also folds BatchNorm after a Linear.
+Either exporter sees the model through a thin wrapper taking tensors positionally and returning
+a flat tuple of tensors, so models called with keyword inputs (Hugging Face token ids and masks)
+and returning nested outputs (a ModelOutput) export like any other. Also here: :func:`ort_session`,
+an ONNX Runtime session with chosen threads, device and graph optimization, for anyone who times
+the exported model.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ __all__ = ["export_onnx", "ExportResult", "ExportError", "ort_session", "GRAPH_O
 
 PathLike = Union[str, os.PathLike]
 ExampleInputs = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("auto", "torchscript", "dynamo")
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -60,13 +66,15 @@ class ExportResult:
     checked_batch_sizes: list[int] = field(default_factory=list)
     folded_batchnorms: int = 0
     unfolded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    fallback_reason: str = ""  # with exporter="auto": why the TorchScript exporter was not used
 
     def summary(self) -> str:
         """One line: file, opset and the error against PyTorch."""
         err = (f"max error vs PyTorch {self.max_abs_error:.3g} abs, {self.max_rel_error:.3g} relative "
                f"(tolerance {self.tolerance:g}, batch {', '.join(map(str, self.checked_batch_sizes))})"
                if self.checked_batch_sizes else "not checked")
-        return f"{self.path}: ONNX opset {self.opset}, {self.folded_batchnorms} BatchNorm folded; {err}"
+        via = f" (dynamo exporter: {self.fallback_reason})" if self.fallback_reason else ""
+        return f"{self.path}: ONNX opset {self.opset}{via}, {self.folded_batchnorms} BatchNorm folded; {err}"
 
 
 def _graph_level(level: str):
@@ -146,16 +154,39 @@ def _normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Tensor, ...]
     return args, kwargs, names
 
 
-def _flat_outputs(out: Any) -> list[Tensor]:
+def _flat_outputs(out: Any, where: str = "output") -> list[Tensor]:
+    """The tensors of a model's output (a tensor, tuples/lists/dicts of them, a ModelOutput), in order."""
     if isinstance(out, Tensor):
         return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flat_outputs(v)]
+    if isinstance(out, Mapping):  # transformers' ModelOutput is a Mapping of its non-None fields
+        return [t for k, v in out.items() for t in _flat_outputs(v, f"{where}[{k!r}]")]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat_outputs(v)]
-    if hasattr(out, "to_tuple"):  # transformers' ModelOutput
-        return _flat_outputs(out.to_tuple())
-    raise TypeError(f"the model returned {type(out).__name__}: ONNX export needs tensors (or tuples/dicts of them)")
+        return [t for i, v in enumerate(out) for t in _flat_outputs(v, f"{where}[{i}]")]
+    if hasattr(out, "to_tuple"):
+        return _flat_outputs(out.to_tuple(), where)
+    hint = (" Hugging Face models return their key/value cache unless told not to: pass "
+            "forward_kwargs={'use_cache': False}" if "Cache" in type(out).__name__ else "")
+    raise TypeError(f"the model's {where} is a {type(out).__name__}: an ONNX file returns tensors "
+                    f"(or tuples/dicts of them).{hint}")
+
+
+class _Flat(nn.Module):
+    """``model`` as torch.onnx sees it: tensors in (positional, in ``names`` order), a tuple of tensors out.
+
+    Keyword inputs (token ids, masks...) become positional ones, constant ``forward_kwargs`` are
+    passed on every call, and nested outputs (ModelOutput, dicts, tuples) are flattened.
+    """
+
+    def __init__(self, model: nn.Module, n_args: int, keywords: list[str], forward_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.n_args = n_args
+        self.keywords = keywords
+        self.forward_kwargs = forward_kwargs
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        kwargs = dict(zip(self.keywords, inputs[self.n_args:]))
+        return tuple(_flat_outputs(self.model(*inputs[: self.n_args], **kwargs, **self.forward_kwargs)))
 
 
 def _grow_batch(t: Tensor) -> Tensor:
@@ -163,7 +194,7 @@ def _grow_batch(t: Tensor) -> Tensor:
     return torch.cat([t, t[:1]], dim=0)
 
 
-def _torch_export(model: nn.Module, args: tuple, kwargs: dict, tmp: Path, exporter: str, opset: Optional[int],
+def _torch_export(model: nn.Module, args: tuple, tmp: Path, exporter: str, opset: Optional[int],
                   input_names: list[str], output_names: list[str], dynamic_batch: bool) -> None:
     if exporter == "torchscript":
         dynamic_axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
@@ -172,17 +203,16 @@ def _torch_export(model: nn.Module, args: tuple, kwargs: dict, tmp: Path, export
             # module docstring); the constant-folding notes concern strided slices it keeps as ops.
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-            torch.onnx.export(model, args, str(tmp), kwargs=kwargs or None, dynamo=False,
+            torch.onnx.export(model, args, str(tmp), dynamo=False,
                               input_names=input_names, output_names=output_names, opset_version=opset,
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
         return
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
-        params = list(inspect.signature(model.forward).parameters)
-        dynamic_shapes = {p: {0: batch} for p in params[: len(args)]}
-        dynamic_shapes.update({k: {0: batch} for k in kwargs})
-    program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+        dynamic_shapes = ({0: batch} for _ in args)
+        dynamic_shapes = {"inputs": tuple(dynamic_shapes)}  # _Flat.forward(*inputs)
+    program = torch.onnx.export(model, args, dynamo=True, opset_version=opset,
                                 input_names=input_names, output_names=output_names,
                                 dynamic_shapes=dynamic_shapes, verbose=False)
     program.save(str(tmp), external_data=False)
@@ -197,7 +227,8 @@ def export_onnx(
     opset: Optional[int] = None,
     tolerance: float = 1e-4,
     check: bool = True,
-    exporter: str = "torchscript",
+    exporter: str = "auto",
+    forward_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> ExportResult:
     """Write ``model`` (in eval mode) to the ONNX file ``path`` and check it in ONNX Runtime.
 
@@ -207,7 +238,11 @@ def export_onnx(
     makes the batch size a free dimension of the file (checked at a second batch size).
     With ``check``, ONNX Runtime (CPU) runs the file and its outputs are compared with
     ``model``'s own; if the relative error exceeds ``tolerance`` an :class:`ExportError` is
-    raised and no file is left at ``path``. ``model`` is not modified.
+    raised and no file is left at ``path``. ``forward_kwargs`` are constant, non-tensor keyword
+    arguments of every call (e.g. ``{"use_cache": False}`` for Hugging Face models). ``exporter``
+    is ``"auto"`` (TorchScript-based, the dynamo one where that fails), ``"torchscript"`` or ``"dynamo"``. The file's
+    outputs are the model's output tensors in order (a ModelOutput, tuple or dict flattened).
+    ``model`` is not modified.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
@@ -218,6 +253,11 @@ def export_onnx(
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"the output file should end in .onnx, got {path}")
+    forward_kwargs = dict(forward_kwargs or {})
+    tensors = [k for k, v in forward_kwargs.items() if isinstance(v, Tensor)]
+    if tensors:
+        raise ValueError(f"forward_kwargs {tensors} are tensors: pass tensor inputs in example_inputs "
+                         "(a dict of tensors), forward_kwargs is for constants such as use_cache=False")
     args, kwargs, input_names = _normalize_inputs(example_inputs)
     if kwargs:  # the file's inputs follow the order of forward's parameters, not the dict's
         order = {p: i for i, p in enumerate(inspect.signature(model.forward).parameters)}
@@ -227,9 +267,12 @@ def export_onnx(
                              f"({', '.join(order)}): name the dict keys after them")
         kwargs = dict(sorted(kwargs.items(), key=lambda kv: order[kv[0]]))
         input_names = list(kwargs)
+    clash = [k for k in forward_kwargs if k in kwargs]
+    if clash:
+        raise ValueError(f"{clash} are given both in example_inputs and in forward_kwargs: give each once")
     with _eval_mode(model):
         return _export(model, path, args, kwargs, input_names, fold_batchnorm, dynamic_batch, opset,
-                       tolerance, check, exporter)
+                       tolerance, check, exporter, forward_kwargs)
 
 
 @contextlib.contextmanager
@@ -246,8 +289,11 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names: list[str],
             fold_batchnorm: bool, dynamic_batch: bool, opset: Optional[int], tolerance: float, check: bool,
-            exporter: str) -> ExportResult:
-    reference_model = model
+            exporter: str, forward_kwargs: dict[str, Any]) -> ExportResult:
+
+    def reference_model(*a: Tensor, **k: Tensor) -> Any:
+        return model(*a, **k, **forward_kwargs)
+
     if fold_batchnorm:
         fold = fold_batchnorm_with_report(model)
         exported, folded, unfolded = fold.model, len(fold.folded), list(fold.kept)
@@ -258,11 +304,23 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
     output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
 
     with atomic_write(path) as tmp:
-        try:
-            _torch_export(exported, args, kwargs, tmp, exporter, opset, input_names, output_names, dynamic_batch)
-        except Exception as err:
-            raise ExportError(f"torch.onnx ({exporter} exporter) could not export the model: "
-                              f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+        flat = _Flat(exported, len(args), list(kwargs), forward_kwargs).eval()
+        fallback = ""
+        for i, tried in enumerate(("torchscript", "dynamo") if exporter == "auto" else (exporter,)):
+            try:
+                _torch_export(flat, args + tuple(kwargs.values()), tmp, tried, opset, input_names, output_names,
+                              dynamic_batch)
+                break
+            except Exception as err:
+                why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                if exporter == "auto" and i == 0:
+                    fallback = f"the TorchScript exporter failed ({why})"
+                    continue
+                if fallback:
+                    raise ExportError(f"torch.onnx could not export the model with either exporter: "
+                                      f"{fallback}; the dynamo exporter failed too ({why})") from err
+                raise ExportError(f"torch.onnx ({tried} exporter) could not export the model: {why}") from err
+        exporter = tried
         import onnx
 
         proto = onnx.load(str(tmp), load_external_data=False)
@@ -276,7 +334,8 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
             )
         del proto
         result = ExportResult(path, used_opset, exporter, [], input_names, output_names, dynamic_batch,
-                              tolerance=tolerance, folded_batchnorms=folded, unfolded_batchnorms=unfolded)
+                              tolerance=tolerance, folded_batchnorms=folded, unfolded_batchnorms=unfolded,
+                              fallback_reason=fallback)
         if check:
             session = ort_session(tmp)
             result.providers = list(session.get_providers())

@@ -6,7 +6,9 @@ weight and bias. Which layer feeds which BatchNorm is read from a torch.fx trace
 where the whole model cannot be traced, each submodule is traced on its own, with the parts that
 still cannot be traced kept opaque. A BatchNorm is folded only when the trace proves it safe (its
 input is the output of a conv/linear used nowhere else); every other BatchNorm stays, with the
-reason in the report.
+reason in the report. Beyond torch's own layers, timm's ``BatchNormAct2d`` (BatchNorm, dropout,
+activation in one module) folds its BatchNorm and keeps its dropout and activation, and timm's
+``Conv2dSame`` (a conv with run-time padding) takes a BatchNorm like a plain conv.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import fx, nn
+
+from ..core.targets import projects_raw_weight, same_padding
 
 __all__ = ["fold_batchnorm", "fold_batchnorm_with_report", "FoldReport"]
 
@@ -41,7 +45,9 @@ class _Tracer(fx.Tracer):
         self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return id(m) in self.opaque or super().is_leaf_module(m, qualname)
+        # Layers and BatchNorms of other libraries (timm's) are nodes too, never traced through.
+        return (id(m) in self.opaque or isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Linear, nn.Conv1d, nn.Conv2d))
+                or super().is_leaf_module(m, qualname))
 
 
 def _trace(module: nn.Module, opaque: set[int]) -> fx.Graph:
@@ -70,8 +76,25 @@ def _traced_roots(module: nn.Module, prefix: str, opaque: set[int],
 
 
 def _plain(module: nn.Module, kinds: tuple[type, ...]) -> bool:
-    """``module`` is one of ``kinds`` with that kind's own forward (not a wrapper overriding it)."""
+    """``module`` is one of ``kinds`` with that kind's own forward (not a wrapper overriding it), or a
+    conv that only pads its input first (timm ``Conv2dSame``): scaling its output channels is exact."""
+    if nn.Conv2d in kinds and isinstance(module, nn.Conv2d) and same_padding(module) and projects_raw_weight(module):
+        return True
     return any(isinstance(module, k) and type(module).forward is k.forward for k in kinds)
+
+
+def _bn_act(bn: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d``: ``act(drop(batch_norm(x)))``, foldable as a BatchNorm2d."""
+    cls = type(bn)
+    return (cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
+            and isinstance(getattr(bn, "drop", None), nn.Module) and isinstance(getattr(bn, "act", None), nn.Module))
+
+
+def _foldable_kind(bn: nn.Module) -> Optional[type]:
+    """The plain BatchNorm class ``bn`` computes as, or None when trp cannot fold it."""
+    if type(bn) in _BN:
+        return type(bn)
+    return nn.BatchNorm2d if _bn_act(bn) else None
 
 
 @torch.no_grad()
@@ -103,7 +126,7 @@ def _why_not(bn_node: fx.Node, bn: nn.Module, modules: dict[str, nn.Module], cal
     if prev.op != "call_module":
         return f"its input is not the output of a module (it comes from {prev.op} {prev.target})"
     layer = modules[prev.target]
-    kinds = _FOLDABLE[type(bn)] if type(bn) in _FOLDABLE else ()
+    kinds = _FOLDABLE.get(_foldable_kind(bn), ())
     if not _plain(layer, kinds):
         return f"the layer before it ({prev.target}, {type(layer).__name__}) is not a {'/'.join(k.__name__ for k in kinds)}"
     if len(prev.users) != 1:
@@ -158,8 +181,8 @@ def fold_batchnorm_with_report(model: nn.Module) -> FoldReport:
                 continue
             seen.add(node.target)
             bn = norms[node.target]
-            if type(bn) not in _BN:
-                report.kept.append((node.target, f"{type(bn).__name__} is not BatchNorm1d/2d"))
+            if _foldable_kind(bn) is None:
+                report.kept.append((node.target, f"{type(bn).__name__} is not BatchNorm1d/2d (or timm's BatchNormAct2d)"))
                 continue
             reason = _why_not(node, bn, modules, calls, attrs, aliases)
             if reason is None:
@@ -174,7 +197,9 @@ def fold_batchnorm_with_report(model: nn.Module) -> FoldReport:
     for bn_name, layer_name in plan:
         _fold_into(new.get_submodule(layer_name), norms[bn_name])
         parent, _, attr = bn_name.rpartition(".")
-        setattr(new.get_submodule(parent) if parent else new, attr, nn.Identity())
+        bn = norms[bn_name]
+        rest = nn.Sequential(bn.drop, bn.act) if _bn_act(bn) else nn.Identity()
+        setattr(new.get_submodule(parent) if parent else new, attr, rest)
         report.folded.append((bn_name, layer_name))
     new.eval()
     for p in new.parameters():

@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..core.layers import LayerSelector, select_layers
+from ..core.layers import LayerSelector
+from ..core.safety import split_targets
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from .io import atomic_write
 from .latency import STATISTICS, Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version, time_interleaved, torch_threads
@@ -247,7 +248,7 @@ def profile_layers(
         raise ValueError(f"unknown statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
     summarize = _median if statistic == "median" else min
     inputs = _as_tuple(example_inputs)
-    targets, _ = select_layers(model, layers)
+    targets, _ = split_targets(model, layers)
     if not targets:
         raise ValueError("no layer to profile: the selection matched no factorizable Conv2d/Linear layer")
     recorded = _record_inputs(model, targets, inputs)

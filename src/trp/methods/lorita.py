@@ -26,7 +26,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core.layers import LayerSelector, select_layers, set_module
+from ..core.layers import LayerSelector, set_module
+from ..core.safety import split_targets
 
 __all__ = [
     "Composed",
@@ -175,7 +176,7 @@ def overparameterize(
             "collapse it first with trp.lorita.collapse, or over-parameterize the original model"
         )
     new = copy.deepcopy(model)
-    targets, skipped = select_layers(new, layers, exclude)
+    targets, skipped = split_targets(new, layers, exclude)
     # Only plain layers have a Composed form (grouped convs, Conv1d, subclasses stay as they are).
     plain = [(n, m) for n, m in targets
              if type(m) is nn.Linear or (type(m) is nn.Conv2d and m.groups == 1)]

@@ -24,7 +24,8 @@ from ..core.allocation import LayerRanks
 from ..core.counting import mac_breakdown
 from ..core.decompose import trace_sizes
 from ..core.inputs import ExampleInputs, model_inputs
-from ..core.layers import LayerSelector, select_layers
+from ..core.layers import LayerSelector
+from ..core.safety import split_targets
 from ..core.schemes import scheme_for
 from ..core.svd import checked_svd
 from ..core.wrappers import unwrap
@@ -68,7 +69,7 @@ def iterative_rank_search(
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     work = copy.deepcopy(unwrap(model)).to(device).eval()
-    targets, _ = select_layers(work, layers, exclude, scheme)
+    targets, _ = split_targets(work, layers, exclude, scheme)
     if not targets:
         raise ValueError("nothing to search: no factorizable layer is selected")
     batches = []

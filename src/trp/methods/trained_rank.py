@@ -56,7 +56,8 @@ from ..core.allocation import LayerSpectrum, WholeModelCriterion, pooled_spectru
 from ..core.counting import count_macs
 from ..core.criteria import Energy, Value
 from ..core.decompose import RankCriterion, decompose, trace_sizes
-from ..core.layers import LayerSelector, select_layers
+from ..core.layers import LayerSelector
+from ..core.safety import split_targets
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.inputs import ExampleInputs
 from ..core import svd as svd_module
@@ -110,7 +111,8 @@ class TRP:
         self.nuclear_weight = float(nuclear_weight)
         self.subgradient_period = sub_period
         # Layer names are the plain model's (no wrapper prefix); the parameters are shared.
-        targets, skipped = select_layers(model, layers, exclude, scheme)
+        # The same selection as decompose's, so every layer trained low rank is split afterwards.
+        targets, skipped = split_targets(model, layers, exclude, scheme)
         # Weight-standardized convs apply a function of their weight: projecting it does not
         # make what they apply low rank.
         skipped += [(n, "weight standardization: a low-rank stored weight does not give a low-rank "
