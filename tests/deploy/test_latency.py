@@ -143,3 +143,17 @@ def test_the_fastest_runs_give_a_steadier_speedup_on_a_busy_machine():
     assert c.speedup_of_minima == 3.0 and c.speedup_by("min") == 3.0 and c.speedup_by("median") == c.speedup
     with pytest.raises(ValueError, match="unknown statistic"):
         c.speedup_by("mean")
+
+
+def test_timed_onnxruntime_sessions_do_not_spin(monkeypatch):
+    # Two sessions timed in turn on the same cores: a spinning thread pool of one slows the other.
+    pytest.importorskip("onnxruntime")
+    import trp.deploy.latency as latency
+
+    made = []
+    real = latency.ort_session
+    monkeypatch.setattr(latency, "ort_session", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    latency.make_runner(_small_cnn().eval(), torch.randn(1, 3, 8, 8), "onnxruntime", threads=1)
+    options = made[0].get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"

@@ -92,12 +92,15 @@ def _graph_level(level: str):
 
 
 def ort_session(model: Union[PathLike, bytes], threads: Optional[int] = None, device: str = "cpu",
-                graph_optimization: str = "all"):
+                graph_optimization: str = "all", spinning: bool = True):
     """An ``onnxruntime.InferenceSession`` for an ONNX file (or its bytes).
 
     ``threads`` sets the intra-op thread count (None: ONNX Runtime's default); ``device`` is
     ``"cpu"`` or ``"cuda"`` (the CUDA provider, with CPU fallback for unsupported ops);
     ``graph_optimization`` is one of ``disable``, ``basic``, ``extended``, ``all``.
+    ``spinning=False`` stops idle intra-op threads from busy-waiting after a run: needed when
+    two sessions take turns on the same cores (timing one against another), where one
+    session's spinning threads would slow the other's run.
     """
     try:
         import onnxruntime as ort
@@ -110,6 +113,9 @@ def ort_session(model: Union[PathLike, bytes], threads: Optional[int] = None, de
             raise ValueError(f"threads must be >= 1 (or None for ONNX Runtime's default), got {threads}")
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     device = str(device)
     if device == "cpu":
         providers = ["CPUExecutionProvider"]

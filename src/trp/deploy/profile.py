@@ -32,7 +32,7 @@ __all__ = ["LayerLatency", "LatencyTable", "profile_layers", "default_ranks", "c
 
 # Fractions of the break-even rank (the largest rank whose split has fewer MACs than the dense layer).
 GRID = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: ONNX Runtime timed without spinning threads
 
 
 @dataclass
