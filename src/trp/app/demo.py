@@ -187,7 +187,7 @@ def measure_demo(base: nn.Module, base_compact: nn.Module, trp_model: nn.Module,
         splits.append((f"TRP+Nu, decomposed (latency:{x:g}:{runtime}:{batch})", trp_model, latency_split))
         # The MAC-based split at the same measured speedup, for the accuracy comparison.
         mac_x, mac_split = match_measured_speedup(trp_model, scheme, latency.measured or x, shape, runtime, batch)
-        splits.append((f"TRP+Nu, decomposed (MAC-based, speed:{mac_x:.2f}, same measured speedup)", trp_model,
+        splits.append((f"TRP+Nu, decomposed (MAC-based, TargetSpeedup({mac_x:.2f}), same measured speedup)", trp_model,
                        mac_split))
     except ValueError as err:
         note = f"\nTargetLatency({x:g}) for the TRP+Nu model: {err}\n"
