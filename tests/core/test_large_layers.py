@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +18,8 @@ import trp.core.svd
 from trp.core.svd import top_svd
 from trp.core.topspectra import padded_spectrum
 
-
-def _layer(m: int = 160, n: int = 300, seed: int = 0) -> nn.Linear:
-    """A Linear whose weight has a decaying spectrum, like a trained layer."""
-    gen = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen))
-    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen))
-    layer = nn.Linear(n, m)
-    with torch.no_grad():
-        layer.weight.copy_((u * torch.logspace(0, -3, k)) @ v.T)
-    return layer
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from _decaying import decaying_linear as _layer  # noqa: E402
 
 
 @pytest.fixture

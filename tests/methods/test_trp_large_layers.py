@@ -7,6 +7,8 @@ threshold so that layers small enough to compare with the full SVD take the trun
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +17,8 @@ from torch import nn
 import trp
 import trp.core.svd
 
-
-def _layer(m: int, n: int, seed: int) -> nn.Linear:
-    """A Linear with a decaying spectrum, like a trained layer."""
-    gen = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen))
-    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen))
-    layer = nn.Linear(n, m)
-    with torch.no_grad():
-        layer.weight.copy_((u * torch.logspace(0, -3, k)) @ v.T)
-    return layer
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from _decaying import decaying_linear as _layer  # noqa: E402
 
 
 def _model() -> nn.Sequential:
