@@ -186,6 +186,9 @@ def main() -> None:
 @click.option("--sync-bn", is_flag=True, help="With several processes: SyncBatchNorm (CUDA only).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Autocast precision; fp16 uses a GradScaler.")
+@click.option("--channels-last/--no-channels-last", default=False, show_default=True,
+              help="Train in the channels_last memory format (with --precision bf16 the fastest CPU setting "
+                   "measured; see the README's training section).")
 def train(resume: Optional[str], out: Optional[str], no_progress: bool, milestones: Optional[str],
           config_file: Optional[Path], nproc: int, **opts: Any) -> None:
     """Train a model (baseline, nuclear-norm only, TRP, LoRITa, fine-tune) and write a run directory.

@@ -162,6 +162,7 @@ class TrainConfig:
     decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA only)
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)
+    channels_last: bool = False  # train convs in the channels_last memory format (faster on CPU with bf16)
     layers: Optional[Union[str, list[str]]] = None  # layer selection (see the module docstring)
     exclude: list[str] = field(default_factory=list)  # glob patterns of layers left dense
     verify_images: bool = False  # image folders: decode every image before training; corrupt ones: one error

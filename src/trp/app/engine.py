@@ -277,6 +277,8 @@ class Trainer:
 
             self.model = overparameterize(self.model, config.factor, layers=config.layers, exclude=config.exclude)
         self.model.to(self.device)
+        if config.channels_last:  # 4-d weights and activations stored NHWC; the saved files are unchanged
+            self.model.to(memory_format=torch.channels_last)
         if config.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         else:
@@ -419,6 +421,8 @@ class Trainer:
         start = time.perf_counter()
         for x, y in loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.config.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 out = self.net(x)
                 loss = F.cross_entropy(out, y)
