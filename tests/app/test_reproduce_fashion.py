@@ -25,7 +25,8 @@ def test_every_config_the_script_trains_exists_and_parses() -> None:
     models = re.search(r'TRP_MODELS:-([^}]*)\}', text).group(1).split()
     rows = set(re.findall(r'configs/fashion/\$m-([a-z0-9-]+)\.yaml', text))
     rows |= set(re.search(r'for c in ([a-z0-9 -]+); do', text).group(1).split())
-    assert models == ["resnet20", "resnet56"]
+    assert models == ["resnet20"]  # ResNet-56's configs stay for a GPU: TRP_MODELS="resnet20 resnet56"
+    models = ["resnet20", "resnet56"]
     assert rows == {"baseline", "trp2-nu-speedup3", "trp2-nu-latency2", "trp1-nu", "trp2-nu", "lorita2"}
     for model in models:
         for row in rows:
