@@ -86,7 +86,7 @@ train() {
     "$TRP" train --config "$config" --seed "$seed" --out "$run" "${DATA[@]}" "${EXTRA[@]}" --no-progress \
       >"$run/train.log" 2>&1
   fi
-  rm -f "$run/checkpoint.pt"  # finished: the trained model and its splits are what is kept
+  rm -f "$run/checkpoint.pt" "$run"/finetune-*/checkpoint.pt  # finished: the models and splits are what is kept
   touch "$run/.decomposed"
 }
 
