@@ -1,0 +1,67 @@
+"""``TRPConfig``: the settings of a TRP run and their defaults, in one place.
+
+:class:`trp.TRP`, the Lightning and Hugging Face callbacks, and the ``trp train`` options and
+config file all read their defaults from here::
+
+    cfg = trp.TRPConfig(criterion=trp.TargetSpeedup(3), period=10, input_shape=(1, 3, 32, 32))
+    pruner = trp.TRP.from_config(model, cfg)
+
+``criterion`` is any criterion :func:`trp.decompose` accepts; None means ``Energy(energy)``.
+With a whole-model criterion (a target), ``energy`` is also the criterion of the projections of
+the first ``warmup`` iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from ..core._util import check_fraction, check_int, check_number
+from ..core.criteria import Energy
+from ..core.layers import LayerSelector
+
+__all__ = ["TRPConfig", "is_whole_model"]
+
+
+def is_whole_model(criterion: Any) -> bool:
+    """Whether ``criterion`` chooses every layer's rank at once (it has ``allocate``), like ``trp.TargetSpeedup``."""
+    return callable(getattr(criterion, "allocate", None))
+
+
+@dataclass
+class TRPConfig:
+    """The settings of :class:`trp.TRP` (see the module docstring); the field defaults are the library's."""
+
+    scheme: str = "channel"
+    criterion: Any = None  # a rank criterion (per layer or whole model); None: Energy(energy)
+    energy: float = 0.9
+    period: Optional[int] = 20  # None: no projection (nuclear-norm-only training)
+    nuclear_weight: float = 3e-4
+    subgradient_period: Optional[int] = None  # None: the period (20 when period is None)
+    warmup: int = 0  # iterations of Energy(energy) projections before a whole-model criterion takes over
+    layers: LayerSelector = None
+    exclude: Sequence[str] = field(default_factory=tuple)
+    shard: Any = None  # None (auto), True, False or a torch.distributed ProcessGroup
+    input_shape: Optional[Sequence[int]] = None  # for a whole-model criterion's MAC counts
+
+    def __post_init__(self) -> None:
+        check_fraction("energy", self.energy)
+        check_int("period", self.period, 1, none_means="for no projection")
+        check_number("nuclear_weight", self.nuclear_weight, 0.0, high_open=True, what="a finite number >= 0")
+        check_int("subgradient_period", self.subgradient_period, 1, none_means="for the period")
+        check_int("warmup", self.warmup, 0, what="a number of iterations >= 0")
+        if self.criterion is not None and not (callable(self.criterion) or is_whole_model(self.criterion)):
+            raise ValueError(f"criterion must be a rank criterion such as trp.Energy(0.9) or trp.TargetSpeedup(3), "
+                             f"got {self.criterion!r}")
+
+    def resolved_criterion(self) -> Any:
+        """The criterion TRP trains with: ``criterion``, or ``Energy(energy)``."""
+        return Energy(self.energy) if self.criterion is None else self.criterion
+
+    def replace(self, **changes: Any) -> "TRPConfig":
+        """A copy with ``changes`` applied (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULTS = TRPConfig()
