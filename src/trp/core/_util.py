@@ -2,17 +2,20 @@
 
 The number checks refuse what Python would quietly accept: ``True`` for an integer, ``2.5``
 for an integer, NaN and the infinities for a bounded number. Each raises ``ValueError``
-naming the argument, what it must be, and the value given.
+naming the argument, what it must be, and the value given. Importing this module does not
+import torch (the settings of :mod:`trp.methods.trp_config` are read by the command line's
+``--help``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-import torch
-from torch import Tensor, nn
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
 
 __all__ = ["check_int", "check_number", "check_fraction", "eval_mode", "seeded_inputs"]
 
@@ -68,6 +71,8 @@ def seeded_inputs(model: nn.Module, shape: Sequence[int], seed: int = 0, dtype: 
     Drawn on the CPU (the same numbers on every device) without touching the global random
     state; ``dtype`` defaults to float32.
     """
+    import torch
+
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -8,18 +8,20 @@ config file all read their defaults from here::
 
 ``criterion`` is any criterion :func:`trp.decompose` accepts; None means ``Energy(energy)``.
 With a whole-model criterion (a target), ``energy`` is also the criterion of the projections of
-the first ``warmup`` iterations.
+the first ``warmup`` iterations. Importing this module does not import torch (the command line
+reads the defaults for its ``--help``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..core._util import check_fraction, check_int, check_number
-from ..core.criteria import Energy
-from ..core.layers import LayerSelector
+
+if TYPE_CHECKING:
+    from ..core.layers import LayerSelector
 
 __all__ = ["TRPConfig", "is_whole_model"]
 
@@ -40,7 +42,7 @@ class TRPConfig:
     nuclear_weight: float = 3e-4
     subgradient_period: Optional[int] = None  # None: the period (20 when period is None)
     warmup: int = 0  # iterations of Energy(energy) projections before a whole-model criterion takes over
-    layers: LayerSelector = None
+    layers: "LayerSelector" = None
     exclude: Sequence[str] = field(default_factory=tuple)
     shard: Any = None  # None (auto), True, False or a torch.distributed ProcessGroup
     input_shape: Optional[Sequence[int]] = None  # for a whole-model criterion's MAC counts
@@ -57,6 +59,8 @@ class TRPConfig:
 
     def resolved_criterion(self) -> Any:
         """The criterion TRP trains with: ``criterion``, or ``Energy(energy)``."""
+        from ..core.criteria import Energy
+
         return Energy(self.energy) if self.criterion is None else self.criterion
 
     def replace(self, **changes: Any) -> "TRPConfig":
