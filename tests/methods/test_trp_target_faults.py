@@ -116,3 +116,97 @@ def test_the_final_split_has_the_ranks_of_the_last_projection(tmp_path: Path, mo
     assert split == {n: r for n, r in pruner.ranks.items() if n not in dense}
     assert split and all(pruner.ranks[n] == 16 for n in dense)
     assert abs(latency.measured / 1.5 - 1.0) <= 0.05  # and the calibrated ranks land on the target
+
+
+def test_the_fixed_calibration_travels_in_the_state_dict(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
+    hw = FakeHardware(overhead=500.0, isolation=0.7)
+    model = _net(2)
+
+    def latency(table=None):
+        return trp.TargetLatency(1.5, table=table, runtime="eager", timer=hw, repeats=1, warmup=0)
+
+    with hw.running():
+        table = profile_layers(model.eval(), torch.zeros(SHAPE), "channel", runtime="eager", timer=hw, repeats=1,
+                               warmup=0)
+        model.train()
+        pruner = trp.TRP(model, criterion=latency(table), period=2, nuclear_weight=1e-3, input_shape=SHAPE)
+        _train(model, pruner, 3)
+        path = tmp_path / "trp.pt"
+        torch.save(pruner.state_dict(), path)
+        state = torch.load(path, weights_only=True)
+        assert set(state["calibration"]) == {"target", "scale", "rest"}
+        twin_model = _net(5)
+        twin_model.load_state_dict(model.state_dict())
+        twin = trp.TRP(twin_model, criterion=latency(table), period=2, nuclear_weight=1e-3, input_shape=SHAPE)
+        twin.load_state_dict(state)
+        _train(model, pruner, 4)
+        _train(twin_model, twin, 4)
+    assert twin.criterion.history == []  # resumed without measuring the model again
+    assert twin.ranks == pruner.ranks
+    for (k, a), b in zip(model.state_dict().items(), twin_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+# --- under DDP: large layers of a whole-model criterion, and an allocation that fails -------------------
+def _linear_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                         nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 3))
+
+
+def _train_linear(model: nn.Module, pruner: trp.TRP, rank: int = 0, world: int = 1) -> None:
+    g = torch.Generator().manual_seed(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(5):
+        x, y = torch.randn(4, 12, generator=g), torch.randint(0, 3, (4,), generator=g)
+        local = slice(rank * 4 // world, (rank + 1) * 4 // world)
+        loss = F.cross_entropy(model(x[local]), y[local])
+        opt.zero_grad()
+        loss.backward()
+        pruner.regularize()
+        opt.step()
+        pruner.step()
+
+
+def _ddp_target_worker(rank: int, world: int, tmp: str, x: float) -> None:
+    import trp.core.svd
+
+    torch.set_num_threads(1)
+    trp.core.svd.FULL_SVD_MAX = 8  # the 40-wide layers count as large: leading triplets only
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_linear_net())
+        pruner = trp.TRP(ddp, criterion=trp.TargetSpeedup(x), period=2, nuclear_weight=1e-2, input_shape=(1, 12))
+        try:
+            _train_linear(ddp, pruner, rank, world)
+            out = {"state": ddp.module.state_dict(), "ranks": pruner.ranks}
+        except (ValueError, RuntimeError) as err:
+            out = {"error": f"{type(err).__name__}: {err}"}
+        torch.save(out, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_large_layers_of_a_whole_model_target(tmp_path: Path, monkeypatch) -> None:
+    import trp.core.svd
+
+    mp.spawn(_ddp_target_worker, args=(2, str(tmp_path), 2.0), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["ranks"] == r1["ranks"]
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", 8)
+    model = _linear_net()
+    pruner = trp.TRP(model, criterion=trp.TargetSpeedup(2.0), period=2, nuclear_weight=1e-2, input_shape=(1, 12))
+    _train_linear(model, pruner)
+    assert pruner.ranks == r0["ranks"] and min(pruner.ranks.values()) < 40
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_an_allocation_that_fails_on_rank_0_stops_every_rank(tmp_path: Path) -> None:
+    mp.spawn(_ddp_target_worker, args=(2, str(tmp_path), 500.0), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert "cannot be reached" in r0["error"]
+    assert "rank 0 could not allocate" in r1["error"]
