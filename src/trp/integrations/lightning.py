@@ -18,8 +18,7 @@ sub-gradients) is saved in Lightning checkpoints; at the end of ``fit`` the mode
 
 from __future__ import annotations
 
-import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 from torch import nn
 

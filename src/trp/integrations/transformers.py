@@ -18,9 +18,8 @@ when ``save_path`` is set, written by the main process with :func:`trp.save`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn

@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 import warnings
 from collections import defaultdict
@@ -85,7 +84,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..core import svd as svd_module
-from ..core._util import check_fraction, check_int, check_number
+from ..core._util import check_int, check_number
 from ..core.allocation import LayerSpectrum, pooled_spectrum
 from ..core.counting import count_macs
 from ..core.criteria import Energy, Value
@@ -98,8 +97,9 @@ from ..core.svd import checked_svd
 from ..core.targets import projects_raw_weight
 from ..core.topspectra import LayerMatrix, allocate_leading, leading_svd
 from ..core.wrappers import unwrap
-from .sharded import ShardSetting, assign_owners, broadcast_results, resolve_group
-from .trp_config import DEFAULTS, TRPConfig, is_whole_model
+from .sharded import (ShardSetting, broadcast_object, broadcast_ranks, gather_spectra, owners_by_cost,
+                      resolve_group, share_results)
+from .trp_config import DEFAULTS, TRPConfig, is_whole_model, resolve_criteria
 
 __all__ = ["TRP"]
 
@@ -117,43 +117,6 @@ class _Spectra:
     batched: bool = True
     matrix: Optional[Tensor] = None  # a large layer's matrix (for a full SVD when its rank needs it)
     for_rank: Optional[Tensor] = None  # a large layer's truncated spectrum plus its rest (per-layer criteria)
-
-
-def _resolve(criterion: Any, energy: Optional[float], target: Any,
-             warmup_criterion: Optional[RankCriterion]) -> tuple[Any, RankCriterion]:
-    """``(criterion, warmup_criterion)`` from the arguments, the deprecated ones included (one warning)."""
-    if isinstance(criterion, (int, float)) and not isinstance(criterion, bool):  # the old third positional: energy
-        if energy is not None:
-            raise TypeError("TRP got energy twice (the third positional argument and energy=)")
-        energy, criterion = criterion, None
-    deprecated = [name for name, value in (("energy=", energy), ("target=", target)) if value is not None]
-    if deprecated and criterion is not None:
-        raise ValueError(f"give criterion=... or the deprecated {' and '.join(deprecated)}, not both")
-    if deprecated:
-        warnings.warn(
-            f"TRP({', '.join(d + '...' for d in deprecated)}) is deprecated: pass criterion=trp.Energy(e), or "
-            "criterion=the target (trp.TargetSpeedup(x), ...) with warmup_criterion=trp.Energy(e)",
-            DeprecationWarning, stacklevel=4)
-    if energy is not None:
-        check_fraction("energy", energy)
-    if target is not None:
-        if not is_whole_model(target):
-            raise TypeError(f"target must be a whole-model criterion such as trp.TargetSpeedup(3) (with an "
-                            f"allocate(layers, fixed_macs) method), got {target!r}")
-        criterion = target
-        if warmup_criterion is None and energy is not None:
-            warmup_criterion = Energy(energy)
-    elif energy is not None:
-        criterion = Energy(energy)
-    if criterion is None:
-        criterion = DEFAULTS.resolved_criterion()
-    if not (is_whole_model(criterion) or callable(criterion)):
-        raise TypeError(f"criterion must be a rank criterion such as trp.Energy(0.9) or a whole-model criterion "
-                        f"such as trp.TargetSpeedup(3), got {criterion!r}")
-    warm = Energy(DEFAULTS.energy) if warmup_criterion is None else warmup_criterion
-    if is_whole_model(warm) or not callable(warm):
-        raise TypeError(f"warmup_criterion must be a per-layer criterion such as trp.Energy(0.9), got {warm!r}")
-    return criterion, warm
 
 
 def _layer_ranks(criterion: Any, s: Tensor) -> Tensor:
@@ -202,7 +165,7 @@ class TRP:
         energy: Optional[float] = None,
         warmup_criterion: Optional[RankCriterion] = None,
     ) -> None:
-        criterion, warm = _resolve(criterion, energy, target, warmup_criterion)
+        criterion, warm = resolve_criteria(criterion, energy, target, warmup_criterion)
         get_scheme(scheme)
         check_int("period", period, 1, none_means="for no projection")
         check_number("nuclear_weight", nuclear_weight, 0.0, high_open=True, what="a finite number >= 0")
@@ -392,6 +355,9 @@ class TRP:
         shape = self._view_shape(name)
         return len(shape) == 3 and min(shape[-2:]) > svd_module.FULL_SVD_MAX
 
+    def _device(self) -> torch.device:
+        return next(iter(self._params.values())).device
+
     def _rank(self) -> int:
         return 0 if self._group is None else dist.get_rank(self._group)
 
@@ -416,18 +382,14 @@ class TRP:
                             for n, svd in self._large_svds.items()]
             self._apply(spectra, ranks, project, per_layer)
             if self._group is not None:
-                self._share(owners, project)
+                share_results(self._params, self._subgrad, self.ranks, owners, project, self._group)
 
     def _owners(self, whole: bool) -> dict[str, int]:
         """The rank that computes each layer's SVD: cost-balanced; under a whole-model criterion the
         large layers it counts go to rank 0, which computes their leading triplets as it allocates."""
         if self._group is None:
             return {n: 0 for n in self.layer_names}
-        costs = []
-        for name in self.layer_names:  # SVD cost ~ batch · rows · cols · min(rows, cols)
-            shape = self._view_shape(name)
-            costs.append(float(math.prod(shape) * min(shape[-2:])))
-        owners = dict(zip(self.layer_names, assign_owners(costs, dist.get_world_size(self._group))))
+        owners = owners_by_cost({n: self._view_shape(n) for n in self.layer_names}, self._group)
         if whole:
             owners.update({n: 0 for n in self._costs if self._is_large(n)})
         return owners
@@ -475,8 +437,9 @@ class TRP:
     def _decide(self, spectra: list[_Spectra], large: dict[str, Tensor], owners: dict[str, int]) -> dict[str, int]:
         """Step 2: the whole-model ranks, decided on rank 0 from every layer's spectrum and broadcast."""
         sigma = {n: e.s[i] for e in spectra for i, n in enumerate(e.names)}
-        if self._group is not None:
-            sigma = self._gather(sigma, owners)
+        if self._group is not None:  # every spectrum on rank 0 (large layers aside: it computes those)
+            shapes = {n: self._view_shape(n) for n in self.layer_names if not (n in self._costs and self._is_large(n))}
+            sigma = gather_spectra(sigma, shapes, owners, self._group, self._device())
         self._large_svds: dict[str, SVD] = {}
         ranks: Optional[dict[str, int]] = None
         error: Optional[BaseException] = None
@@ -489,7 +452,7 @@ class TRP:
                     raise
                 error = err
         if self._group is not None:
-            ranks = self._broadcast_ranks(ranks)
+            ranks = broadcast_ranks(ranks, self.layer_names, self._group, self._device(), repr(self.criterion))
             if error is not None:
                 raise error
         assert ranks is not None
@@ -511,39 +474,13 @@ class TRP:
         self._large_svds = {n: svds[n] for n in large}
         return self._checked_ranks(given, {n: int(min(self._view_shape(n)[-2:])) for n in self.layer_names})
 
-    def _gather(self, sigma: dict[str, Tensor], owners: dict[str, int]) -> dict[str, Tensor]:
-        """Every layer's spectrum on every rank, from its owner (large layers aside: rank 0 computes those)."""
-        device = next(iter(self._params.values())).device
-        names = [n for n in self.layer_names if not (n in self._costs and self._is_large(n))]
-        buffers = {}
-        for n in names:
-            shape = self._view_shape(n)
-            s = sigma.get(n)
-            buffers[n] = [s.double() if s is not None else
-                          torch.empty((*shape[1:-2], min(shape[-2:])), dtype=torch.float64, device=device)]
-        broadcast_results(buffers, {n: owners[n] for n in names}, self._group)
-        return {n: b[0] for n, b in buffers.items()}
-
-    def _broadcast_ranks(self, ranks: Optional[dict[str, int]]) -> dict[str, int]:
-        device = next(iter(self._params.values())).device
-        values = [ranks[n] for n in self.layer_names] if ranks is not None else [-1] * len(self.layer_names)
-        t = torch.tensor(values, dtype=torch.int64, device=device)
-        dist.broadcast(t, src=dist.get_global_rank(self._group, 0), group=self._group)
-        if int(t[0]) < 0:
-            if ranks is None and self._rank() != 0:
-                raise RuntimeError(f"TRP: rank 0 could not allocate the ranks of {self.criterion!r} (its error says why)")
-            return {}
-        return dict(zip(self.layer_names, (int(v) for v in t.tolist())))
-
     def _share_calibration(self) -> None:
         """Once: fix a measured criterion's calibration (rank 0's, on every rank), for every later allocation."""
         if self._calibration_shared or not callable(getattr(self.criterion, "calibration", None)):
             return
         state = self.criterion.calibration() if self._rank() == 0 else None
         if self._group is not None:
-            box = [state]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
-            state = box[0]
+            state = broadcast_object(state, self._group)
         self._calibration = state
         if state is not None:
             self.criterion.fix_calibration(state)
@@ -600,23 +537,6 @@ class TRP:
         if project:
             param.copy_(scheme.from_matrix(((u * s) @ vh)[None], param.shape)[0].to(param.dtype))
             self.ranks[name] = rank
-
-    def _share(self, owners: dict[str, int], project: bool) -> None:
-        """Under torch.distributed: every layer's results (sub-gradient, weight, rank) from its owner."""
-        me = self._rank()
-        results: dict[str, list[Tensor]] = {}
-        for name, param in self._params.items():
-            if owners[name] != me:
-                self._subgrad[name] = torch.empty_like(param)
-            results[name] = [self._subgrad[name]]
-            if project:
-                kept = torch.tensor([self.ranks.get(name, 0) if owners[name] == me else 0],
-                                    dtype=torch.int64, device=param.device)
-                results[name] += [param.data, kept]
-        broadcast_results(results, owners, self._group)
-        if project:
-            for name in self.layer_names:
-                self.ranks[name] = int(results[name][2].item())
 
     # -- whole-model criteria: MAC costs and allocation ----------------------------------
     def _init_target(self, targets: list[tuple[str, nn.Module]], period: Optional[int],

@@ -15,6 +15,7 @@ reads the defaults for its ``--help``).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -23,7 +24,7 @@ from ..core._util import check_fraction, check_int, check_number
 if TYPE_CHECKING:
     from ..core.layers import LayerSelector
 
-__all__ = ["TRPConfig", "is_whole_model"]
+__all__ = ["TRPConfig", "is_whole_model", "resolve_criteria"]
 
 
 def is_whole_model(criterion: Any) -> bool:
@@ -69,3 +70,42 @@ class TRPConfig:
 
 
 DEFAULTS = TRPConfig()
+
+
+def resolve_criteria(criterion: Any, energy: Optional[float], target: Any, warmup_criterion: Any) -> tuple[Any, Any]:
+    """``(criterion, warmup_criterion)`` of :class:`trp.TRP` from its arguments, the deprecated ``energy=`` /
+    ``target=`` included (one DeprecationWarning, pointing at the caller of ``TRP``)."""
+    from ..core.criteria import Energy
+
+    if isinstance(criterion, (int, float)) and not isinstance(criterion, bool):  # the old third positional: energy
+        if energy is not None:
+            raise TypeError("TRP got energy twice (the third positional argument and energy=)")
+        energy, criterion = criterion, None
+    deprecated = [name for name, value in (("energy=", energy), ("target=", target)) if value is not None]
+    if deprecated and criterion is not None:
+        raise ValueError(f"give criterion=... or the deprecated {' and '.join(deprecated)}, not both")
+    if deprecated:
+        warnings.warn(
+            f"TRP({', '.join(d + '...' for d in deprecated)}) is deprecated: pass criterion=trp.Energy(e), or "
+            "criterion=the target (trp.TargetSpeedup(x), ...) with warmup_criterion=trp.Energy(e)",
+            DeprecationWarning, stacklevel=3)
+    if energy is not None:
+        check_fraction("energy", energy)
+    if target is not None:
+        if not is_whole_model(target):
+            raise TypeError(f"target must be a whole-model criterion such as trp.TargetSpeedup(3) (with an "
+                            f"allocate(layers, fixed_macs) method), got {target!r}")
+        criterion = target
+        if warmup_criterion is None and energy is not None:
+            warmup_criterion = Energy(energy)
+    elif energy is not None:
+        criterion = Energy(energy)
+    if criterion is None:
+        criterion = DEFAULTS.resolved_criterion()
+    if not (is_whole_model(criterion) or callable(criterion)):
+        raise TypeError(f"criterion must be a rank criterion such as trp.Energy(0.9) or a whole-model criterion "
+                        f"such as trp.TargetSpeedup(3), got {criterion!r}")
+    warm = Energy(DEFAULTS.energy) if warmup_criterion is None else warmup_criterion
+    if is_whole_model(warm) or not callable(warm):
+        raise TypeError(f"warmup_criterion must be a per-layer criterion such as trp.Energy(0.9), got {warm!r}")
+    return criterion, warm
