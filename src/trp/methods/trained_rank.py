@@ -67,6 +67,10 @@ at the end would), against 1.93x for x=1.5 with the uncalibrated table; on a thi
 but at ranks the training never projected to ({9, 9, 7} instead of the trained {7, 7, 16}),
 after twice the measurements. Calibrating at the end therefore breaks the promise that
 training toward a target makes; a ``warmup`` lets the one calibration see trained spectra.
+
+The module is longer than most (~600 lines) on purpose: the refresh is one flow whose three
+steps share the layer bookkeeping; the collective operations live in :mod:`trp.methods.sharded`
+and the settings in :mod:`trp.methods.trp_config`.
 """
 
 from __future__ import annotations
