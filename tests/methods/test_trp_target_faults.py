@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import trp
+from trp.core._util import eval_mode
 from trp.core.decompose import recipe_of
 from trp.deploy.profile import LatencyTable, LayerLatency, profile_layers
 
@@ -103,10 +104,9 @@ def test_the_final_split_has_the_ranks_of_the_last_projection(tmp_path: Path, mo
     hw = FakeHardware(overhead=500.0, isolation=0.7)
     model = _net(2)
     with hw.running():
-        table = profile_layers(model.eval(), torch.zeros(SHAPE), "channel", runtime="eager", timer=hw, repeats=1,
-                               warmup=0)
+        with eval_mode(model):
+            table = profile_layers(model, torch.zeros(SHAPE), "channel", runtime="eager", timer=hw, repeats=1, warmup=0)
         latency = trp.TargetLatency(1.5, table=table, runtime="eager", timer=hw, repeats=1, warmup=0)
-        model.train()
         pruner = trp.TRP(model, criterion=latency, period=2, nuclear_weight=1e-3, input_shape=SHAPE)
         _train(model, pruner, 5)
         pruner.project(final=True)
@@ -127,9 +127,8 @@ def test_the_fixed_calibration_travels_in_the_state_dict(tmp_path: Path, monkeyp
         return trp.TargetLatency(1.5, table=table, runtime="eager", timer=hw, repeats=1, warmup=0)
 
     with hw.running():
-        table = profile_layers(model.eval(), torch.zeros(SHAPE), "channel", runtime="eager", timer=hw, repeats=1,
-                               warmup=0)
-        model.train()
+        with eval_mode(model):
+            table = profile_layers(model, torch.zeros(SHAPE), "channel", runtime="eager", timer=hw, repeats=1, warmup=0)
         pruner = trp.TRP(model, criterion=latency(table), period=2, nuclear_weight=1e-3, input_shape=SHAPE)
         _train(model, pruner, 3)
         path = tmp_path / "trp.pt"
