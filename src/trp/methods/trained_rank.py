@@ -148,7 +148,16 @@ def _own_random_state(param: Tensor) -> Iterator[None]:
 
 
 class TRP:
-    """Trained Rank Pruning for the selected layers of ``model`` (see module docstring)."""
+    """Trained Rank Pruning for the selected layers of ``model`` (see module docstring).
+
+    ``criterion`` (default ``Energy(0.9)``) chooses the ranks of the projections, per layer or for
+    the whole model; ``period`` (None: no projection), ``nuclear_weight`` (λ), ``layers`` /
+    ``exclude`` (the selection of :func:`trp.decompose`), ``subgradient_period``, ``shard`` (see
+    :func:`trp.methods.sharded.resolve_group`), ``input_shape`` / ``example_inputs`` (a whole-model
+    criterion's MAC counts), ``warmup`` and ``warmup_criterion`` (the projections before a
+    whole-model criterion takes over). The defaults are :class:`trp.TRPConfig`'s;
+    :meth:`from_config` builds a TRP from one. ``energy=`` and ``target=`` are deprecated.
+    """
 
     def __init__(
         self,
