@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -116,6 +117,16 @@ def test_the_final_split_has_the_ranks_of_the_last_projection(tmp_path: Path, mo
     assert split == {n: r for n, r in pruner.ranks.items() if n not in dense}
     assert split and all(pruner.ranks[n] == 16 for n in dense)
     assert abs(latency.measured / 1.5 - 1.0) <= 0.05  # and the calibrated ranks land on the target
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_the_final_split_of_a_mac_target_has_the_ranks_of_the_last_projection(scheme: str) -> None:
+    model = _net(3)
+    pruner = trp.TRP(model, scheme, criterion=trp.TargetSpeedup(2.5), period=2, nuclear_weight=1e-3, input_shape=SHAPE)
+    _train(model, pruner, 5)
+    pruner.project(final=True)
+    report = trp.decompose_with_report(model, scheme, pruner.criterion, pruner.layer_names, SHAPE)
+    assert {r.name: r.rank for r in report.layers} == pruner.ranks  # dense ones: the rank saves no MACs
 
 
 def test_the_fixed_calibration_travels_in_the_state_dict(tmp_path: Path, monkeypatch) -> None:
