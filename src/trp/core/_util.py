@@ -54,12 +54,13 @@ def check_fraction(name: str, value: Any) -> float:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run with ``model`` in eval mode; every submodule's own training flag is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+def eval_mode(*models: "nn.Module") -> Iterator[None]:
+    """Every module of ``models`` in eval mode for the block; each module's own mode is restored afterwards."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
     try:
-        yield model
+        for model in models:
+            model.eval()
+        yield
     finally:
         for m, mode in modes:
             m.training = mode
