@@ -565,7 +565,7 @@ def make_target(config: TrainConfig, model: nn.Module, input_shape: tuple[int, .
     """The whole-model criterion a ``trp`` run trains toward (``target_speedup``/``target_latency``), or None.
 
     A latency target is profiled by TRP at its first allocation, with the layers TRP trains (its
-    ``layers``/``exclude`` selection), as ``trp decompose`` profiles it (the same cached table).
+    ``layers``/``exclude`` selection), in its inference form, as ``trp decompose`` profiles a model.
     """
     if config.target_speedup is not None:
         return TargetSpeedup(config.target_speedup)
