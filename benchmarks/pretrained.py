@@ -4,7 +4,7 @@ For each model and each whole-model MAC reduction (full count, ``trp.count_macs`
 ways to get a split model, each scored against the ORIGINAL model's outputs on held-out data:
 
 - ``split``: post-training split, ``trp.decompose(model, criterion=trp.TargetSpeedup(x))``;
-- ``trp+distill``: ``trp.TRP(copy, target=trp.TargetSpeedup(x), period=P, nuclear_weight=0)``
+- ``trp+distill``: ``trp.TRP(copy, criterion=trp.TargetSpeedup(x), period=P, nuclear_weight=0)``
   trained for a few steps by distillation from the original, projected at the target's ranks
   once more at the end, then split at the same target;
 - ``split+distill``: the post-training split, then the split model trained the same steps with
@@ -161,7 +161,7 @@ def run_task(task: Task, reductions: Sequence[float] = REDUCTIONS, steps: int = 
                 student = copy.deepcopy(teacher)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
-                    pruner = trp.TRP(student, target=trp.TargetSpeedup(target), example_inputs=probe,
+                    pruner = trp.TRP(student, criterion=trp.TargetSpeedup(target), example_inputs=probe,
                                      period=task.period, nuclear_weight=0.0)
                 distill(student, task, train_targets, steps, pruner)
                 pruner.project(final=True)
@@ -298,7 +298,7 @@ def fortunes(folder: Path = FORTUNE_DIR) -> list[str]:
 class PackedTokens(nn.Module):
     """A sentence encoder fed one float tensor ``(batch, 2, length)``: token ids and attention mask.
 
-    ``trp.TRP(target=...)`` probes a model with a float tensor of its ``input_shape``; packing the
+    ``trp.TRP(criterion=a target)`` probes a model with a float tensor of its ``input_shape``; packing the
     ids (exact in float32 below 2**24) lets the token model be probed the same way.
     """
 

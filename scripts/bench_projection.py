@@ -47,7 +47,7 @@ def _worker(rank: int, world: int, model: str, repeat: int, scheme: str, init: s
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.manual_seed(0)
     net = trp.models.create_model(model, in_channels=3, num_classes=10)
-    pruner = trp.TRP(net, scheme=scheme, energy=0.9, shard=None if world > 1 else False)
+    pruner = trp.TRP(net, scheme=scheme, criterion=trp.Energy(0.9), shard=None if world > 1 else False)
     times, cpu = [], []
     for _ in range(repeat + 1):  # the first is a warm-up
         dist.barrier()

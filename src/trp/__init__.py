@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 # Public name -> (module, attribute); attribute None: the module itself.
 _PUBLIC: dict[str, tuple[str, str | None]] = {
     "TRP": ("trp.methods.trained_rank", "TRP"),
+    "TRPConfig": ("trp.methods.trp_config", "TRPConfig"),
     "Criterion": ("trp.core.criteria", "Criterion"),
     "Energy": ("trp.core.criteria", "Energy"),
     "Value": ("trp.core.criteria", "Value"),
@@ -100,3 +101,4 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .deploy.target_latency import TargetLatency
     from .methods import lorita
     from .methods.trained_rank import TRP
+    from .methods.trp_config import TRPConfig

@@ -95,19 +95,18 @@ def test_target_latency_is_wired_to_trp_target_latency(fashion_root: Path, tmp_p
             super().__init__(x)
             seen["table"] = table
 
+        def prepare(self, model, scheme, layers, input_shape) -> None:  # TRP profiles with its own selection
+            seen["profile"] = (tuple(input_shape), scheme, tuple(layers))
+
         def spec(self) -> str:
             return f"latency:{self.x:g}"
 
-    def fake_profile(model, example_inputs, scheme):
-        seen["profile"] = (tuple(example_inputs.shape), scheme)
-        return "a table"
-
     monkeypatch.setattr("trp.deploy.target_latency.TargetLatency", FakeLatency)
-    monkeypatch.setattr("trp.deploy.profile.profile_layers", fake_profile)
     trainer = Trainer(_config(fashion_root, target_speedup=None, target_latency=2.0, scheme="spatial"), tmp_path / "lat")
     assert isinstance(trainer.pruner.target, FakeLatency) and trainer.pruner.target.x == 2.0
-    assert seen == {"profile": ((1, 1, 28, 28), "spatial"), "table": "a table"}
+    assert seen == {"table": None}  # profiled at the first allocation, not before
     trainer.run()
+    assert seen["profile"] == ((1, 1, 28, 28), "spatial", tuple(trainer.pruner.layer_names))
     assert trainer.model_path.exists()
     assert trainer.checkpoint_path.exists() and torch.load(trainer.checkpoint_path, weights_only=True)["trp"]["target"] == "latency:2"
 

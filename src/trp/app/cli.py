@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..methods.trp_config import DEFAULTS as TRP_DEFAULTS
 from .config import (METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_layers, parse_milestones,
                      parse_patterns, resume_config)
 
@@ -138,7 +139,7 @@ def main() -> None:
               "Fashion-MNIST defaults to the Debian package's folder).")
 @click.option("--hflip", is_flag=True, help="Fashion-MNIST: also flip training images horizontally.")
 @click.option("--method", type=click.Choice(METHODS), default="trp", show_default=True)
-@click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default="channel", show_default=True)
+@click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=TRP_DEFAULTS.scheme, show_default=True)
 @click.option("--epochs", type=int, default=164, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True)
@@ -147,9 +148,9 @@ def main() -> None:
               "[default: 81/164 and 122/164 of --epochs].")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=None, help="[default: 1e-4; 1e-3 for lorita]")
-@click.option("--energy", type=float, default=0.9, show_default=True, help="TRP projection energy e.")
-@click.option("--period", type=int, default=20, show_default=True, help="Project every PERIOD iterations.")
-@click.option("--nuclear-weight", type=float, default=3e-4, show_default=True, help="λ of the nuclear norm (0: none).")
+@click.option("--energy", type=float, default=TRP_DEFAULTS.energy, show_default=True, help="TRP projection energy e.")
+@click.option("--period", type=int, default=TRP_DEFAULTS.period, show_default=True, help="Project every PERIOD iterations.")
+@click.option("--nuclear-weight", type=float, default=TRP_DEFAULTS.nuclear_weight, show_default=True, help="λ of the nuclear norm (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..methods.trp_config import DEFAULTS as TRP_DEFAULTS
+
 # The library is imported where it is used, so the command line's --help needs no torch.
 
 __all__ = [
@@ -134,7 +136,7 @@ class TrainConfig:
     data: str = "mnist5k"
     data_dir: Optional[str] = None
     method: str = "trp"
-    scheme: str = "channel"
+    scheme: str = TRP_DEFAULTS.scheme
     epochs: int = 164
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd (momentum) or adamw
@@ -143,9 +145,9 @@ class TrainConfig:
     weight_decay: Optional[float] = None  # None: 1e-3 for lorita (SPEC §2), else 1e-4 (SPEC §1.3)
     milestones: Optional[list[int]] = None  # None: epochs 81/164 and 122/164 of the run
     gamma: float = 0.1
-    energy: float = 0.9
-    period: int = 20
-    nuclear_weight: float = 3e-4
+    energy: float = TRP_DEFAULTS.energy
+    period: int = TRP_DEFAULTS.period  # type: ignore[assignment]
+    nuclear_weight: float = TRP_DEFAULTS.nuclear_weight
     seed: int = 0
     device: str = "auto"
     workers: int = 0

@@ -45,6 +45,7 @@ from ..models import create_model
 from .rundir import RunLock, append_metrics, check_writable, disk_error, read_metrics, remove_leftovers
 from ..core.allocation import TargetSpeedup
 from ..methods.trained_rank import TRP
+from ..methods.trp_config import TRPConfig
 
 __all__ = [
     "METHODS",
@@ -291,20 +292,17 @@ class Trainer:
         self.pruner: Optional[TRP] = None
         if config.method == "trp":
             target = make_target(config, self.model, self.spec.input_shape, self.device)
-            self.pruner = TRP(
-                self.model, config.scheme, config.energy, config.period, config.nuclear_weight,
-                target=target, input_shape=self.spec.input_shape if target is not None else None,
+            self.pruner = TRP.from_config(self.model, TRPConfig(
+                config.scheme, target, config.energy, config.period, config.nuclear_weight,
                 warmup=config.target_warmup * self._steps_per_epoch() if target is not None else 0,
                 layers=config.layers, exclude=config.exclude,
-            )
+                input_shape=self.spec.input_shape if target is not None else None))
         elif config.method == "nuclear":
             if config.nuclear_weight <= 0:
                 raise ValueError("method 'nuclear' needs --nuclear-weight > 0")
-            self.pruner = TRP(
-                self.model, config.scheme, config.energy, period=None,
-                nuclear_weight=config.nuclear_weight, subgradient_period=config.period,
-                layers=config.layers, exclude=config.exclude,
-            )
+            self.pruner = TRP.from_config(self.model, TRPConfig(
+                config.scheme, None, config.energy, period=None, nuclear_weight=config.nuclear_weight,
+                subgradient_period=config.period, layers=config.layers, exclude=config.exclude))
         self.lock = RunLock(self.run_dir)
         # fp16 needs loss scaling (its range is narrow); bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
@@ -564,17 +562,19 @@ class Trainer:
 
 
 def make_target(config: TrainConfig, model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> Any:
-    """The whole-model criterion a ``trp`` run trains toward (``target_speedup``/``target_latency``), or None."""
+    """The whole-model criterion a ``trp`` run trains toward (``target_speedup``/``target_latency``), or None.
+
+    A latency target is profiled by TRP at its first allocation, with the layers TRP trains (its
+    ``layers``/``exclude`` selection), in its inference form, as ``trp decompose`` profiles a model.
+    """
     if config.target_speedup is not None:
         return TargetSpeedup(config.target_speedup)
     if config.target_latency is None:
         return None
-    from ..deploy.profile import profile_layers
     from ..deploy.target_latency import TargetLatency
 
     try:
-        example = torch.zeros(input_shape, device=device)
-        return TargetLatency(config.target_latency, table=profile_layers(model, example, config.scheme))
+        return TargetLatency(config.target_latency)
     except TypeError as err:
         raise ValueError(f"--target-latency could not build trp.TargetLatency({config.target_latency:g}): {err}") from err
 

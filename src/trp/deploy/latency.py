@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..core._util import eval_mode
 from .export import export_onnx, ort_session
 
 __all__ = [
@@ -235,19 +236,6 @@ def make_runner(model: nn.Module, example_inputs: Inputs, runtime: str = "eager"
         return out
 
     return run
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Every module of ``models`` in eval mode for the block, each module's own mode restored after."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _time_one(run: Callable[[], Any], timer: Optional[Timer], cuda_device: Optional[torch.device]) -> float:

@@ -158,14 +158,10 @@ def _record_inputs(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], i
             seen[module] = (args[0].detach().clone(), output)
 
     handles = [m.register_forward_hook(hook) for _, m in targets]
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     finally:
-        for m, mode in modes:
-            m.training = mode
         for h in handles:
             h.remove()
     return seen

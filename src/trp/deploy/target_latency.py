@@ -15,6 +15,11 @@ it is fitted through the dense model and the fastest plan, both measured, and th
 target is then adjusted a few times until the measured speedup lands within ``tolerance``
 of ``x``.
 
+Training toward it (:class:`trp.TRP`) calibrates once, at the first allocation, and then fixes
+that calibration (:meth:`TargetLatency.fix_calibration`: the fitted line and the internal target):
+every later allocation, the final split's included, plans with it and measures nothing, so the
+ranks trained toward are the ranks split at.
+
 ``latency:X[:RUNTIME[:BATCH]]`` is registered as a ``--criterion`` string.
 """
 
@@ -30,6 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..core._util import check_int, check_number, seeded_inputs
 from ..core.allocation import LayerSpectrum, WholeModelCriterion, check_round_to, pooled_spectrum
 from ..core.criteria import register_criterion
 from ..core.decompose import apply_recipe
@@ -143,19 +149,16 @@ class TargetLatency(WholeModelCriterion):
         monotone: bool = True,
         statistic: str = "median",
     ) -> None:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 1.0:
-            raise ValueError(f"TargetLatency: x must be a number > 1 (a measured speedup), got {x!r}")
+        check_number("TargetLatency: x", x, 1.0, low_open=True, high_open=True, what="a number > 1 (a measured speedup)")
         if runtime not in RUNTIMES:
             raise ValueError(f"TargetLatency: unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"TargetLatency: batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("TargetLatency: batch_size", batch_size, 1, what="an integer >= 1")
         if table is not None and (table.runtime, table.batch_size) != (runtime, batch_size):
             raise ValueError(
                 f"TargetLatency: the table was measured in {table.runtime} at batch {table.batch_size}, but "
                 f"runtime={runtime!r}, batch_size={batch_size} were asked: give the table's setting or profile again"
             )
-        if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
-            raise ValueError(f"TargetLatency: calibrate must be an integer >= 0, got {calibrate!r}")
+        check_int("TargetLatency: calibrate", calibrate, 0, what="an integer >= 0")
         self.x = float(x)
         self.table = table
         self._given_table = table is not None
@@ -176,13 +179,12 @@ class TargetLatency(WholeModelCriterion):
         self._model: Optional[tuple[nn.Module, str, Any, Sequence[int]]] = None
         self._folded: Optional[nn.Module] = None
         self._affine: Optional[tuple[float, float]] = None  # (scale, rest): see _time_model
+        self._last: Optional[dict[str, float]] = None  # the time model and internal target last planned with
+        self._fixed: Optional[dict[str, float]] = None  # set by fix_calibration: plan with it, measure nothing
 
     # -- the model being decomposed ---------------------------------------------------
     def _inputs(self, model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        gen = torch.Generator().manual_seed(0)
-        return torch.randn((self.batch_size, *input_shape[1:]), generator=gen).to(device)
+        return seeded_inputs(model, (self.batch_size, *input_shape[1:]))
 
     def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]]) -> None:
         if input_shape is None:
@@ -192,7 +194,7 @@ class TargetLatency(WholeModelCriterion):
             raise ValueError(f"TargetLatency: the table times the {self.table.scheme} split, but the {scheme} scheme "
                              "was asked: profile the model with that scheme")
         self._folded = _inference_form(model)
-        if not self._given_table:  # profiled for each model it is used on (from the disk cache when known)
+        if not self._given_table and not (self._fixed is not None and self.table is not None):  # profiled for each model it is used on (from the disk cache when known)
             self.table = profile_layers(self._folded, self._inputs(model, input_shape), scheme, self.runtime,
                                         layers=layers,
                                         threads=self.threads, repeats=self.repeats, warmup=self.warmup,
@@ -295,13 +297,36 @@ class TargetLatency(WholeModelCriterion):
                 total += next(o.time for o in self._options(layer, self.table) if o.rank == ranks[layer.name])
         return total
 
+    # -- a calibration fixed for training (trp.TRP) ---------------------------------------
+    def calibration(self) -> Optional[dict[str, float]]:
+        """What the last :meth:`allocate` planned with: ``{"target", "scale", "rest"}`` (the internal
+        target, NaN for the fastest plan, and the time model ``rest + scale * sum``); None before any."""
+        return None if self._last is None else dict(self._last)
+
+    def fix_calibration(self, state: Optional[dict[str, float]]) -> None:
+        """Plan every later :meth:`allocate` with ``state`` (from :meth:`calibration`), measuring nothing;
+        None: calibrate again at each allocation. :class:`trp.TRP` fixes it after its first allocation."""
+        self._fixed = None if state is None else {k: float(state[k]) for k in ("target", "scale", "rest")}
+
+    def _remember(self, target: Optional[float]) -> None:
+        assert self._affine is not None
+        self._last = {"target": math.nan if target is None else float(target),
+                      "scale": float(self._affine[0]), "rest": float(self._affine[1])}
+
     def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
+        if self._fixed is not None:
+            self._affine = (self._fixed["scale"], self._fixed["rest"])
+            target = None if math.isnan(self._fixed["target"]) else self._fixed["target"]
+            self._last = dict(self._fixed)
+            return self.plan(layers, target)[0]
         self.history = []
         self._affine = None
         if self._model is None or self.calibrate == 0:
             fastest = self._reachable(layers)
             if fastest < self.x:
                 raise self._unreachable(fastest, "predicted from the latency table")
+            self._affine = self._time_model(layers)
+            self._remember(self.x)
             return self.plan(layers, self.x)[0]
         model, scheme, _, input_shape = self._model
         inputs = self._inputs(model, input_shape)
@@ -330,7 +355,10 @@ class TargetLatency(WholeModelCriterion):
             scale = (t_dense - t_fast) / (s_dense - s_fast)
             self._affine = (scale, t_dense - scale * s_dense)
         top.target = self.plan(layers, None)[1]  # = top.measured under the fitted model
+        if self._affine is None:
+            self._affine = self._time_model(layers)
         if abs(top.measured / self.x - 1.0) <= self.tolerance:
+            self._remember(None)
             return top.ranks
         fastest = top.target
         target = min(self.x, fastest)
@@ -341,7 +369,9 @@ class TargetLatency(WholeModelCriterion):
             target = self._next_target(fastest)
             if any(abs(c.target / target - 1.0) < 1e-3 for c in self.history):
                 break  # no new plan to try
-        return self._best().ranks
+        best = self._best()
+        self._remember(None if best is top else best.target)
+        return best.ranks
 
     def _next_target(self, fastest: float) -> float:
         """The next internal target: between the closest measured points around ``x``, else scaled by ``x / measured``

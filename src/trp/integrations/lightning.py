@@ -3,7 +3,7 @@
 ::
 
     from trp.integrations.lightning import TRPCallback
-    trainer = L.Trainer(callbacks=[TRPCallback(energy=0.9, period=20, save_path="split.safetensors")])
+    trainer = L.Trainer(callbacks=[TRPCallback(criterion=trp.Energy(0.9), period=20, save_path="split.safetensors")])
 
 Hooks: the sub-gradient is added in ``on_before_optimizer_step`` (Lightning calls it after
 backward, after AMP's unscaling and once per optimizer step under gradient accumulation,
@@ -18,13 +18,10 @@ sub-gradients) is saved in Lightning checkpoints; at the end of ``fit`` the mode
 
 from __future__ import annotations
 
-import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 from torch import nn
 
-from ..core.decompose import RankCriterion
-from ..core.layers import LayerSelector
 from ..methods.trained_rank import TRP
 from .options import TRPOptions, missing_extra
 
@@ -39,22 +36,19 @@ __all__ = ["TRPCallback"]
 class TRPCallback(pl.Callback):
     """Train the LightningModule low-rank with :class:`trp.TRP`; split (and save) it when fit ends.
 
+    Settings: ``config=`` a :class:`trp.TRPConfig`, or any of its fields by name (``criterion=``
+    any criterion :func:`trp.decompose` takes, a target such as ``trp.TargetSpeedup(3)`` included,
+    which then needs ``input_shape=``; ``energy=``, ``period=``, ``nuclear_weight=``, ``layers=``, ...;
+    the first eight may also be given by position, in the order ``scheme, energy, period,
+    nuclear_weight, layers, final_criterion, save_path, input_shape``), ``final_criterion=`` (the
+    split at the end; default the target, else ``Value(0.05)``) and ``save_path=``.
+
     ``pruner`` is the TRP (set when fit starts), ``compact`` the split model (set when fit ends).
     """
 
-    def __init__(
-        self,
-        scheme: str = "channel",
-        energy: float = 0.9,
-        period: Optional[int] = 20,
-        nuclear_weight: float = 3e-4,
-        layers: LayerSelector = None,
-        final_criterion: Optional[RankCriterion] = None,
-        save_path: Union[str, os.PathLike, None] = None,
-        input_shape: Optional[Sequence[int]] = None,
-    ) -> None:
+    def __init__(self, *args: Any, **settings: Any) -> None:
         super().__init__()
-        self.options = TRPOptions(scheme, energy, period, nuclear_weight, layers, final_criterion, save_path, input_shape)
+        self.options = TRPOptions.from_arguments(args, settings)
         self.pruner: Optional[TRP] = None
         self.compact: Optional[nn.Module] = None
         self._pending_state: Optional[dict[str, Any]] = None

@@ -3,7 +3,7 @@
 ::
 
     from trp.integrations.transformers import TRPCallback
-    trainer = Trainer(model, args, train_dataset=ds, callbacks=[TRPCallback(energy=0.9, period=20)])
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[TRPCallback(criterion=trp.Energy(0.9), period=20)])
 
 Hooks: the ``Trainer`` offers no event between backward and gradient clipping, so the
 sub-gradient is added in ``on_pre_optimizer_step``: after backward (and DDP's averaging),
@@ -18,15 +18,12 @@ when ``save_path`` is set, written by the main process with :func:`trp.save`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..core.decompose import RankCriterion
-from ..core.layers import LayerSelector
 from ..deploy.io import atomic_write
 from ..methods.trained_rank import TRP
 from .options import TRPOptions, missing_extra
@@ -51,21 +48,18 @@ STATE_FILE = "trp_state.pt"
 class TRPCallback(TrainerCallback):
     """Train the Trainer's model low-rank with :class:`trp.TRP`; split (and save) it when training ends.
 
+    Settings: ``config=`` a :class:`trp.TRPConfig`, or any of its fields by name (``criterion=``
+    any criterion :func:`trp.decompose` takes, a target such as ``trp.TargetSpeedup(3)`` included,
+    which then needs ``input_shape=``; ``energy=``, ``period=``, ``nuclear_weight=``, ``layers=``, ...;
+    the first eight may also be given by position, in the order ``scheme, energy, period,
+    nuclear_weight, layers, final_criterion, save_path, input_shape``), ``final_criterion=`` (the
+    split at the end; default the target, else ``Value(0.05)``) and ``save_path=``.
+
     ``pruner`` is the TRP (set when training begins), ``compact`` the split model (set when it ends).
     """
 
-    def __init__(
-        self,
-        scheme: str = "channel",
-        energy: float = 0.9,
-        period: Optional[int] = 20,
-        nuclear_weight: float = 3e-4,
-        layers: LayerSelector = None,
-        final_criterion: Optional[RankCriterion] = None,
-        save_path: Union[str, os.PathLike, None] = None,
-        input_shape: Optional[Sequence[int]] = None,
-    ) -> None:
-        self.options = TRPOptions(scheme, energy, period, nuclear_weight, layers, final_criterion, save_path, input_shape)
+    def __init__(self, *args: Any, **settings: Any) -> None:
+        self.options = TRPOptions.from_arguments(args, settings)
         self.pruner: Optional[TRP] = None
         self.compact: Optional[nn.Module] = None
 

@@ -3,18 +3,22 @@
 With ``DistributedDataParallel`` every rank holds the same weights, so every rank would
 compute the same SVDs. Instead each rank computes the SVDs of its share of the target
 layers and broadcasts the results (the projected weights, the sub-gradients and the kept
-ranks); all ranks end with bit-identical tensors, whatever their hardware's rounding.
+ranks); all ranks end with bit-identical tensors, whatever their hardware's rounding. A
+whole-model criterion decides on rank 0, from every layer's spectrum (:func:`gather_spectra`),
+and broadcasts its ranks (:func:`broadcast_ranks`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["resolve_group", "assign_owners", "broadcast_results"]
+__all__ = ["resolve_group", "assign_owners", "broadcast_results", "owners_by_cost", "gather_spectra", "broadcast_ranks",
+           "broadcast_object", "share_results"]
 
 ShardSetting = Union[bool, None, "dist.ProcessGroup"]
 
@@ -91,3 +95,63 @@ def broadcast_results(
             for t in parts:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+def owners_by_cost(shapes: dict[str, torch.Size], group: "dist.ProcessGroup") -> dict[str, int]:
+    """The rank that computes each matrix view's SVD, balancing the cost ``batch · rows · cols · min(rows, cols)``."""
+    costs = [float(math.prod(shape) * min(shape[-2:])) for shape in shapes.values()]
+    return dict(zip(shapes, assign_owners(costs, dist.get_world_size(group))))
+
+
+def gather_spectra(sigma: dict[str, Tensor], shapes: dict[str, torch.Size], owners: dict[str, int],
+                   group: "dist.ProcessGroup", device: torch.device) -> dict[str, Tensor]:
+    """Every spectrum named in ``shapes`` (a layer's matrix views, batch first), on every rank, in float64.
+
+    ``sigma`` holds the spectra this rank computed (the ones it owns).
+    """
+    buffers = {}
+    for name, shape in shapes.items():
+        s = sigma.get(name)
+        buffers[name] = [s.double() if s is not None else
+                         torch.empty((*shape[1:-2], min(shape[-2:])), dtype=torch.float64, device=device)]
+    broadcast_results(buffers, {n: owners[n] for n in shapes}, group)
+    return {n: b[0] for n, b in buffers.items()}
+
+
+def broadcast_ranks(ranks: Optional[dict[str, int]], names: list[str], group: "dist.ProcessGroup",
+                    device: torch.device, what: str) -> dict[str, int]:
+    """Rank 0's ``ranks`` on every rank. Rank 0 passes None when it failed: the others then raise
+    RuntimeError (rank 0 raises its own error), rather than wait for ranks that never come."""
+    values = [ranks[n] for n in names] if ranks is not None else [-1] * len(names)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+    if names and int(t[0]) < 0:
+        if dist.get_rank(group) != 0:
+            raise RuntimeError(f"TRP: rank 0 could not allocate the ranks of {what} (its error says why)")
+        return {}
+    return dict(zip(names, (int(v) for v in t.tolist())))
+
+
+def broadcast_object(obj: Any, group: "dist.ProcessGroup") -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def share_results(params: dict[str, Tensor], subgrads: dict[str, Tensor], ranks: dict[str, int],
+                  owners: dict[str, int], project: bool, group: "dist.ProcessGroup") -> None:
+    """Every layer's refresh results (sub-gradient; with ``project`` also weight and rank), in place, from its owner."""
+    me = dist.get_rank(group)
+    results: dict[str, list[Tensor]] = {}
+    for name, param in params.items():
+        if owners[name] != me:
+            subgrads[name] = torch.empty_like(param)
+        results[name] = [subgrads[name]]
+        if project:
+            kept = torch.tensor([ranks.get(name, 0) if owners[name] == me else 0], dtype=torch.int64, device=param.device)
+            results[name] += [param.data, kept]
+    broadcast_results(results, owners, group)
+    if project:
+        for name in params:
+            ranks[name] = int(results[name][2].item())

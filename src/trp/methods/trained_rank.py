@@ -2,9 +2,9 @@
 
 Use it inside any training loop (SPEC §1.3)::
 
-    pruner = trp.TRP(model, scheme="channel", energy=0.9, period=20, nuclear_weight=3e-4)
+    pruner = trp.TRP(model, criterion=trp.Energy(0.9), period=20, nuclear_weight=3e-4)
     for x, y in loader:
-        loss = criterion(model(x), y)
+        loss = loss_fn(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         pruner.regularize()      # grad += λ·U_r V_rᵀ       (step A, nuclear term)
@@ -12,93 +12,178 @@ Use it inside any training loop (SPEC §1.3)::
         pruner.step()            # every `period` steps: W ← U_r S_r V_rᵀ  (step B)
     compact = pruner.decompose(trp.Value(0.05))
 
-Cost: target weights with the same matrix shape are projected with one batched SVD,
-and the projection's factors give the sub-gradient ``U_r V_rᵀ`` that ``regularize``
-then adds at every step until the next projection (one ``add_`` per layer). A projection of
-a large layer (above ``trp.core.svd.FULL_SVD_MAX`` singular values) computes only the leading
-triplets it keeps (:mod:`trp.core.topspectra`), in float32 for float32 weights. With
-``period=None`` no projection happens (nuclear-norm-only training) and the
-sub-gradient ``U Vᵀ`` over the nonzero singular values is refreshed every
-``subgradient_period`` steps. With a ``GradScaler``, call ``scaler.unscale_(optimizer)``
-before ``regularize()``, as for gradient clipping.
+``criterion`` takes what :func:`trp.decompose` takes: a per-layer criterion (``Energy(0.9)``, the
+default; ``Value``, ``Ratio``, ``FixedRank``) or a whole-model one (``TargetSpeedup(3)``,
+``TargetLatency(2)``, ``Global``, ``LayerRanks``), which then needs ``input_shape`` (or
+``example_inputs``) for its MAC counts. The settings and their defaults live in
+:class:`trp.TRPConfig` (``TRP.from_config(model, cfg)``). The old ``energy=e`` and ``target=t``
+arguments still work for a release, with a DeprecationWarning: ``energy=e`` is
+``criterion=Energy(e)``, ``target=t`` is ``criterion=t`` (with ``warmup_criterion=Energy(e)``).
+
+Every refresh (a projection, or a refresh of the sub-gradient alone) is one flow:
+
+1. spectra: target weights with the same matrix shape get one batched SVD; under
+   ``torch.distributed`` each rank computes its share of them (:mod:`trp.methods.sharded`); a
+   layer above ``trp.core.svd.FULL_SVD_MAX`` singular values gets only the leading triplets its
+   rank needs (:mod:`trp.core.topspectra`), in float32 for float32 weights;
+2. ranks from the criterion: per layer, or for the whole model at once; a whole-model choice is
+   made once, on rank 0, and broadcast, so every rank projects at the same ranks even where the
+   criterion would measure differently on each (a latency table);
+3. one apply step: each weight becomes ``U_r S_r V_rᵀ`` (on a projection) and ``U_r V_rᵀ`` is
+   kept as its sub-gradient, which ``regularize`` then adds at every step until the next
+   refresh (one ``add_`` per layer); under ``torch.distributed`` the owners broadcast the
+   results, so all ranks hold bit-identical weights.
+
+With ``period=None`` no projection happens (nuclear-norm-only training) and the sub-gradient
+``U Vᵀ`` over the nonzero singular values is refreshed every ``subgradient_period`` steps.
+With a ``GradScaler``, call ``scaler.unscale_(optimizer)`` before ``regularize()``, as for
+gradient clipping.
 
 Data parallel: ``TRP(ddp_model)`` trains the module inside the ``DistributedDataParallel``
 (or ``DataParallel``, ``torch.compile``) wrapper, so layer names and a decomposed model carry
 no ``module.`` prefix. Call ``regularize()`` after ``loss.backward()``: by then DDP has
-averaged the gradients over the ranks, and the sub-gradient, computed from the same weights
-on every rank, is added once on each, so the gradients stay identical across ranks and equal
-a single process's on the global batch. Under ``torch.distributed`` each rank computes the
-SVDs of its share of the layers and broadcasts them (see :mod:`trp.methods.sharded`): all
-ranks end every projection with bit-identical weights; ``shard=False`` turns this off (needed
-when only some ranks run TRP).
+averaged the gradients over the ranks, and the sub-gradient, the same on every rank, is added
+once on each, so the gradients stay identical across ranks and equal a single process's on the
+global batch. ``shard=False`` turns the sharing off (needed when only some ranks run TRP; each
+rank then decides alone).
 
-Toward a target: ``TRP(model, ..., target=trp.TargetSpeedup(3), input_shape=(1, 3, 32, 32))``
-takes each projection's ranks from that whole-model criterion (the most spectral energy per
-MAC within the budget, :mod:`trp.core.allocation`) instead of a fixed energy; the
-sub-gradient acts on the same ranks, and :meth:`TRP.decompose` splits with the same
-criterion, so the trained model lands on the target. ``warmup=K`` keeps energy-driven
-projections for the first ``K`` iterations.
+Toward a target: with a whole-model criterion, each projection takes its ranks from that
+criterion (e.g. the most spectral energy per MAC within the budget, :mod:`trp.core.allocation`);
+the sub-gradient acts on the same ranks, and :meth:`TRP.decompose` splits with the same
+criterion, so the trained model lands on the target. ``warmup=K`` keeps ``warmup_criterion``
+(``Energy(0.9)``) projections for the first ``K`` iterations; ``project(final=True)`` uses the
+target even then.
+
+A measured target (:class:`trp.TargetLatency`) profiles the layers TRP trains and is calibrated
+once, at its first allocation (the start of target training, after ``warmup``): its time model
+and internal target are then fixed on the criterion (:meth:`~trp.TargetLatency.fix_calibration`),
+kept in the state dict, and used by every later projection and by the final split, which
+measures nothing more. So the ranks trained toward are the ranks split at: after a final
+projection ``decompose()`` keeps exactly ``TRP.ranks`` (a projected layer's spectrum ends at its
+rank, and a plan that fitted the budget still fits). Measured on the fake machines of the tests
+(20 steps, period 2): the split lands at 1.54x for x=1.5 and 1.93x for x=2 (as a calibration
+at the end would), against 1.93x for x=1.5 with the uncalibrated table; on a third machine
+(a large per-call cost) at 1.40x for x=1.5, where calibrating again at the end lands at 1.53x,
+but at ranks the training never projected to ({9, 9, 7} instead of the trained {7, 7, 16}),
+after twice the measurements. Calibrating at the end therefore breaks the promise that
+training toward a target makes; a ``warmup`` lets the one calibration see trained spectra.
+
+The module is longer than most (~600 lines) on purpose: the refresh is one flow whose three
+steps share the layer bookkeeping; the collective operations live in :mod:`trp.methods.sharded`
+and the settings in :mod:`trp.methods.trp_config`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 import time
 import warnings
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..core.allocation import LayerSpectrum, WholeModelCriterion, pooled_spectrum
+from ..core import svd as svd_module
+from ..core._util import check_int, check_number
+from ..core.allocation import LayerSpectrum, pooled_spectrum
 from ..core.counting import count_macs
 from ..core.criteria import Energy, Value
 from ..core.decompose import RankCriterion, decompose, trace_sizes
+from ..core.inputs import ExampleInputs
 from ..core.layers import LayerSelector
 from ..core.safety import split_targets
 from ..core.schemes import Scheme, get_scheme, scheme_for
-from ..core.inputs import ExampleInputs
-from ..core import svd as svd_module
 from ..core.svd import checked_svd
+from ..core.targets import projects_raw_weight
 from ..core.topspectra import LayerMatrix, allocate_leading, leading_svd
 from ..core.wrappers import unwrap
-from .sharded import ShardSetting, assign_owners, broadcast_results, resolve_group
-from ..core.targets import projects_raw_weight
+from .sharded import (ShardSetting, broadcast_object, broadcast_ranks, gather_spectra, owners_by_cost,
+                      resolve_group, share_results)
+from .trp_config import DEFAULTS, TRPConfig, is_whole_model, resolve_criteria
 
 __all__ = ["TRP"]
 
+SVD = tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass
+class _Spectra:
+    """Step 1's result for some layers: a batched full SVD, or one large layer's leading triplets."""
+
+    names: list[str]
+    u: Tensor
+    s: Tensor
+    vh: Tensor
+    batched: bool = True
+    matrix: Optional[Tensor] = None  # a large layer's matrix (for a full SVD when its rank needs it)
+    for_rank: Optional[Tensor] = None  # a large layer's truncated spectrum plus its rest (per-layer criteria)
+
+
+def _layer_ranks(criterion: Any, s: Tensor) -> Tensor:
+    """A per-layer criterion's ranks for a stack of spectra ``(layers, ..., k)``, one per matrix.
+
+    A layer of several matrices (decouple: one per filter) gets one rank, from the energy pooled
+    over its matrices, so the split layer really is rank r.
+    """
+    batch = pooled_spectrum(s, keep=1) if s.ndim > 2 else s
+    if callable(getattr(criterion, "ranks", None)):
+        ranks = criterion.ranks(batch)
+    else:  # a plain callable sigma -> rank
+        ranks = torch.tensor([int(criterion(row)) for row in batch], dtype=torch.long, device=s.device)
+    if s.ndim > 2:
+        ranks = ranks.reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
+    return ranks
+
+
+@contextlib.contextmanager
+def _own_random_state(param: Tensor) -> Iterator[None]:
+    """The global random state restored afterwards: measuring the model must not change training."""
+    devices = [param.device.index or 0] if param.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
 
 class TRP:
-    """Trained Rank Pruning for the selected layers of ``model`` (see module docstring)."""
+    """Trained Rank Pruning for the selected layers of ``model`` (see module docstring).
+
+    ``criterion`` (default ``Energy(0.9)``) chooses the ranks of the projections, per layer or for
+    the whole model; ``period`` (None: no projection), ``nuclear_weight`` (λ), ``layers`` /
+    ``exclude`` (the selection of :func:`trp.decompose`), ``subgradient_period``, ``shard`` (see
+    :func:`trp.methods.sharded.resolve_group`), ``input_shape`` / ``example_inputs`` (a whole-model
+    criterion's MAC counts), ``warmup`` and ``warmup_criterion`` (the projections before a
+    whole-model criterion takes over). The defaults are :class:`trp.TRPConfig`'s;
+    :meth:`from_config` builds a TRP from one. ``energy=`` and ``target=`` are deprecated.
+    """
 
     def __init__(
         self,
         model: nn.Module,
-        scheme: str = "channel",
-        energy: float = 0.9,
-        period: Optional[int] = 20,
-        nuclear_weight: float = 3e-4,
-        layers: LayerSelector = None,
-        subgradient_period: Optional[int] = None,
-        shard: ShardSetting = None,
-        target: Optional[WholeModelCriterion] = None,
-        input_shape: Optional[Sequence[int]] = None,
+        scheme: str = DEFAULTS.scheme,
+        criterion: Optional[RankCriterion] = None,
+        period: Optional[int] = DEFAULTS.period,
+        nuclear_weight: float = DEFAULTS.nuclear_weight,
+        layers: LayerSelector = DEFAULTS.layers,
+        subgradient_period: Optional[int] = DEFAULTS.subgradient_period,
+        shard: ShardSetting = DEFAULTS.shard,
+        target: Optional[Any] = None,
+        input_shape: Optional[Sequence[int]] = DEFAULTS.input_shape,
         example_inputs: Optional[Tensor] = None,
-        warmup: int = 0,
-        exclude: Sequence[str] = (),
+        warmup: int = DEFAULTS.warmup,
+        exclude: Sequence[str] = DEFAULTS.exclude,
+        *,
+        energy: Optional[float] = None,
+        warmup_criterion: Optional[RankCriterion] = None,
     ) -> None:
+        criterion, warm = resolve_criteria(criterion, energy, target, warmup_criterion)
         get_scheme(scheme)
-        if not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
-            raise ValueError(f"energy must lie in (0, 1], got {energy!r}")
-        if period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 1):
-            raise ValueError(f"period must be a positive integer (or None for no projection), got {period!r}")
-        if not (isinstance(nuclear_weight, (int, float)) and math.isfinite(nuclear_weight) and nuclear_weight >= 0):
-            raise ValueError(f"nuclear_weight must be a finite number >= 0, got {nuclear_weight!r}")
-        sub_period = subgradient_period if subgradient_period is not None else (period or 20)
-        if isinstance(sub_period, bool) or not isinstance(sub_period, int) or sub_period < 1:
-            raise ValueError(f"subgradient_period must be a positive integer, got {subgradient_period!r}")
+        check_int("period", period, 1, none_means="for no projection")
+        check_number("nuclear_weight", nuclear_weight, 0.0, high_open=True, what="a finite number >= 0")
+        sub_period = subgradient_period if subgradient_period is not None else (period or DEFAULTS.period)
+        check_int("subgradient_period", sub_period, 1)
         if period is None and nuclear_weight == 0:
             raise ValueError("period=None and nuclear_weight=0 would do nothing: set one of them")
 
@@ -106,7 +191,8 @@ class TRP:
         model = unwrap(model)
         self.model = model
         self.scheme = scheme
-        self.criterion = Energy(energy)
+        self.criterion = criterion
+        self.warmup_criterion = warm
         self.period = period
         self.nuclear_weight = float(nuclear_weight)
         self.subgradient_period = sub_period
@@ -136,14 +222,39 @@ class TRP:
         self.ranks: dict[str, int] = {}
         self.iteration = 0
         self.seconds = 0.0  # wall time spent inside regularize/step/project
-        self.target = target
         self.warmup = warmup
         self.input_shape: Optional[tuple[int, ...]] = None
-        self.allocated: dict[str, int] = {}  # the target's ranks at the last refresh
-        if target is not None:
+        self.allocated: dict[str, int] = {}  # the whole-model criterion's ranks at the last refresh
+        self._costs: dict[str, tuple[int, Any]] = {}
+        self._fixed_macs = 0
+        self._prepared = False  # the criterion's prepare() ran (on the rank that decides)
+        self._calibration: Optional[dict[str, float]] = None  # a measured criterion's fixed time model
+        self._calibration_shared = False
+        if self.whole:
             self._init_target(targets, period, input_shape, example_inputs, warmup)
         elif warmup:
-            raise ValueError("warmup counts the iterations before the target takes over: it needs target=...")
+            raise ValueError("warmup counts the iterations before the target takes over: it needs target=a "
+                             "whole-model criterion (criterion=trp.TargetSpeedup(x), ...)")
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: TRPConfig, **overrides: Any) -> "TRP":
+        """A TRP with the settings of ``config`` (``overrides`` replace fields, e.g. ``example_inputs=x``)."""
+        example_inputs = overrides.pop("example_inputs", None)
+        if overrides:
+            config = config.replace(**overrides)
+        return cls(model, config.scheme, config.resolved_criterion(), config.period, config.nuclear_weight,
+                   config.layers, config.subgradient_period, config.shard, None, config.input_shape,
+                   example_inputs, config.warmup, config.exclude, warmup_criterion=Energy(config.energy))
+
+    @property
+    def whole(self) -> bool:
+        """Whether the criterion chooses every layer's rank at once (a target such as ``TargetSpeedup``)."""
+        return is_whole_model(self.criterion)
+
+    @property
+    def target(self) -> Optional[Any]:
+        """The whole-model criterion trained toward, or None (a per-layer criterion)."""
+        return self.criterion if self.whole else None
 
     # -- the two calls of the training loop ---------------------------------------------
     def regularize(self) -> None:
@@ -169,16 +280,14 @@ class TRP:
         self.seconds += time.perf_counter() - start
 
     def project(self, final: bool = False) -> None:
-        """Replace each target weight by its truncation now: at the energy rank, or at the target's ranks.
+        """Replace each target weight by its truncation now, at the criterion's ranks.
 
-        With a ``target``, its ranks apply once the warm-up is over, or with ``final=True`` (the
-        projection that ends training, so that the model is exactly at the target's ranks).
+        With a whole-model criterion, its ranks apply once the warm-up is over, or with
+        ``final=True`` (the projection that ends training, so that the model is exactly at the
+        target's ranks, the ranks :meth:`decompose` then splits at).
         """
         start = time.perf_counter()
-        if final and self.target is not None:
-            self._refresh_target(project=True)
-        else:
-            self._refresh(project=True)
+        self._refresh(project=True, final=final)
         self.seconds += time.perf_counter() - start
 
     def decompose(
@@ -188,12 +297,12 @@ class TRP:
         *,
         example_inputs: Optional[ExampleInputs] = None,
     ) -> nn.Module:
-        """Split the trained target layers (default criterion: the ``target``, else ``Value(0.05)``, SPEC §1.3).
+        """Split the trained target layers (default criterion: the target, else ``Value(0.05)``, SPEC §1.3).
 
         The result is the plain model (any DDP / torch.compile wrapper removed).
         """
         if criterion is None:
-            criterion = self.target if self.target is not None else Value(0.05)
+            criterion = self.criterion if self.whole else Value(0.05)
         return decompose(
             self.model,
             scheme=self.scheme,
@@ -205,33 +314,41 @@ class TRP:
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Iteration count and cached sub-gradients (loadable with ``weights_only=True``)."""
-        return {
+        """Iteration count, ranks, cached sub-gradients and a measured target's calibration (``weights_only`` loadable)."""
+        state: dict[str, Any] = {
             "iteration": self.iteration,
             "target": self._target_spec(),
             "ranks": dict(self.ranks),
             "subgradients": {n: g.detach().clone() for n, g in self._subgrad.items()},
         }
+        if self._calibration is not None:
+            state["calibration"] = dict(self._calibration)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved (also the state of TRP before ``criterion=``)."""
         saved = state.get("target")
         if "target" in state and saved != self._target_spec():
             raise ValueError(
                 f"TRP state was trained toward target {saved!r}, but this TRP has target "
                 f"{self._target_spec()!r}: build TRP with the same target to resume"
             )
-        self.iteration = int(state["iteration"])
-        self.ranks = {str(k): int(v) for k, v in state.get("ranks", {}).items()}
         subgrads = state.get("subgradients", {})
         unknown = set(subgrads) - set(self._params)
         if unknown:
             raise ValueError(f"TRP state names layers this model lacks: {sorted(unknown)}")
+        self.iteration = int(state["iteration"])
+        self.ranks = {str(k): int(v) for k, v in state.get("ranks", {}).items()}
         self._subgrad = {
             n: g.to(device=self._params[n].device, dtype=self._params[n].dtype) for n, g in subgrads.items()
         }
+        calibration = state.get("calibration")
+        if calibration is not None and callable(getattr(self.criterion, "fix_calibration", None)):
+            self._calibration = {str(k): float(v) for k, v in calibration.items()}
+            self.criterion.fix_calibration(self._calibration)
+            self._calibration_shared = True
 
-    # -- the batched SVD work ----------------------------------------------------------
+    # -- the refresh: spectra -> ranks -> apply -----------------------------------------
     def _groups(self) -> dict[tuple, list[str]]:
         groups: dict[tuple, list[str]] = defaultdict(list)
         for name, param in self._params.items():
@@ -239,84 +356,84 @@ class TRP:
             groups[key].append(name)
         return groups
 
+    def _matrix(self, names: list[str]) -> Tensor:
+        """The stacked matrix views of the weights of ``names`` (one group: same scheme and shape)."""
+        return self._schemes[names[0]].to_matrix(torch.stack([self._params[n].detach() for n in names]))
+
+    def _view_shape(self, name: str) -> torch.Size:
+        return self._schemes[name].to_matrix(self._params[name].detach()[None]).shape
+
+    def _is_large(self, name: str) -> bool:
+        """One matrix above ``FULL_SVD_MAX`` singular values: only its leading triplets are computed."""
+        shape = self._view_shape(name)
+        return len(shape) == 3 and min(shape[-2:]) > svd_module.FULL_SVD_MAX
+
+    def _device(self) -> torch.device:
+        return next(iter(self._params.values())).device
+
+    def _rank(self) -> int:
+        return 0 if self._group is None else dist.get_rank(self._group)
+
     @torch.no_grad()
-    def _refresh(self, project: bool) -> None:
-        if self.target is not None and self.iteration >= self.warmup:
-            self._refresh_target(project)
-            return
-        if self._group is not None:
-            return self._refresh_sharded(project)
-        for names in self._groups().values():
-            # Inside an autocast region the reconstruction matmuls below would run in
-            # bf16/fp16, and the projected weight would not be exactly low rank.
-            with torch.autocast(device_type=self._params[names[0]].device.type, enabled=False):
-                self._refresh_group(names, project)
-
-    def _refresh_sharded(self, project: bool) -> None:
-        """Each rank refreshes its share of the layers; the owners broadcast the results."""
-        import torch.distributed as dist
-
-        world, me = dist.get_world_size(self._group), dist.get_rank(self._group)
-        costs = []
-        for name in self.layer_names:  # SVD cost ~ batch · rows · cols · min(rows, cols)
-            shape = self._schemes[name].to_matrix(self._params[name].detach()[None]).shape
-            costs.append(float(math.prod(shape) * min(shape[-2:])))
-        owners = dict(zip(self.layer_names, assign_owners(costs, world)))
-        for names in self._groups().values():
-            mine = [n for n in names if owners[n] == me]
-            if mine:
-                with torch.autocast(device_type=self._params[mine[0]].device.type, enabled=False):
-                    self._refresh_group(mine, project)
-        results: dict[str, list[Tensor]] = {}
-        for name, param in self._params.items():
-            if owners[name] != me:
-                self._subgrad[name] = torch.empty_like(param)
-            results[name] = [self._subgrad[name]]
-            if project:
-                kept = torch.tensor([self.ranks.get(name, 0) if owners[name] == me else 0],
-                                    dtype=torch.int64, device=param.device)
-                results[name] += [param.data, kept]
-        broadcast_results(results, owners, self._group)
-        if project:
-            for name in self.layer_names:
-                self.ranks[name] = int(results[name][2].item())
-
-    def _refresh_group(self, names: list[str], project: bool) -> None:
-        scheme = self._schemes[names[0]]
-        shape = self._params[names[0]].shape
-        weights = torch.stack([self._params[n].detach() for n in names])
-        matrix = scheme.to_matrix(weights)
-        if project and matrix.ndim == 3 and min(matrix.shape[-2:]) > svd_module.FULL_SVD_MAX:
-            for i, name in enumerate(names):  # large layers: one at a time, only the kept triplets
-                self._project_large(name, matrix[i])
-            return
-        u, s, vh = checked_svd(matrix, f"TRP layers {names}")
-        if project:
-            if s.ndim > 2:
-                # One matrix per filter (decouple): one rank per layer, from the energy
-                # pooled over its filters, so the split layer really is rank r.
-                ranks = self.criterion.ranks(pooled_spectrum(s, keep=1)).reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
-            else:
-                ranks = self.criterion.ranks(s)
-            keep = torch.arange(s.shape[-1], device=s.device) < ranks[..., None]
-        else:
+    def _refresh(self, project: bool, final: bool = False) -> None:
+        """Project (or only refresh the sub-gradient): spectra, then ranks, then one apply step."""
+        whole = self.whole and (final or self.iteration >= self.warmup)
+        first = next(iter(self._params.values()))
+        # Inside an autocast region the reconstruction matmuls would run in bf16/fp16, and the
+        # projected weight would not be exactly low rank.
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            # the per-layer criterion in use (None: the whole-model criterion decides)
+            per_layer = None if whole else (self.warmup_criterion if self.whole else self.criterion)
+            owners = self._owners(whole)
+            mine = {n for n, owner in owners.items() if owner == self._rank()}
+            spectra, large = self._spectra(mine, project, per_layer)
             ranks = None
-            tol = s[..., :1] * max(matrix.shape[-2:]) * torch.finfo(s.dtype).eps
-            keep = s > tol
-        keep = keep.to(s.dtype)
-        subgrad = scheme.from_matrix((u * keep[..., None, :]) @ vh, shape)
-        if project:
-            low = scheme.from_matrix((u * (s * keep)[..., None, :]) @ vh, shape)
-            kept = ranks.reshape(len(names), -1).max(dim=1).values.tolist()
-        for i, name in enumerate(names):
-            param = self._params[name]
-            self._subgrad[name] = subgrad[i].to(param.dtype)
-            if project:
-                param.copy_(low[i].to(param.dtype))
-                self.ranks[name] = int(kept[i])
+            if whole:
+                ranks = self._decide(spectra, large, owners)
+                self.allocated = dict(ranks)
+                spectra += [_Spectra([n], *svd, batched=False, matrix=self._matrix([n])[0])
+                            for n, svd in self._large_svds.items()]
+            self._apply(spectra, ranks, project, per_layer)
+            if self._group is not None:
+                share_results(self._params, self._subgrad, self.ranks, owners, project, self._group)
 
-    def _project_large(self, name: str, matrix: Tensor) -> None:
-        """Project one large layer at its energy rank from its leading singular triplets only.
+    def _owners(self, whole: bool) -> dict[str, int]:
+        """The rank that computes each layer's SVD: cost-balanced; under a whole-model criterion the
+        large layers it counts go to rank 0, which computes their leading triplets as it allocates."""
+        if self._group is None:
+            return {n: 0 for n in self.layer_names}
+        owners = owners_by_cost({n: self._view_shape(n) for n in self.layer_names}, self._group)
+        if whole:
+            owners.update({n: 0 for n in self._costs if self._is_large(n)})
+        return owners
+
+    def _spectra(self, mine: set[str], project: bool, per_layer: Any) -> tuple[list[_Spectra], dict[str, Tensor]]:
+        """Step 1: the SVDs of this rank's layers, batched per group; and, under a whole-model criterion
+        (``per_layer`` None), the large layers it counts (their leading triplets come with step 2)."""
+        whole = per_layer is None
+        out: list[_Spectra] = []
+        large: dict[str, Tensor] = {}
+        for names in self._groups().values():
+            names = [n for n in names if n in mine]
+            if not names:
+                continue
+            matrix = self._matrix(names)
+            if matrix.ndim == 3 and min(matrix.shape[-2:]) > svd_module.FULL_SVD_MAX:
+                if whole:
+                    large.update({n: matrix[i] for i, n in enumerate(names) if n in self._costs})
+                    names = [n for n in names if n not in self._costs]
+                    if not names:
+                        continue
+                    matrix = self._matrix(names)
+                elif project:  # one at a time, only the triplets the kept rank needs
+                    out += [self._leading(name, matrix[i], per_layer) for i, name in enumerate(names)]
+                    continue
+            u, s, vh = checked_svd(matrix, f"TRP layers {names}")
+            out.append(_Spectra(names, u, s, vh))
+        return out, large
+
+    def _leading(self, name: str, matrix: Tensor, criterion: Any) -> _Spectra:
+        """A large layer's leading triplets for a per-layer criterion.
 
         The search starts at the layer's previous rank; a layer that last kept more than a third
         of its spectrum gets the full SVD at once (the leading part would not be cheaper).
@@ -326,9 +443,104 @@ class TRP:
         if previous is not None and previous > min(matrix.shape) // 3:
             (u, s, vh), for_rank = checked_svd(matrix, what), None
         else:
-            (u, s, vh), for_rank = leading_svd(self.criterion, matrix, what, start=previous)
-        rank = int(self.criterion(s if for_rank is None else for_rank))
-        self._set_projection(name, u, s, vh, rank, project=True)
+            (u, s, vh), for_rank = leading_svd(criterion, matrix, what, start=previous)
+        return _Spectra([name], u, s, vh, batched=False, matrix=matrix, for_rank=for_rank)
+
+    # -- step 2 under a whole-model criterion ---------------------------------------------
+    def _decide(self, spectra: list[_Spectra], large: dict[str, Tensor], owners: dict[str, int]) -> dict[str, int]:
+        """Step 2: the whole-model ranks, decided on rank 0 from every layer's spectrum and broadcast."""
+        sigma = {n: e.s[i] for e in spectra for i, n in enumerate(e.names)}
+        if self._group is not None:  # every spectrum on rank 0 (large layers aside: it computes those)
+            shapes = {n: self._view_shape(n) for n in self.layer_names if not (n in self._costs and self._is_large(n))}
+            sigma = gather_spectra(sigma, shapes, owners, self._group, self._device())
+        self._large_svds: dict[str, SVD] = {}
+        ranks: Optional[dict[str, int]] = None
+        error: Optional[BaseException] = None
+        if self._rank() == 0:
+            try:
+                with _own_random_state(next(iter(self._params.values()))):
+                    ranks = self._allocate_all(sigma, large)
+            except Exception as err:  # the other ranks must hear of it, not wait for ranks forever
+                if self._group is None:
+                    raise
+                error = err
+        if self._group is not None:
+            ranks = broadcast_ranks(ranks, self.layer_names, self._group, self._device(), repr(self.criterion))
+            if error is not None:
+                raise error
+        assert ranks is not None
+        self._share_calibration()
+        return ranks
+
+    def _allocate_all(self, sigma: dict[str, Tensor], large: dict[str, Tensor]) -> dict[str, int]:
+        prepare = getattr(self.criterion, "prepare", None)
+        if not self._prepared and callable(prepare):
+            # A measured criterion profiles the model here, with the layers TRP trains.
+            prepare(self.model, self.scheme, list(self.layer_names), self.input_shape)
+        self._prepared = True
+        if not large:
+            return self.allocate(sigma)
+        # Large layers inside the budget: only the leading triplets the ranks need (core.topspectra).
+        layers = [LayerMatrix(n, large[n] if n in large else self._matrix([n])[0], *self._costs[n]) for n in self._costs]
+        known = {n: (sigma[n], sigma[n], sigma[n]) for n in self._costs if n not in large}  # only S is read
+        svds, given = allocate_leading(self.criterion, layers, self._fixed_macs, known=known)
+        self._large_svds = {n: svds[n] for n in large}
+        return self._checked_ranks(given, {n: int(min(self._view_shape(n)[-2:])) for n in self.layer_names})
+
+    def _share_calibration(self) -> None:
+        """Once: fix a measured criterion's calibration (rank 0's, on every rank), for every later allocation."""
+        if self._calibration_shared or not callable(getattr(self.criterion, "calibration", None)):
+            return
+        state = self.criterion.calibration() if self._rank() == 0 else None
+        if self._group is not None:
+            state = broadcast_object(state, self._group)
+        self._calibration = state
+        if state is not None:
+            self.criterion.fix_calibration(state)
+        self._calibration_shared = True
+
+    # -- step 3 --------------------------------------------------------------------------
+    def _apply(self, spectra: list[_Spectra], ranks: Optional[dict[str, int]], project: bool, criterion: Any) -> None:
+        """Step 3: weights ``U_r S_r V_rᵀ`` (with ``project``) and sub-gradients ``U_r V_rᵀ``.
+
+        ``ranks`` is the whole-model choice, or None: then a projection takes each layer's rank
+        from the per-layer ``criterion``, and a sub-gradient refresh alone keeps every nonzero value.
+        """
+        for e in spectra:
+            if not e.batched:
+                name = e.names[0]
+                if ranks is not None:
+                    rank = ranks[name]
+                    u, s, vh = (e.u, e.s, e.vh) if rank <= e.s.shape[-1] else \
+                        checked_svd(e.matrix, f"TRP layer {name!r}")  # kept whole (dense): every triplet
+                else:
+                    rank, (u, s, vh) = int(criterion(e.s if e.for_rank is None else e.for_rank)), (e.u, e.s, e.vh)
+                self._set_projection(name, u, s, vh, rank, project)
+                continue
+            u, s, vh, names = e.u, e.s, e.vh, e.names
+            scheme, shape = self._schemes[names[0]], self._params[names[0]].shape
+            if ranks is not None:
+                r = torch.tensor([ranks[n] for n in names], device=s.device)
+                r = r.reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
+            elif project:
+                r = _layer_ranks(criterion, s)
+            else:
+                r = None
+            if r is None:
+                tol = s[..., :1] * max(u.shape[-2], vh.shape[-1]) * torch.finfo(s.dtype).eps
+                keep = (s > tol).to(s.dtype)
+            else:
+                keep = (torch.arange(s.shape[-1], device=s.device) < r[..., None]).to(s.dtype)
+            subgrad = scheme.from_matrix((u * keep[..., None, :]) @ vh, shape)
+            if project:
+                low = scheme.from_matrix((u * (s * keep)[..., None, :]) @ vh, shape)
+                kept = r.reshape(len(names), -1).max(dim=1).values.tolist()
+            for i, name in enumerate(names):
+                param = self._params[name]
+                self._subgrad[name] = subgrad[i].to(param.dtype)
+                if project:
+                    param.copy_(low[i].to(param.dtype))
+                    self.ranks[name] = int(kept[i])
 
     def _set_projection(self, name: str, u: Tensor, s: Tensor, vh: Tensor, rank: int, project: bool) -> None:
         """Store ``U_r V_rᵀ`` as the layer's sub-gradient and, with ``project``, set its weight to ``U_r S_r V_rᵀ``."""
@@ -339,110 +551,56 @@ class TRP:
             param.copy_(scheme.from_matrix(((u * s) @ vh)[None], param.shape)[0].to(param.dtype))
             self.ranks[name] = rank
 
-    # -- toward a whole-model target (target=...) -----------------------------------------
+    # -- whole-model criteria: MAC costs and allocation ----------------------------------
     def _init_target(self, targets: list[tuple[str, nn.Module]], period: Optional[int],
                      input_shape: Optional[Sequence[int]], example_inputs: Optional[Tensor], warmup: int) -> None:
-        """Check the target arguments and count the MAC cost of every layer at every rank, once."""
-        if not callable(getattr(self.target, "allocate", None)):
-            raise TypeError(
-                f"target must be a whole-model criterion such as trp.TargetSpeedup(3) (with an "
-                f"allocate(layers, fixed_macs) method), got {self.target!r}"
-            )
+        """Check the arguments of a whole-model criterion and count the MAC cost of every layer at every rank, once."""
         if period is None:
-            raise ValueError("target=... sets the ranks of the projections: give a period (not None)")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a number of iterations >= 0, got {warmup!r}")
+            raise ValueError(f"criterion={self.criterion!r} sets the ranks of the projections: give a period (not None)")
+        check_int("warmup", warmup, 0, what="a number of iterations >= 0")
         if input_shape is None and example_inputs is not None:
             input_shape = (1, *example_inputs.shape[1:])
-        if input_shape is None:
+        if input_shape is None and getattr(self.criterion, "needs_input_shape", True):
             raise ValueError(
-                f"target={self.target!r} counts the model's MACs: pass input_shape=(1, C, H, W) "
+                f"criterion={self.criterion!r} counts the model's MACs: pass input_shape=(1, C, H, W) "
                 "or example_inputs=a batch of inputs"
             )
-        self.input_shape = tuple(int(d) for d in input_shape)
-        convs_only = bool(getattr(self.target, "convs_only", False))
-        sizes = trace_sizes(self.model, [m for _, m in targets], self.input_shape)
-        self._costs: dict[str, tuple[int, Any]] = {}
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+        convs_only = bool(getattr(self.criterion, "convs_only", False))
+        modules = [m for _, m in targets]
+        sizes = trace_sizes(self.model, modules, self.input_shape) if self.input_shape is not None else {}
         for name, module in targets:
             if convs_only and not isinstance(module, nn.Conv2d):
                 continue  # outside the budget: keeps its full rank, as trp.decompose does
             sch = self._schemes[name]
-            out_hw, in_hw = sizes[module]
+            out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
             self._costs[name] = (sch.macs(module, None, out_hw, in_hw),
                                  functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw))
-        total = count_macs(self.model, self.input_shape, convs_only=convs_only)
-        self._fixed_macs = total - sum(dense for dense, _ in self._costs.values())
+        if self.input_shape is not None:
+            total = count_macs(self.model, self.input_shape, convs_only=convs_only)
+            self._fixed_macs = total - sum(dense for dense, _ in self._costs.values())
 
     def _target_spec(self) -> Optional[str]:
-        if self.target is None:
+        if not self.whole:
             return None
-        spec = getattr(self.target, "spec", None)
-        return spec() if callable(spec) else repr(self.target)
+        spec = getattr(self.criterion, "spec", None)
+        return spec() if callable(spec) else repr(self.criterion)
 
     def allocate(self, spectra: dict[str, Tensor]) -> dict[str, int]:
-        """The target's rank for every layer, from each layer's singular values (``(k,)`` or batched)."""
-        if self.target is None:
-            raise ValueError("this TRP has no target: build it with target=trp.TargetSpeedup(x)")
+        """The whole-model criterion's rank for every layer, from each layer's singular values (``(k,)`` or batched)."""
+        if not self.whole:
+            raise ValueError("this TRP has a per-layer criterion: build it with criterion=trp.TargetSpeedup(x)")
         layers = [LayerSpectrum(n, spectra[n], dense, macs) for n, (dense, macs) in self._costs.items()]
-        given = self.target.allocate(layers, self._fixed_macs)
+        given = self.criterion.allocate(layers, self._fixed_macs)
         return self._checked_ranks(given, {n: int(spectra[n].shape[-1]) for n in self.layer_names})
 
     def _checked_ranks(self, given: dict[str, int], max_ranks: dict[str, int]) -> dict[str, int]:
-        """The target's ranks for every layer, each checked against the layer's maximum rank."""
+        """The criterion's ranks for every layer, each checked against the layer's maximum rank."""
         ranks = {}
         for name in self.layer_names:
             max_rank = max_ranks[name]
             rank = int(given.get(name, max_rank))  # a layer the criterion leaves out stays full rank
             if not 1 <= rank <= max_rank:
-                raise ValueError(f"target {self.target!r} gave layer {name!r} rank {rank} (1..{max_rank})")
+                raise ValueError(f"target {self.criterion!r} gave layer {name!r} rank {rank} (1..{max_rank})")
             ranks[name] = rank
         return ranks
-
-    @torch.no_grad()
-    def _refresh_target(self, project: bool) -> None:
-        """Project (or only refresh the sub-gradient) at the ranks the target allocates to all layers at once."""
-        groups = self._groups()
-        first = next(iter(self._params.values()))
-        with torch.autocast(device_type=first.device.type, enabled=False):
-            # Large single-matrix layers inside the budget: only the leading triplets the target's
-            # ranks need (core.topspectra); the others: one batched full SVD per group.
-            large, small = {}, {}
-            for key, names in groups.items():
-                matrix = self._schemes[names[0]].to_matrix(torch.stack([self._params[n].detach() for n in names]))
-                if matrix.ndim == 3 and min(matrix.shape[-2:]) > svd_module.FULL_SVD_MAX:
-                    large.update({n: matrix[i] for i, n in enumerate(names) if n in self._costs})
-                    names = [n for n in names if n not in self._costs]
-                    if not names:
-                        continue
-                    matrix = self._schemes[names[0]].to_matrix(torch.stack([self._params[n].detach() for n in names]))
-                small[tuple(names)] = checked_svd(matrix, f"TRP layers {names}")
-            if large:
-                full = {n: (u[i], s[i], vh[i]) for names, (u, s, vh) in small.items()
-                        for i, n in enumerate(names) if n in self._costs}
-                layers = [LayerMatrix(n, large[n] if n in large else self._schemes[n].to_matrix(self._params[n].detach()),
-                                      *self._costs[n]) for n in self._costs]
-                svds, given = allocate_leading(self.target, layers, self._fixed_macs, known=full)
-                ranks = self._checked_ranks(given, {n: int(min(self._schemes[n].to_matrix(self._params[n].detach()).shape[-2:]))
-                                                    for n in self.layer_names})
-                for n in large:
-                    u, s, vh = svds[n]
-                    if ranks[n] > s.shape[-1]:  # kept whole (dense): the sub-gradient needs every triplet
-                        u, s, vh = checked_svd(large[n], f"TRP layer {n!r}")
-                    self._set_projection(n, u, s, vh, ranks[n], project)
-            else:
-                spectra = {n: s[i] for names, (_, s, _) in small.items() for i, n in enumerate(names)}
-                ranks = self.allocate(spectra)
-            self.allocated = ranks
-            for names, (u, s, vh) in small.items():
-                scheme, shape = self._schemes[names[0]], self._params[names[0]].shape
-                r = torch.tensor([ranks[n] for n in names], device=s.device)
-                r = r.reshape(-1, *([1] * (s.ndim - 2))).expand(s.shape[:-1])
-                keep = (torch.arange(s.shape[-1], device=s.device) < r[..., None]).to(s.dtype)
-                subgrad = scheme.from_matrix((u * keep[..., None, :]) @ vh, shape)
-                low = scheme.from_matrix((u * (s * keep)[..., None, :]) @ vh, shape) if project else None
-                for i, name in enumerate(names):
-                    param = self._params[name]
-                    self._subgrad[name] = subgrad[i].to(param.dtype)
-                    if project:
-                        param.copy_(low[i].to(param.dtype))
-                        self.ranks[name] = ranks[name]
