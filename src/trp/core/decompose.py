@@ -3,7 +3,11 @@
 ``nn.MultiheadAttention`` is first rebuilt from separate projection layers
 (:mod:`trp.core.attention`); layers whose weight a parent reads directly stay dense
 (:mod:`trp.core.safety`). Given example inputs (or ``input_shape``), the result is checked once
-before it is returned: a split that is not exact is an error naming the layer. Layers with
+before it is returned: a split that is not exact is an error naming the layer. The whole split
+model is run in eval mode under ``torch.no_grad()`` and ``torch.inference_mode()`` (where
+PyTorch's fused fast paths read weights directly) and in the mode it came in; it is returned in
+that mode. An ``nn.TransformerEncoderLayer`` with a split layer keeps its attention converted,
+which turns its fused fast path off (stated in ``Decomposition.notes``). Layers with
 more than ``trp.core.svd.FULL_SVD_MAX`` singular values get only the leading ones their rank
 needs (:mod:`trp.core.topspectra`); ``on_layer`` reports progress per layer.
 """
@@ -70,6 +74,8 @@ class Decomposition:
     #: whole-model and per-layer MACs before / after (when inputs were given)
     macs_before: Optional[MacCount] = None
     macs_after: Optional[MacCount] = None
+    #: what trp changed around the split layers (e.g. a fused fast path disabled), one line each
+    notes: list[str] = field(default_factory=list)
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -191,6 +197,7 @@ def decompose_with_report(
     check_inputs = _verification_inputs(new, input_shape, example_inputs)
     if check_inputs is not None:
         dense_output, layer_inputs = record_layer_inputs(new, dict(targets), check_inputs)
+        train_runs = new.training and _runs_in_train_mode(new, check_inputs)
     if whole:
         criterion.prepare(model, scheme, layers, input_shape)
 
@@ -281,11 +288,12 @@ def decompose_with_report(
             entry.macs_after = before
         report.layers.append(entry)
 
-    if check_inputs is not None:
-        _check(new, split, layer_inputs, dense_output, check_inputs)
     keep = {a for a in converted.originals
             if any(isinstance(m, LowRank) for m in new.get_submodule(a).modules())}
+    keep |= _fast_path_attention(new, converted, report)
     restore_attention(new, converted, keep)
+    if check_inputs is not None:
+        _check(new, split, layer_inputs, dense_output, check_inputs, train_runs)
     if inputs is not None:
         report.macs_after = mac_breakdown(new, inputs)
 
@@ -299,14 +307,75 @@ def decompose_with_report(
     return report
 
 
+def _fast_path_attention(new: nn.Module, converted, report: "Decomposition") -> set[str]:
+    """Attention modules to keep converted because their ``nn.TransformerEncoderLayer`` has a split layer.
+
+    The encoder layer's fused fast path (eval mode, no autograd) reads ``linear1.weight`` and
+    ``linear2.weight`` directly; with its attention a :class:`SplitMultiheadAttention` (no packed
+    ``in_proj`` weight) PyTorch takes the regular path, which calls every layer. Stated in the report.
+    """
+    keep: set[str] = set()
+    for name, layer in new.named_modules():
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            continue
+        attn = f"{name}.self_attn" if name else "self_attn"
+        if attn not in converted.originals:
+            continue
+        split = [n for n, m in layer.named_children() if isinstance(m, LowRank)]
+        if split:
+            keep.add(attn)
+            report.notes.append(
+                f"{name or 'the model'} (nn.TransformerEncoderLayer): fused inference fast path disabled "
+                f"({', '.join(split)} split; its self_attn kept as trp's SplitMultiheadAttention, which "
+                "computes the same function without the packed weights the fast path reads)")
+    return keep
+
+
+def _snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+def _runs_in_train_mode(model: nn.Module, example_inputs: Any) -> bool:
+    """Whether the dense model runs on the inputs in train mode (not, e.g., BatchNorm on one value)."""
+    buffers = _snapshot_buffers(model)
+    try:
+        run_model(model, example_inputs)
+        return True
+    except Exception:  # noqa: BLE001 - then the split model is not run in train mode either
+        return False
+    finally:
+        with torch.no_grad():
+            for buf, saved in buffers:
+                buf.copy_(saved)
+
+
+def _check_modes(model: nn.Module, came_in_training: bool):
+    """``(label, set-up)`` of each mode the split model is run in before it is returned."""
+    import contextlib
+
+    modes = []
+    if came_in_training:
+        modes.append(("train mode (the mode it came in)", False, contextlib.nullcontext))
+    modes.append(("eval mode under torch.no_grad()", True, torch.no_grad))
+    modes.append(("eval mode under torch.inference_mode()", True, torch.inference_mode))
+    return modes
+
+
 def _check(
     new: nn.Module,
     split: dict[str, tuple[nn.Module, Tensor, "LayerReport"]],
     layer_inputs: dict[str, Tensor],
     dense_output: Any,
     example_inputs: Any,
+    train_runs: bool = False,
 ) -> None:
-    """Check the split model (see the module docstring); leave dense the layers a parent reads."""
+    """Check the split model (see the module docstring); leave dense the layers a parent reads.
+
+    The whole split model runs in eval mode under ``torch.no_grad()`` and under
+    ``torch.inference_mode()`` (where PyTorch's fused fast paths read weights directly), and in
+    train mode when it came in train mode (``train_runs``: the dense model runs so); BatchNorm
+    statistics are restored after, and every module is left in the mode it came in.
+    """
     for name, (dense, weight, _) in split.items():
         if name not in layer_inputs:
             continue  # not reached by the example inputs
@@ -315,12 +384,22 @@ def _check(
             raise RuntimeError(f"trp.decompose: {problem}. No model is returned; leave the layer dense "
                                f"with exclude=[{name!r}] and report the model's layer type.")
     by_id = {id(new.get_submodule(n)): n for n in split}
+    came_in_training = new.training and train_runs
+    output = None
     while True:
         modes = [(m, m.training) for m in new.modules()]
+        buffers = _snapshot_buffers(new)
+        label = ""
         try:
-            new.eval()
-            with torch.no_grad():
-                output = run_model(new, example_inputs)
+            # Every mode the model may be used in: PyTorch's fused fast paths (eval, no autograd)
+            # read weights that the regular path only reaches by calling the layers.
+            for label, evaluate, context in _check_modes(new, came_in_training):
+                if evaluate:
+                    new.eval()
+                with context():
+                    result = run_model(new, example_inputs)
+                if evaluate and output is None:
+                    output = result
         except SplitLayerAccess as err:
             name = by_id.get(id(err.module))
             if name is None:
@@ -329,17 +408,22 @@ def _check(
             set_module(new, name, dense)
             entry.status, entry.macs_after = "skipped", entry.macs_before
             entry.reason = (f"code around the layer reads its .{err.attribute} directly (found running the "
-                            "example inputs); left dense")
+                            f"example inputs in {label}); left dense")
+            output = None
             continue
         except Exception as err:
             raise RuntimeError(
-                f"trp.decompose: the split model fails on the example inputs ({type(err).__name__}: {err}) "
+                f"trp.decompose: the split model fails on the example inputs in {label} "
+                f"({type(err).__name__}: {err}) "
                 f"although each split layer matches its dense layer; split layers: {sorted(split)[:5]}... "
                 "Pass exclude=[patterns] to leave the layers around the failure dense."
             ) from err
         finally:
             for m, mode in modes:
                 m.training = mode
+            with torch.no_grad():
+                for buf, saved in buffers:  # a train-mode run updates BatchNorm statistics
+                    buf.copy_(saved)
         break
     problem = check_outputs(dense_output, output)
     if problem:

@@ -164,7 +164,7 @@ class Scheme(ABC):
         low = self._build(module, rank)
         if same_padding(module):
             low.pad = SamePad(tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation))
-        return low
+        return low.train(module.training)  # the split layer is in the mode the dense one was
 
     def max_rank(self, module: nn.Module) -> int:
         """Largest possible rank of the matrix view."""

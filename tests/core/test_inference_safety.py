@@ -1,0 +1,86 @@
+"""Issue 19: a split model must run under inference (eval + no_grad / inference_mode), where
+PyTorch's fused fast paths read weights directly, and come back in the mode it came in."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import trp
+from trp.core.schemes import LowRank
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 3)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+def truncated_dense(dense: nn.Module, split: nn.Module) -> nn.Module:
+    """``dense`` with each Linear that ``split`` factorized given the product of its two factors."""
+    ref = copy.deepcopy(dense)
+    for name, m in split.named_modules():
+        if isinstance(m, LowRank) and isinstance(m.first, nn.Linear):
+            layer = ref.get_submodule(name)
+            with torch.no_grad():
+                layer.weight.copy_(m.second.weight @ m.first.weight)
+    return ref
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_transformer_encoder_split_runs_in_inference(training):
+    torch.manual_seed(0)
+    model = Encoder().train(training)
+    report = trp.decompose_with_report(model, "channel", trp.TargetSpeedup(1.5), input_shape=(2, 16, 256))
+    split = report.model
+    assert report.factorized, "the feed-forward linears must be split"
+    assert split.training == training and all(m.training == training for m in split.modules())
+    ref = truncated_dense(model, split).eval()
+    split.eval()
+    x = torch.randn(2, 16, 256)
+    with torch.no_grad():
+        expected = ref(x)  # the dense model on its fused fast path
+        got = split(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        got = split(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # the report states that the fused fast path is off where the layer was split
+    assert any("fast path" in note for note in report.notes)
+
+
+class ReadsWeightInEval(nn.Module):
+    """A layer that, like a fused fast path, reads a child's weight only in eval + no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        if not self.training and not torch.is_grad_enabled():
+            h = torch.relu(torch.nn.functional.linear(x, getattr(self.inner, "weight"), getattr(self.inner, "bias")))
+        else:
+            h = torch.relu(self.inner(x))
+        return self.out(h)
+
+
+def test_inference_only_weight_read_leaves_layer_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), ReadsWeightInEval(), nn.Linear(4, 4)).train()
+    report = trp.decompose_with_report(model, "channel", trp.Ratio(0.1), layers="all", input_shape=(3, 32))
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["1.inner"].status == "skipped"
+    assert "directly" in by_name["1.inner"].reason
+    split = report.model.eval()
+    with torch.no_grad():
+        split(torch.randn(3, 32))
+    with torch.inference_mode():
+        split(torch.randn(3, 32))
+    assert report.model is split
