@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
+from .equivalents import check_standard, standard_form
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
 from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
@@ -184,7 +185,9 @@ def decompose_with_report(
         raise ValueError(
             f"nothing to decompose: {what} matched no layer that can be split exactly"
             + (f" ({len(skipped)} skipped: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
-            + ". Pass layers=[names or glob patterns] or a predicate to choose layers explicitly."
+            + ". Pass layers=[names or glob patterns] or a predicate to choose layers explicitly; for a layer "
+            "class trp does not know (a subclass with a forward of its own), register what it computes once: "
+            "trp.register_layer(MyConv, to_standard=lambda m: nn.Sequential(nn.ZeroPad2d(pads), trp.plain_layer(m)))."
         )
     whole = isinstance(criterion, WholeModelCriterion)
     if whole and criterion.needs_input_shape and inputs is None:
@@ -198,6 +201,9 @@ def decompose_with_report(
     if check_inputs is not None:
         dense_output, layer_inputs = record_layer_inputs(new, dict(targets), check_inputs)
         train_runs = new.training and _runs_in_train_mode(new, check_inputs)
+        for name, module in targets:  # layers split through their standard form: check it on their input
+            if name in layer_inputs and standard_form(module) is not None:
+                check_standard(module, layer_inputs[name], name)
     if whole:
         criterion.prepare(model, scheme, layers, input_shape)
 

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .targets import layer_kind, pad_same, same_padding, split_reason
+from .targets import layer_kind, pad_same, pre_layer, split_reason, standard_core
 
 __all__ = [
     "Scheme",
@@ -162,8 +162,7 @@ class Scheme(ABC):
     def build(self, module: nn.Module, rank: int) -> LowRank:
         """The two-layer structure of rank ``rank`` for ``module``, weights uninitialized."""
         low = self._build(module, rank)
-        if same_padding(module):
-            low.pad = SamePad(tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation))
+        low.pad = pre_layer(module)  # padding the layer's standard form applies first (trp.core.equivalents)
         return low.train(module.training)  # the split layer is in the mode the dense one was
 
     def max_rank(self, module: nn.Module) -> int:
@@ -177,7 +176,7 @@ class Scheme(ABC):
         b = root[..., :, None] * vh[..., :rank, :]
         low = self.build(module, rank)
         with torch.no_grad():
-            self._load_factors(low, module, a, b)
+            self._load_factors(low, standard_core(module), a, b)
         return low
 
     def truncated(self, u: Tensor, s: Tensor, vh: Tensor, rank: int, shape: torch.Size) -> Tensor:
