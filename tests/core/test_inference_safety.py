@@ -84,3 +84,36 @@ def test_inference_only_weight_read_leaves_layer_dense():
     with torch.inference_mode():
         split(torch.randn(3, 32))
     assert report.model is split
+
+
+def test_skipped_layers_summarised_one_line_per_reason(caplog):
+    import logging
+    import warnings
+
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG, logger="trp.decompose"):
+        warnings.simplefilter("always")
+        report = trp.decompose_with_report(model, "channel", trp.Energy(0.9))
+    messages = [str(w.message) for w in caught if "left" in str(w.message)]
+    assert len(messages) == 1 and len(messages[0]) < 600
+    lines = messages[0].splitlines()
+    assert len(lines) == 2 and lines[1].strip().startswith("17 × features.1.conv.0.0, ")
+    assert "(14 more)" in lines[1] and "depthwise" in lines[1]
+    assert len(report.skipped) == 17  # the full list stays in the report ...
+    assert sum("left dense" in r.message for r in caplog.records) == 17  # ... and at DEBUG level
+    text = repr(report)
+    assert text.startswith("Decomposition(") and "17 skipped" in text and len(text) < 200
+
+
+def test_result_reprs_are_summaries():
+    from trp.deploy.latency import LatencyComparison, LatencyResult
+
+    dense = LatencyResult([0.002] * 500, "eager", "cpu", 1, 1)
+    compact = LatencyResult([0.001] * 500, "eager", "cpu", 1, 1)
+    comparison = LatencyComparison(dense, compact, [2.0] * 500)
+    for obj in (dense, comparison):
+        assert len(repr(obj)) < 300 and "0.002, 0.002" not in repr(obj)
+    assert "2.00x" in repr(comparison)
+    assert "MACs" in repr(trp.mac_breakdown(nn.Linear(4, 4), input_shape=(1, 4)))

@@ -145,6 +145,8 @@ def decompose_source(
                                 layers, exclude)
     else:
         crit = parse_criterion(step.criterion)
+        if isinstance(crit, target_latency.TargetLatency) and crit.progress is None:
+            crit.progress = progress  # profiling layer i of n, calibration round j
     report = decompose_with_report(model, step.scheme, crit, layers, spec.input_shape, exclude=exclude,
                                    on_layer=_svd_progress(progress))
     summary = summarize(model, report.model, spec.input_shape)

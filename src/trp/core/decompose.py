@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -29,7 +30,7 @@ from .equivalents import check_standard, standard_form
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
 from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
-from .layers import LayerSelector, set_module
+from .layers import LayerSelector, set_module, summarize_skipped
 from .safety import check_layer, check_outputs, record_layer_inputs, run_model, split_targets
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
 from .topspectra import LayerMatrix, allocate_leading, leading_svd
@@ -48,6 +49,8 @@ __all__ = [
     "check_recipe",
     "convert_recipe_attention",
 ]
+
+_log = logging.getLogger("trp.decompose")
 
 RankCriterion = Union[Criterion, WholeModelCriterion, Callable[[Tensor], int]]
 
@@ -85,6 +88,15 @@ class Decomposition:
     @property
     def skipped(self) -> list[LayerReport]:
         return [r for r in self.layers if r.status == "skipped"]
+
+    def __repr__(self) -> str:
+        dense = sum(r.status == "dense" for r in self.layers)
+        macs = ""
+        if self.macs_before is not None and self.macs_after is not None:
+            macs = (f", MACs {self.macs_before.total:,} -> {self.macs_after.total:,} "
+                    f"({self.macs_before.total / max(self.macs_after.total, 1):.2f}x fewer)")
+        return (f"Decomposition({len(self.factorized)} factorized, {dense} dense, {len(self.skipped)} skipped"
+                f"{macs}{', ' + str(len(self.notes)) + ' note(s)' if self.notes else ''})")
 
 
 def trace_sizes(
@@ -305,9 +317,11 @@ def decompose_with_report(
 
     skipped = [(r.name, r.reason) for r in report.layers if r.status == "skipped"]
     if skipped:
+        for n, r in skipped:
+            _log.debug("left dense: %s (%s)", n, r)
         warnings.warn(
-            f"trp.decompose left {len(skipped)} selected layer(s) dense: "
-            + "; ".join(f"{n} ({r})" for n, r in skipped),
+            f"trp.decompose left {len(skipped)} selected layer(s) dense (all of them: Decomposition.skipped, or "
+            "DEBUG logging of 'trp.decompose'):\n  " + "\n  ".join(summarize_skipped(skipped)),
             stacklevel=2,
         )
     return report

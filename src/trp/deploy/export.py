@@ -68,6 +68,9 @@ class ExportResult:
     unfolded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     fallback_reason: str = ""  # with exporter="auto": why the TorchScript exporter was not used
 
+    def __repr__(self) -> str:
+        return f"ExportResult({self.summary()})"
+
     def summary(self) -> str:
         """One line: file, opset and the error against PyTorch."""
         err = (f"max error vs PyTorch {self.max_abs_error:.3g} abs, {self.max_rel_error:.3g} relative "

@@ -40,6 +40,9 @@ class FoldReport:
     folded: list[tuple[str, str]] = field(default_factory=list)  # (batchnorm, layer it went into)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (batchnorm, reason)
 
+    def __repr__(self) -> str:
+        return f"FoldReport({len(self.folded)} BatchNorm folded, {len(self.kept)} kept)"
+
 
 class _Tracer(fx.Tracer):
     def __init__(self, opaque: set[int]) -> None:
