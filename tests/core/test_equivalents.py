@@ -129,3 +129,40 @@ def test_register_layer_and_its_numeric_check():
 def test_register_layer_refuses_non_layers():
     with pytest.raises(TypeError, match="subclass of nn.Linear"):
         trp.register_layer(nn.ReLU, to_standard=lambda m: m)
+
+
+def test_trp_trains_static_same_padding_layers_and_decompose_splits_them():
+    torch.manual_seed(0)
+    model = randomize_bn(lite_net()).eval()
+    pruner = trp.TRP(model, energy=0.6)
+    assert {"3", "9", "12", "15"} <= set(pruner.layer_names)
+    pruner.project()  # the stored weights are what the standard form applies: projected in place
+    x = torch.randn(2, 3, 32, 32)
+    split = trp.decompose(model, criterion=lambda s: max(1, int((s >= 1e-4 * s[0]).sum())),
+                          layers=pruner.layer_names, input_shape=(2, 3, 32, 32))
+    assert all(isinstance(split.get_submodule(n), LowRank) for n in ("3", "9", "12"))
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_same_padding_is_recognised_by_behaviour():
+    class Conv2dDynamicSamePadding(nn.Conv2d):
+        def forward(self, x):
+            ih, iw = x.shape[-2:]
+            kh, kw = self.weight.shape[-2:]
+            sh, sw = self.stride
+            oh, ow = -(-ih // sh), -(-iw // sw)
+            ph = max((oh - 1) * sh + (kh - 1) * self.dilation[0] + 1 - ih, 0)
+            pw = max((ow - 1) * sw + (kw - 1) * self.dilation[1] + 1 - iw, 0)
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), Conv2dDynamicSamePadding(16, 32, 3, 2), nn.ReLU(),
+                          Conv2dDynamicSamePadding(32, 32, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 4)).eval()
+    # the split pads like the layer, at any input size
+    split = trp.decompose(model, "channel", trp.Ratio(0.3), layers=["1", "3"], input_shape=(1, 3, 19, 19))
+    assert isinstance(split[1], LowRank) and type(split[1].pad).__name__ == "SamePad"
+    for size in (19, 24):
+        assert split(torch.randn(1, 3, size, size)).shape == (1, 4)

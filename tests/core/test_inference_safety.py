@@ -117,3 +117,26 @@ def test_result_reprs_are_summaries():
         assert len(repr(obj)) < 300 and "0.002, 0.002" not in repr(obj)
     assert "2.00x" in repr(comparison)
     assert "MACs" in repr(trp.mac_breakdown(nn.Linear(4, 4), input_shape=(1, 4)))
+
+
+class CachesInForward(nn.Module):
+    """A module that caches a tensor on its first call (as some position-embedding modules do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 4)
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None or torch.is_inference_mode_enabled():
+            self.cache = torch.ones(32)
+        return self.out(torch.relu(self.fc(x)) * self.cache)
+
+
+def test_split_model_trains_after_the_inference_mode_check():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), CachesInForward())
+    split = trp.decompose(model, "channel", trp.Ratio(0.1), layers="all", input_shape=(3, 32))
+    assert split.training
+    split(torch.randn(3, 32)).sum().backward()  # no "inference tensors cannot be saved for backward"

@@ -369,6 +369,18 @@ def _runs_in_train_mode(model: nn.Module, example_inputs: Any) -> bool:
                 buf.copy_(saved)
 
 
+def _drop_inference_tensors(model: nn.Module) -> None:
+    """Replace tensors a module cached during the ``torch.inference_mode()`` run by ordinary copies
+    (an inference tensor cannot be saved for backward in a later training step)."""
+    for m in model.modules():
+        for key, buf in list(m._buffers.items()):
+            if buf is not None and buf.is_inference():
+                m._buffers[key] = buf.clone()
+        for key, value in list(vars(m).items()):
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and value.is_inference():
+                m.__dict__[key] = value.clone()
+
+
 def _check_modes(model: nn.Module, came_in_training: bool):
     """``(label, set-up)`` of each mode the split model is run in before it is returned."""
     import contextlib
@@ -444,6 +456,7 @@ def _check(
             with torch.no_grad():
                 for buf, saved in buffers:  # a train-mode run updates BatchNorm statistics
                     buf.copy_(saved)
+            _drop_inference_tensors(new)
         break
     problem = check_outputs(dense_output, output)
     if problem:
