@@ -45,9 +45,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Standard", "register_layer", "registered_layers", "standard_form", "check_standard", "own_forward"]
+__all__ = ["Standard", "register_layer", "registered_layers", "plain_layer", "standard_form", "check_standard",
+           "own_forward", "pad_same", "SamePad"]
 
 _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def pad_same(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+    """Zero-pad the last two dimensions so a strided conv covers the input TF-"SAME" style."""
+    pads: list[int] = []
+    for size, k, s, d in reversed(list(zip(x.shape[-2:], kernel, stride, dilation))):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class SamePad(nn.Module):
+    """TF-"SAME" zero padding computed from the input size (what timm ``Conv2dSame`` does)."""
+
+    def __init__(self, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.dilation = tuple(kernel), tuple(stride), tuple(dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pad_same(x, self.kernel, self.stride, self.dilation)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}, stride={self.stride}, dilation={self.dilation}"
+
+
 
 #: class -> to_standard, registered by users
 _REGISTRY: dict[type, Callable[[nn.Module], nn.Module]] = {}
@@ -146,15 +172,11 @@ def _timm(module: nn.Module, names: set[str]) -> bool:
 
 
 def _timm_same(layer: nn.Module) -> nn.Module:
-    from .schemes import SamePad
-
     return nn.Sequential(SamePad(tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation)),
                          plain_layer(layer))
 
 
 def _timm_std(layer: nn.Module) -> nn.Module:
-    from .schemes import SamePad
-
     weight = layer.weight
     gain = (layer.gain * layer.scale).view(-1) if hasattr(layer, "gain") else None
     flat = weight.reshape(1, weight.shape[0], -1)
@@ -202,9 +224,6 @@ def _axis_pads(size: int, out: int, k: int, s: int, d: int, p: int) -> list[tupl
 
 def _detect_padding(layer: nn.Module) -> Optional[tuple[str, Callable[[nn.Module], nn.Module]]]:
     """Probe a Conv2d subclass: zero padding by fixed amounts (or TF-"SAME") then the base conv?"""
-    from .schemes import SamePad
-    from .targets import pad_same
-
     if not isinstance(layer, nn.Conv2d) or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         return None
     probes = [_probe_input(layer, 0), _probe_input(layer, 1)]

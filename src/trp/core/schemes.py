@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .targets import layer_kind, pad_same, pre_layer, split_reason, standard_core
+from .equivalents import SamePad
+from .targets import layer_kind, pre_layer, split_reason, standard_core
 
 __all__ = [
     "Scheme",
@@ -68,20 +69,6 @@ class SplitLayerAccess(AttributeError):
         )
         self.module = module
         self.attribute = attribute
-
-
-class SamePad(nn.Module):
-    """TF-"SAME" zero padding computed from the input size (what timm ``Conv2dSame`` does)."""
-
-    def __init__(self, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> None:
-        super().__init__()
-        self.kernel, self.stride, self.dilation = tuple(kernel), tuple(stride), tuple(dilation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return pad_same(x, self.kernel, self.stride, self.dilation)
-
-    def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, stride={self.stride}, dilation={self.dilation}"
 
 
 class LowRank(nn.Module):

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .equivalents import own_forward, pad_same, standard_form
+
 __all__ = [
     "is_candidate",
     "layer_kind",
@@ -60,14 +62,10 @@ def layer_kind(module: nn.Module) -> Optional[str]:
 
 def _own_forward(module: nn.Module) -> bool:
     """Whether a Linear/Conv subclass overrides the computation of its base class."""
-    from .equivalents import own_forward
-
     return own_forward(module)
 
 
 def _standard(module: nn.Module):
-    from .equivalents import standard_form
-
     return standard_form(module)
 
 
@@ -126,15 +124,6 @@ def effective_weight(module: nn.Module) -> Tensor:
     """The weight ``module`` applies to its input (standardized for StdConv2d-like layers)."""
     std = _standard(module)
     return module.weight if std is None else std.core.weight
-
-
-def pad_same(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
-    """Zero-pad the last two dimensions so a strided conv covers the input TF-"SAME" style."""
-    pads: list[int] = []
-    for size, k, s, d in reversed(list(zip(x.shape[-2:], kernel, stride, dilation))):
-        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads)
 
 
 def dense_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
