@@ -20,7 +20,7 @@ PUBLIC_API = [
     "TRP", "TRPConfig", "Criterion", "Energy", "Value", "Ratio", "FixedRank", "parse_criterion", "TargetSpeedup",
     "Global", "LayerRanks", "WholeModelCriterion", "decompose", "decompose_with_report", "Decomposition",
     "LayerReport", "LowRank", "SCHEMES", "SVDError", "count_macs", "count_params", "layer_macs", "mac_breakdown",
-    "MacCount", "unwrap", "save",
+    "MacCount", "unwrap", "save", "register_layer", "plain_layer",
     "load", "lorita", "models", "data", "__version__",
     "measure_latency", "compare_latency", "LatencyResult", "LatencyComparison",
     "profile_layers", "LatencyTable", "TargetLatency", "fold_batchnorm", "export_onnx", "ExportResult", "ort_session",

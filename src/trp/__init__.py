@@ -36,6 +36,8 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "Decomposition": ("trp.core.decompose", "Decomposition"),
     "LayerReport": ("trp.core.decompose", "LayerReport"),
     "LowRank": ("trp.core.schemes", "LowRank"),
+    "register_layer": ("trp.core.equivalents", "register_layer"),
+    "plain_layer": ("trp.core.equivalents", "plain_layer"),
     "SCHEMES": ("trp.core.schemes", "SCHEMES"),
     "SVDError": ("trp.core.svd", "SVDError"),
     "count_macs": ("trp.core.counting", "count_macs"),
@@ -90,6 +92,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from .core.counting import MacCount, count_macs, count_params, layer_macs, mac_breakdown
     from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
     from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report
+    from .core.equivalents import plain_layer, register_layer
     from .core.schemes import SCHEMES, LowRank
     from .core.svd import SVDError
     from .core.wrappers import unwrap

@@ -223,7 +223,7 @@ def test_depthwise_skipped_grouped_split_per_group() -> None:
         nn.Conv2d(8, 8, 3, padding=1, groups=2),  # grouped
         nn.Conv2d(8, 16, 3, padding=1),
     )
-    with pytest.warns(UserWarning, match=r"left 1 selected layer\(s\) dense.*depthwise"):
+    with pytest.warns(UserWarning, match=r"(?s)left 1 selected layer\(s\) dense.*depthwise"):
         result = trp.decompose_with_report(model, "channel", FixedRank(2))
     assert [(r.name, r.status) for r in result.layers] == [
         ("1", "skipped"), ("2", "factorized"), ("3", "factorized")

@@ -224,3 +224,28 @@ def test_a_noisy_measurement_does_not_stall_the_search():
                     Calibration(1.65, 1.32, {})]
     nxt = crit._next_target(fastest=10.0)
     assert 1.65 * 1.01 < nxt < 10.0
+
+
+def test_progress_reports_profiling_and_calibration(tmp_path, monkeypatch, caplog):
+    """TargetLatency shows progress through trp's progress factories: layers profiled, calibration rounds."""
+    import logging
+
+    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
+    hw = FakeHardware(overhead=20_000.0)
+    bars: dict[str, list[int]] = {}
+
+    def progress(total: int, description: str):
+        bars[description] = [total, 0]
+
+        def advance(n: int = 1) -> None:
+            bars[description][1] += n
+        return advance
+
+    with hw.running(), caplog.at_level(logging.INFO, logger="trp"):
+        crit = trp.TargetLatency(1.5, runtime="eager", timer=hw, repeats=2, warmup=0, progress=progress)
+        trp.decompose_with_report(_net(), "channel", crit, input_shape=(1, 3, 16, 16))
+    assert bars["profiling layers"] == [2, 2]
+    total, done = bars["calibrating (measured speedup)"]
+    assert total == crit.calibrate + 1 and done == len(crit.history) - 1 >= 1
+    text = caplog.text
+    assert "profiling layer 1 of 2" in text and "profiling layer 2 of 2" in text and "calibration round 1 of" in text

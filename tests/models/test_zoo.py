@@ -159,6 +159,35 @@ def test_low_rank_split_equals_dense(case: Case) -> None:
             assert torch.equal(g, e)
 
 
+def test_split_runs_in_inference(case: Case) -> None:
+    """The split of a model handed over in train mode comes back in train mode, and runs in eval
+    mode under no_grad and inference_mode (PyTorch's fused fast paths) equal to the dense model."""
+    dense, pruner = case.low_rank
+    training = copy.deepcopy(dense).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = trp.decompose(training, criterion=_projected_rank, layers=pruner.layer_names,
+                              example_inputs=case.inputs)
+    assert split.training and all(m.training for m in split.modules())
+    assert any(isinstance(m, trp.LowRank) for m in split.modules()), "nothing was split"
+    split.eval()
+    expected = zoo.run(dense.eval(), case.inputs)  # eval + no_grad
+    got = zoo.run(split, case.inputs)
+    with torch.inference_mode():
+        got_inference = zoo.outputs(_call(split, case.inputs))
+    for outs in (got, got_inference):
+        assert [t.shape for t in outs] == [t.shape for t in expected]
+        for g, e in zip(outs, expected):
+            if e.is_floating_point():
+                assert _rel(g, e) < 1e-4
+            else:
+                assert torch.equal(g, e)
+
+
+def _call(model: torch.nn.Module, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def test_target_speedup(case: Case) -> None:
     before = trp.count_macs(case.model, example_inputs=case.inputs)
     try:

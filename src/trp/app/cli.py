@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..methods.trp_config import DEFAULTS as TRP_DEFAULTS
+from .factory import factory_options
 from .config import (METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_layers, parse_milestones,
                      parse_patterns, resume_config)
 
@@ -386,6 +387,7 @@ def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -
 
 
 @main.command(name="decompose")
+@factory_options
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: the run's scheme, else channel]")
 @click.option("--criterion", default=None, help="Per layer: energy:E, value:T, ratio:P, rank:K; whole model: "
@@ -569,6 +571,7 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
 
 # ------------------------------------------------------------------------ evaluate
 @main.command(name="evaluate")
+@factory_options
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (CIFAR).")
 @click.option("--seed", type=int, default=None, help="Split seed (MNIST-5k) [default: the run's seed, else 0].")
@@ -613,6 +616,7 @@ def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], devic
 
 # -------------------------------------------------------------------------- export
 @main.command(name="export")
+@factory_options
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The ONNX file to write.")
@@ -687,6 +691,7 @@ def _print_bench(record: dict[str, Any], title: str) -> None:
 
 
 @main.command(name="bench")
+@factory_options
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dense", type=click.Path(exists=True, path_type=Path), default=None,
               help="The dense model (file or run directory) [default: the source in the decomposition summary "
@@ -713,7 +718,8 @@ def bench_cmd(path: Path, dense: Optional[Path], runtimes: str, batches: str, th
 
 
 @main.command(name="profile")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@factory_options
+@click.argument("source", type=click.Path(exists=True, allow_dash=True, path_type=Path))
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: the run's scheme, else channel]")
 @click.option("--runtime", type=click.Choice(["eager", "compile", "onnxruntime"]), default="onnxruntime", show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)

@@ -98,7 +98,8 @@ class ModelSpec:
         if "trp_model" not in meta:
             raise ValueError(
                 f"{path} does not say which model it holds (no 'trp_model' metadata): "
-                "it was not written by `trp train` / `trp decompose`; load it in Python with trp.load"
+                "it was not written by `trp train` / `trp decompose`; load it in Python with trp.load, or give "
+                "the model on the command line with --model-factory package.module:callable --input-shape 1,C,H,W"
             )
         d = parse_json_field(meta, "trp_model", path)
         if not isinstance(d, dict):

@@ -48,7 +48,16 @@ class DecomposeResult:
 
 
 def load_source(source: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, engine.ModelSpec, Optional[engine.TrainConfig]]:
-    """A trained model from a run directory, its ``checkpoint.pt``, or a model file."""
+    """A trained model from a run directory, its ``checkpoint.pt``, or a model file.
+
+    A model from outside the registry (``--model-factory``, or a file recording its factory) comes
+    from :func:`trp.app.factory.resolve_source`.
+    """
+    from .factory import resolve_source
+
+    found = resolve_source(Path(source), device)
+    if found is not None:
+        return found  # type: ignore[return-value]
     source = Path(source)
     config = None
     if source.is_dir():
@@ -136,6 +145,8 @@ def decompose_source(
                                 layers, exclude)
     else:
         crit = parse_criterion(step.criterion)
+        if isinstance(crit, target_latency.TargetLatency) and crit.progress is None:
+            crit.progress = progress  # profiling layer i of n, calibration round j
     report = decompose_with_report(model, step.scheme, crit, layers, spec.input_shape, exclude=exclude,
                                    on_layer=_svd_progress(progress))
     summary = summarize(model, report.model, spec.input_shape)

@@ -140,6 +140,9 @@ class MacCount:
         """Everything else: attention matmuls, functional linears, other products."""
         return self.total - self.in_layers
 
+    def __repr__(self) -> str:
+        return f"MacCount({self.describe()}; {len(self.layers)} layers)"
+
     def describe(self) -> str:
         """One line: total, in splittable layers, everything else."""
         share = self.in_layers / self.total if self.total else 1.0

@@ -3,7 +3,11 @@
 ``nn.MultiheadAttention`` is first rebuilt from separate projection layers
 (:mod:`trp.core.attention`); layers whose weight a parent reads directly stay dense
 (:mod:`trp.core.safety`). Given example inputs (or ``input_shape``), the result is checked once
-before it is returned: a split that is not exact is an error naming the layer. Layers with
+before it is returned: a split that is not exact is an error naming the layer. The whole split
+model is run in eval mode under ``torch.no_grad()`` and ``torch.inference_mode()`` (where
+PyTorch's fused fast paths read weights directly) and in the mode it came in; it is returned in
+that mode. An ``nn.TransformerEncoderLayer`` with a split layer keeps its attention converted,
+which turns its fused fast path off (stated in ``Decomposition.notes``). Layers with
 more than ``trp.core.svd.FULL_SVD_MAX`` singular values get only the leading ones their rank
 needs (:mod:`trp.core.topspectra`); ``on_layer`` reports progress per layer.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -21,10 +26,11 @@ from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
+from .equivalents import check_standard, standard_form
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
 from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
-from .layers import LayerSelector, set_module
+from .layers import LayerSelector, set_module, summarize_skipped
 from .safety import check_layer, check_outputs, record_layer_inputs, run_model, split_targets
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
 from .topspectra import LayerMatrix, allocate_leading, leading_svd
@@ -43,6 +49,8 @@ __all__ = [
     "check_recipe",
     "convert_recipe_attention",
 ]
+
+_log = logging.getLogger("trp.decompose")
 
 RankCriterion = Union[Criterion, WholeModelCriterion, Callable[[Tensor], int]]
 
@@ -70,6 +78,8 @@ class Decomposition:
     #: whole-model and per-layer MACs before / after (when inputs were given)
     macs_before: Optional[MacCount] = None
     macs_after: Optional[MacCount] = None
+    #: what trp changed around the split layers (e.g. a fused fast path disabled), one line each
+    notes: list[str] = field(default_factory=list)
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -78,6 +88,15 @@ class Decomposition:
     @property
     def skipped(self) -> list[LayerReport]:
         return [r for r in self.layers if r.status == "skipped"]
+
+    def __repr__(self) -> str:
+        dense = sum(r.status == "dense" for r in self.layers)
+        macs = ""
+        if self.macs_before is not None and self.macs_after is not None:
+            macs = (f", MACs {self.macs_before.total:,} -> {self.macs_after.total:,} "
+                    f"({self.macs_before.total / max(self.macs_after.total, 1):.2f}x fewer)")
+        return (f"Decomposition({len(self.factorized)} factorized, {dense} dense, {len(self.skipped)} skipped"
+                f"{macs}{', ' + str(len(self.notes)) + ' note(s)' if self.notes else ''})")
 
 
 def trace_sizes(
@@ -178,7 +197,9 @@ def decompose_with_report(
         raise ValueError(
             f"nothing to decompose: {what} matched no layer that can be split exactly"
             + (f" ({len(skipped)} skipped: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
-            + ". Pass layers=[names or glob patterns] or a predicate to choose layers explicitly."
+            + ". Pass layers=[names or glob patterns] or a predicate to choose layers explicitly; for a layer "
+            "class trp does not know (a subclass with a forward of its own), register what it computes once: "
+            "trp.register_layer(MyConv, to_standard=lambda m: nn.Sequential(nn.ZeroPad2d(pads), trp.plain_layer(m)))."
         )
     whole = isinstance(criterion, WholeModelCriterion)
     if whole and criterion.needs_input_shape and inputs is None:
@@ -191,6 +212,10 @@ def decompose_with_report(
     check_inputs = _verification_inputs(new, input_shape, example_inputs)
     if check_inputs is not None:
         dense_output, layer_inputs = record_layer_inputs(new, dict(targets), check_inputs)
+        train_runs = new.training and _runs_in_train_mode(new, check_inputs)
+        for name, module in targets:  # layers split through their standard form: check it on their input
+            if name in layer_inputs and standard_form(module) is not None:
+                check_standard(module, layer_inputs[name], name)
     if whole:
         criterion.prepare(model, scheme, layers, input_shape)
 
@@ -281,22 +306,91 @@ def decompose_with_report(
             entry.macs_after = before
         report.layers.append(entry)
 
-    if check_inputs is not None:
-        _check(new, split, layer_inputs, dense_output, check_inputs)
     keep = {a for a in converted.originals
             if any(isinstance(m, LowRank) for m in new.get_submodule(a).modules())}
+    keep |= _fast_path_attention(new, converted, report)
     restore_attention(new, converted, keep)
+    if check_inputs is not None:
+        _check(new, split, layer_inputs, dense_output, check_inputs, train_runs)
     if inputs is not None:
         report.macs_after = mac_breakdown(new, inputs)
 
     skipped = [(r.name, r.reason) for r in report.layers if r.status == "skipped"]
     if skipped:
+        for n, r in skipped:
+            _log.debug("left dense: %s (%s)", n, r)
         warnings.warn(
-            f"trp.decompose left {len(skipped)} selected layer(s) dense: "
-            + "; ".join(f"{n} ({r})" for n, r in skipped),
+            f"trp.decompose left {len(skipped)} selected layer(s) dense (all of them: Decomposition.skipped, or "
+            "DEBUG logging of 'trp.decompose'):\n  " + "\n  ".join(summarize_skipped(skipped)),
             stacklevel=2,
         )
     return report
+
+
+def _fast_path_attention(new: nn.Module, converted, report: "Decomposition") -> set[str]:
+    """Attention modules to keep converted because their ``nn.TransformerEncoderLayer`` has a split layer.
+
+    The encoder layer's fused fast path (eval mode, no autograd) reads ``linear1.weight`` and
+    ``linear2.weight`` directly; with its attention a :class:`SplitMultiheadAttention` (no packed
+    ``in_proj`` weight) PyTorch takes the regular path, which calls every layer. Stated in the report.
+    """
+    keep: set[str] = set()
+    for name, layer in new.named_modules():
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            continue
+        attn = f"{name}.self_attn" if name else "self_attn"
+        if attn not in converted.originals:
+            continue
+        split = [n for n, m in layer.named_children() if isinstance(m, LowRank)]
+        if split:
+            keep.add(attn)
+            report.notes.append(
+                f"{name or 'the model'} (nn.TransformerEncoderLayer): fused inference fast path disabled "
+                f"({', '.join(split)} split; its self_attn kept as trp's SplitMultiheadAttention, which "
+                "computes the same function without the packed weights the fast path reads)")
+    return keep
+
+
+def _snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+def _runs_in_train_mode(model: nn.Module, example_inputs: Any) -> bool:
+    """Whether the dense model runs on the inputs in train mode (not, e.g., BatchNorm on one value)."""
+    buffers = _snapshot_buffers(model)
+    try:
+        run_model(model, example_inputs)
+        return True
+    except Exception:  # noqa: BLE001 - then the split model is not run in train mode either
+        return False
+    finally:
+        with torch.no_grad():
+            for buf, saved in buffers:
+                buf.copy_(saved)
+
+
+def _drop_inference_tensors(model: nn.Module) -> None:
+    """Replace tensors a module cached during the ``torch.inference_mode()`` run by ordinary copies
+    (an inference tensor cannot be saved for backward in a later training step)."""
+    for m in model.modules():
+        for key, buf in list(m._buffers.items()):
+            if buf is not None and buf.is_inference():
+                m._buffers[key] = buf.clone()
+        for key, value in list(vars(m).items()):
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and value.is_inference():
+                m.__dict__[key] = value.clone()
+
+
+def _check_modes(model: nn.Module, came_in_training: bool):
+    """``(label, set-up)`` of each mode the split model is run in before it is returned."""
+    import contextlib
+
+    modes = []
+    if came_in_training:
+        modes.append(("train mode (the mode it came in)", False, contextlib.nullcontext))
+    modes.append(("eval mode under torch.no_grad()", True, torch.no_grad))
+    modes.append(("eval mode under torch.inference_mode()", True, torch.inference_mode))
+    return modes
 
 
 def _check(
@@ -305,8 +399,15 @@ def _check(
     layer_inputs: dict[str, Tensor],
     dense_output: Any,
     example_inputs: Any,
+    train_runs: bool = False,
 ) -> None:
-    """Check the split model (see the module docstring); leave dense the layers a parent reads."""
+    """Check the split model (see the module docstring); leave dense the layers a parent reads.
+
+    The whole split model runs in eval mode under ``torch.no_grad()`` and under
+    ``torch.inference_mode()`` (where PyTorch's fused fast paths read weights directly), and in
+    train mode when it came in train mode (``train_runs``: the dense model runs so); BatchNorm
+    statistics are restored after, and every module is left in the mode it came in.
+    """
     for name, (dense, weight, _) in split.items():
         if name not in layer_inputs:
             continue  # not reached by the example inputs
@@ -315,12 +416,22 @@ def _check(
             raise RuntimeError(f"trp.decompose: {problem}. No model is returned; leave the layer dense "
                                f"with exclude=[{name!r}] and report the model's layer type.")
     by_id = {id(new.get_submodule(n)): n for n in split}
+    came_in_training = new.training and train_runs
+    output = None
     while True:
         modes = [(m, m.training) for m in new.modules()]
+        buffers = _snapshot_buffers(new)
+        label = ""
         try:
-            new.eval()
-            with torch.no_grad():
-                output = run_model(new, example_inputs)
+            # Every mode the model may be used in: PyTorch's fused fast paths (eval, no autograd)
+            # read weights that the regular path only reaches by calling the layers.
+            for label, evaluate, context in _check_modes(new, came_in_training):
+                if evaluate:
+                    new.eval()
+                with context():
+                    result = run_model(new, example_inputs)
+                if evaluate and output is None:
+                    output = result
         except SplitLayerAccess as err:
             name = by_id.get(id(err.module))
             if name is None:
@@ -329,17 +440,23 @@ def _check(
             set_module(new, name, dense)
             entry.status, entry.macs_after = "skipped", entry.macs_before
             entry.reason = (f"code around the layer reads its .{err.attribute} directly (found running the "
-                            "example inputs); left dense")
+                            f"example inputs in {label}); left dense")
+            output = None
             continue
         except Exception as err:
             raise RuntimeError(
-                f"trp.decompose: the split model fails on the example inputs ({type(err).__name__}: {err}) "
+                f"trp.decompose: the split model fails on the example inputs in {label} "
+                f"({type(err).__name__}: {err}) "
                 f"although each split layer matches its dense layer; split layers: {sorted(split)[:5]}... "
                 "Pass exclude=[patterns] to leave the layers around the failure dense."
             ) from err
         finally:
             for m, mode in modes:
                 m.training = mode
+            with torch.no_grad():
+                for buf, saved in buffers:  # a train-mode run updates BatchNorm statistics
+                    buf.copy_(saved)
+            _drop_inference_tensors(new)
         break
     problem = check_outputs(dense_output, output)
     if problem:

@@ -30,7 +30,7 @@ from torch import nn
 from .schemes import LowRank
 from .targets import is_candidate, layer_kind, split_reason
 
-__all__ = ["LayerSelector", "NAMED_SELECTIONS", "select_layers", "set_module"]
+__all__ = ["LayerSelector", "NAMED_SELECTIONS", "select_layers", "set_module", "summarize_skipped", "skipped_inline"]
 
 LayerSelector = Optional[Union[str, Sequence[str], Callable[[str, nn.Module], bool]]]
 
@@ -197,3 +197,47 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def _reason_kind(reason: str) -> str:
+    """What a skip reason says, less the details that differ from layer to layer (names, sizes)."""
+    import re
+
+    text = reason
+    while True:
+        shorter = re.sub(r"\([^()]*\)", "", text)
+        if shorter == text:
+            break
+        text = shorter
+    text = re.sub(r"'[^']*'|\S*\.\S*", "_", text)  # quoted names and dotted paths
+    text = re.sub(r"\d+", "N", text)
+    return " ".join(text.split())
+
+
+def _grouped(skipped: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for name, reason in skipped:
+        groups.setdefault(_reason_kind(reason), []).append((name, reason))
+    return list(groups.values())
+
+
+def skipped_inline(skipped: Sequence[tuple[str, str]], shown: int = 3) -> str:
+    """One clause per kind of reason: the first layer with its reason, then how many more and their names."""
+    parts = []
+    for items in _grouped(skipped):
+        (first, reason), rest = items[0], items[1:]
+        more = ""
+        if rest:
+            names = ", ".join(n for n, _ in rest[:shown]) + (", ..." if len(rest) > shown else "")
+            more = f" and {len(rest)} more for the same reason ({names})"
+        parts.append(f"{first} ({reason}){more}")
+    return "; ".join(parts)
+
+
+def summarize_skipped(skipped: Sequence[tuple[str, str]], shown: int = 3) -> list[str]:
+    """One line per kind of reason: how many layers, the first ``shown`` names, and one reason in full."""
+    lines = []
+    for items in _grouped(skipped):
+        names = ", ".join(n for n, _ in items[:shown]) + (f", ... ({len(items) - shown} more)" if len(items) > shown else "")
+        lines.append(f"{len(items)} × {names}: {items[0][1]}")
+    return lines

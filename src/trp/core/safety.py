@@ -12,7 +12,10 @@ directly, so no method trains a layer low rank that ``decompose`` will then leav
 :func:`check_split` runs a decomposed model on example inputs and compares it with the dense
 one: each split layer, fed the input it received in the dense model, must match the dense
 layer with the truncated weight; the whole split model must run, give outputs of the same
-structure and shapes, and be finite where the dense output is.
+structure and shapes, and be finite where the dense output is. ``decompose`` runs the whole
+model in eval mode under ``torch.no_grad()`` and under ``torch.inference_mode()`` (PyTorch's
+fused fast paths, e.g. ``nn.TransformerEncoderLayer``'s, read weights only there) and in the
+mode it came in; a layer found read directly in any of them stays dense.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .targets import layer_kind, pad_same, same_padding, split_reason
+from .equivalents import SamePad
+from .targets import layer_kind, pre_layer, split_reason, standard_core
 
 __all__ = [
     "Scheme",
@@ -68,20 +69,6 @@ class SplitLayerAccess(AttributeError):
         )
         self.module = module
         self.attribute = attribute
-
-
-class SamePad(nn.Module):
-    """TF-"SAME" zero padding computed from the input size (what timm ``Conv2dSame`` does)."""
-
-    def __init__(self, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> None:
-        super().__init__()
-        self.kernel, self.stride, self.dilation = tuple(kernel), tuple(stride), tuple(dilation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return pad_same(x, self.kernel, self.stride, self.dilation)
-
-    def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, stride={self.stride}, dilation={self.dilation}"
 
 
 class LowRank(nn.Module):
@@ -162,9 +149,8 @@ class Scheme(ABC):
     def build(self, module: nn.Module, rank: int) -> LowRank:
         """The two-layer structure of rank ``rank`` for ``module``, weights uninitialized."""
         low = self._build(module, rank)
-        if same_padding(module):
-            low.pad = SamePad(tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation))
-        return low
+        low.pad = pre_layer(module)  # padding the layer's standard form applies first (trp.core.equivalents)
+        return low.train(module.training)  # the split layer is in the mode the dense one was
 
     def max_rank(self, module: nn.Module) -> int:
         """Largest possible rank of the matrix view."""
@@ -177,7 +163,7 @@ class Scheme(ABC):
         b = root[..., :, None] * vh[..., :rank, :]
         low = self.build(module, rank)
         with torch.no_grad():
-            self._load_factors(low, module, a, b)
+            self._load_factors(low, standard_core(module), a, b)
         return low
 
     def truncated(self, u: Tensor, s: Tensor, vh: Tensor, rank: int, shape: torch.Size) -> Tensor:

@@ -2,20 +2,15 @@
 
 A *candidate* is a module that computes ``x ↦ W·x`` (+ bias) with one weight: ``nn.Linear``,
 ``nn.Conv1d``, ``nn.Conv2d`` and Hugging Face's ``Conv1D`` (a linear layer storing its
-weight transposed, ``in × out``). A subclass with a ``forward`` of its own is split only when
-trp knows what that forward does:
-
-- timm ``Conv2dSame``: pads the input TF-"SAME" style (the padding depends on the input size),
-  then convolves. The split layer pads the same way before its first conv.
-- timm ``StdConv2d`` / ``StdConv2dSame`` / ``ScaledStdConv2d`` / ``ScaledStdConv2dSame``
-  (weight standardization, BiT ResNets): the weight the layer applies is the standardized
-  one, a fixed function of the stored weight. trp splits that *effective* weight, so the split
-  model computes exactly what the dense model computes; the split layers are plain convs (a
-  later fine-tune of them no longer re-standardizes). TRP training leaves these layers alone:
-  projecting the stored weight does not make the standardized weight low rank.
-
-Any other subclass of Linear/Conv1d/Conv2d whose ``forward`` (or ``_conv_forward``) differs from
-the base class's is skipped with the reason: trp cannot know that splitting its weight is exact.
+weight transposed, ``in × out``). A subclass with a ``forward`` of its own is split only when trp has its *standard form*
+(:mod:`trp.core.equivalents`: registered with ``trp.register_layer``, built in for timm
+``Conv2dSame``/``StdConv2d`` and kin, or found by probing for zero padding before the conv);
+the split then applies the standard form's padding before its first thin layer and splits the
+weight the standard form applies (the standardized one for weight-standardized convs: trp
+splits that *effective* weight, the split layers are plain convs, and TRP training leaves such
+layers alone, since projecting the stored weight does not make the standardized weight low rank).
+Any other subclass whose ``forward`` (or ``_conv_forward``) differs from the base class's is
+skipped with the reason and the one-line registration that would fix it.
 Nothing here imports timm or transformers: classes are recognized by module path and name.
 """
 
@@ -27,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .equivalents import own_forward, pad_same, standard_form
+
 __all__ = [
     "is_candidate",
     "layer_kind",
@@ -36,16 +33,9 @@ __all__ = [
     "projects_raw_weight",
     "dense_forward",
     "pad_same",
+    "pre_layer",
+    "standard_core",
 ]
-
-_SAME = {"Conv2dSame"}
-_STD = {"StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"}
-
-
-def _timm_class(module: nn.Module, names: set[str]) -> bool:
-    cls = type(module)
-    return cls.__module__.startswith("timm.") and cls.__name__ in names
-
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     cls = type(module)
@@ -72,17 +62,11 @@ def layer_kind(module: nn.Module) -> Optional[str]:
 
 def _own_forward(module: nn.Module) -> bool:
     """Whether a Linear/Conv subclass overrides the computation of its base class."""
-    cls = type(module)
-    for base in (nn.Linear, nn.Conv1d, nn.Conv2d):
-        if isinstance(module, base):
-            if cls.forward is not base.forward:
-                return True
-            return base is not nn.Linear and cls._conv_forward is not base._conv_forward  # type: ignore[attr-defined]
-    return False
+    return own_forward(module)
 
 
-def _known_subclass(module: nn.Module) -> bool:
-    return _timm_class(module, _SAME | _STD)
+def _standard(module: nn.Module):
+    return standard_form(module)
 
 
 def split_reason(module: nn.Module, scheme: str = "channel") -> Optional[str]:
@@ -91,9 +75,11 @@ def split_reason(module: nn.Module, scheme: str = "channel") -> Optional[str]:
     if kind is None:
         return f"{type(module).__name__} is not a Linear/Conv1d/Conv2d layer"
     name = type(module).__name__
-    if _own_forward(module) and not _known_subclass(module):
-        return (f"{name} subclasses {type(module).__mro__[1].__name__} with a forward of its own; trp cannot "
-                "know that splitting its weight is exact")
+    if _own_forward(module) and _standard(module) is None:
+        return (f"{name} subclasses {type(module).__mro__[1].__name__} with a forward of its own that trp does not "
+                f"recognise; if it computes a plain layer after padding, register it once: "
+                f"trp.register_layer({name}, to_standard=lambda m: nn.Sequential(nn.ZeroPad2d(...), "
+                "trp.plain_layer(m)))")
     weight = getattr(module, "weight", None)
     if isinstance(weight, nn.parameter.UninitializedParameter) or weight is None or weight.numel() == 0:
         return f"uninitialized (lazy) {name}"
@@ -111,36 +97,33 @@ def split_reason(module: nn.Module, scheme: str = "channel") -> Optional[str]:
 
 
 def same_padding(module: nn.Module) -> bool:
-    """Whether ``module`` pads its input TF-"SAME" style at run time (timm ``Conv2dSame``)."""
-    if _timm_class(module, _SAME):
-        return True
-    return _timm_class(module, _STD) and bool(getattr(module, "same_pad", False))
+    """Whether ``module``'s standard form pads its input before the plain layer (:mod:`trp.core.equivalents`)."""
+    std = _standard(module)
+    return std is not None and bool(std.pre)
+
+
+def pre_layer(module: nn.Module) -> Optional[nn.Module]:
+    """What ``module`` applies to its input before its plain layer (padding), as one module, or None."""
+    std = _standard(module)
+    return None if std is None else std.pre_module()
 
 
 def projects_raw_weight(module: nn.Module) -> bool:
     """Whether making ``module.weight`` low rank makes the weight it applies low rank (TRP)."""
-    return not _timm_class(module, _STD)
+    std = _standard(module)
+    return std is None or std.applies_stored_weight(module)
+
+
+def standard_core(module: nn.Module) -> nn.Module:
+    """The plain layer ``module`` applies (after its padding): ``module`` itself when it is plain."""
+    std = _standard(module)
+    return module if std is None else std.core
 
 
 def effective_weight(module: nn.Module) -> Tensor:
     """The weight ``module`` applies to its input (standardized for StdConv2d-like layers)."""
-    weight = module.weight
-    if not _timm_class(module, _STD):
-        return weight
-    gain = None
-    if hasattr(module, "gain"):
-        gain = (module.gain * module.scale).view(-1)
-    flat = weight.reshape(1, weight.shape[0], -1)
-    return F.batch_norm(flat, None, None, weight=gain, training=True, momentum=0.0, eps=module.eps).reshape_as(weight)
-
-
-def pad_same(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
-    """Zero-pad the last two dimensions so a strided conv covers the input TF-"SAME" style."""
-    pads: list[int] = []
-    for size, k, s, d in reversed(list(zip(x.shape[-2:], kernel, stride, dilation))):
-        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads)
+    std = _standard(module)
+    return module.weight if std is None else std.core.weight
 
 
 def dense_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
@@ -153,7 +136,10 @@ def dense_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight.mT, bias)
     if kind not in ("conv1d", "conv2d"):
         raise TypeError(f"{type(module).__name__} is not a layer trp splits")
-    if same_padding(module):
-        x = pad_same(x, tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation))
+    std = _standard(module)
+    if std is not None:
+        for pre in std.pre:
+            x = pre(x)
+        module, bias = std.core, std.core.bias
     base = nn.Conv1d if kind == "conv1d" else nn.Conv2d
     return base._conv_forward(module, x, weight, bias)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ the exported model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import os
 import warnings
@@ -67,6 +68,9 @@ class ExportResult:
     folded_batchnorms: int = 0
     unfolded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     fallback_reason: str = ""  # with exporter="auto": why the TorchScript exporter was not used
+
+    def __repr__(self) -> str:
+        return f"ExportResult({self.summary()})"
 
     def summary(self) -> str:
         """One line: file, opset and the error against PyTorch."""
@@ -293,6 +297,24 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def _standardized(model: nn.Module) -> nn.Module:
+    """``model`` (a copy when anything changes) with each layer that has a standard form
+    (:mod:`trp.core.equivalents`: padding then a plain conv) replaced by it; the file is checked
+    against the original model, so a wrong standard form cannot pass."""
+    from ..core.equivalents import standard_form
+    from ..core.layers import set_module
+
+    found = [n for n, m in model.named_modules() if n and standard_form(m) is not None]
+    if not found:
+        return model
+    model = copy.deepcopy(model)
+    for name in found:
+        std = standard_form(model.get_submodule(name))
+        if std is not None:
+            set_module(model, name, std.module())
+    return model
+
+
 def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names: list[str],
             fold_batchnorm: bool, dynamic_batch: bool, opset: Optional[int], tolerance: float, check: bool,
             exporter: str, forward_kwargs: dict[str, Any]) -> ExportResult:
@@ -305,6 +327,7 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
         exported, folded, unfolded = fold.model, len(fold.folded), list(fold.kept)
     else:
         exported, folded, unfolded = model, 0, []
+    exported = _standardized(exported)
     with torch.no_grad():
         reference = _flat_outputs(reference_model(*args, **kwargs))
     output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]

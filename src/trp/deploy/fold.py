@@ -7,8 +7,10 @@ where the whole model cannot be traced, each submodule is traced on its own, wit
 still cannot be traced kept opaque. A BatchNorm is folded only when the trace proves it safe (its
 input is the output of a conv/linear used nowhere else); every other BatchNorm stays, with the
 reason in the report. Beyond torch's own layers, timm's ``BatchNormAct2d`` (BatchNorm, dropout,
-activation in one module) folds its BatchNorm and keeps its dropout and activation, and timm's
-``Conv2dSame`` (a conv with run-time padding) takes a BatchNorm like a plain conv.
+activation in one module) folds its BatchNorm and keeps its dropout and activation, and a layer
+with a standard form that applies its stored weight (:mod:`trp.core.equivalents`: timm's
+``Conv2dSame``, static "same" padding convs, registered classes) is replaced by that form (the
+padding, then a plain conv) and takes the BatchNorm like a plain conv.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from ..core.targets import projects_raw_weight, same_padding
+from ..core.equivalents import own_forward, standard_form
 
 __all__ = ["fold_batchnorm", "fold_batchnorm_with_report", "FoldReport"]
 
@@ -37,6 +39,9 @@ class FoldReport:
     model: nn.Module
     folded: list[tuple[str, str]] = field(default_factory=list)  # (batchnorm, layer it went into)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (batchnorm, reason)
+
+    def __repr__(self) -> str:
+        return f"FoldReport({len(self.folded)} BatchNorm folded, {len(self.kept)} kept)"
 
 
 class _Tracer(fx.Tracer):
@@ -77,10 +82,12 @@ def _traced_roots(module: nn.Module, prefix: str, opaque: set[int],
 
 def _plain(module: nn.Module, kinds: tuple[type, ...]) -> bool:
     """``module`` is one of ``kinds`` with that kind's own forward (not a wrapper overriding it), or a
-    conv that only pads its input first (timm ``Conv2dSame``): scaling its output channels is exact."""
-    if nn.Conv2d in kinds and isinstance(module, nn.Conv2d) and same_padding(module) and projects_raw_weight(module):
-        return True
-    return any(isinstance(module, k) and type(module).forward is k.forward for k in kinds)
+    layer whose standard form (:mod:`trp.core.equivalents`: padding, then a plain layer applying
+    the stored weight, e.g. timm ``Conv2dSame``) is: scaling its output channels is exact."""
+    std = standard_form(module) if isinstance(module, kinds) else None
+    if std is not None:
+        return isinstance(std.core, kinds) and std.applies_stored_weight(module)
+    return any(isinstance(module, k) and type(module).forward is k.forward and not own_forward(module) for k in kinds)
 
 
 def _bn_act(bn: nn.Module) -> bool:
@@ -143,6 +150,11 @@ def _why_not(bn_node: fx.Node, bn: nn.Module, modules: dict[str, nn.Module], cal
     return None
 
 
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
 def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
     if mode:
         raise RuntimeError(
@@ -195,7 +207,12 @@ def fold_batchnorm_with_report(model: nn.Module) -> FoldReport:
             err = failures.get(parent, next(iter(failures.values()), "not called in the forward"))
             report.kept.append((name, f"torch.fx could not trace the module that uses it ({parent}: {err})"))
     for bn_name, layer_name in plan:
-        _fold_into(new.get_submodule(layer_name), norms[bn_name])
+        layer = new.get_submodule(layer_name)
+        std = standard_form(layer)
+        if std is not None:  # the layer becomes its standard form: padding, then the plain layer
+            _set(new, layer_name, std.module())
+            layer = std.core
+        _fold_into(layer, norms[bn_name])
         parent, _, attr = bn_name.rpartition(".")
         bn = norms[bn_name]
         rest = nn.Sequential(bn.drop, bn.act) if _bn_act(bn) else nn.Identity()

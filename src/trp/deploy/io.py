@@ -21,7 +21,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -65,14 +65,26 @@ class atomic_write:
             self.tmp.unlink(missing_ok=True)
 
 
-def save(model: nn.Module, path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:
+def save(model: nn.Module, path: PathLike, metadata: Optional[dict[str, str]] = None, *,
+         factory: Optional[str] = None, input_shape: Optional[Sequence[int]] = None, data: str = "") -> None:
     """Write ``model``'s weights and decomposition recipe to ``path`` (atomically).
 
     ``metadata`` adds string entries (e.g. how to rebuild the original model). A wrapped
     model (DDP, DataParallel, ``torch.compile``) is saved as the plain model inside.
+    ``factory="package.module:callable"`` (a callable without arguments returning the original
+    model) with ``input_shape`` records how to rebuild a model from outside trp's registry, so the
+    command line (``trp bench``, ``trp export``, ...) can load the file (it imports the factory only
+    when told to: ``--trust-factory``); ``data`` names its data set for accuracy checks.
     """
     model = unwrap(model)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if factory is not None:
+        if input_shape is None or not all(isinstance(d, int) and d >= 1 for d in input_shape):
+            raise ValueError("trp.save: factory= needs input_shape=(N, C, H, W), positive integers")
+        if not isinstance(factory, str) or ":" not in factory:
+            raise ValueError(f"trp.save: factory must look like 'package.module:callable', got {factory!r}")
+        meta["trp_factory"] = json.dumps({"factory": factory, "input_shape": [int(d) for d in input_shape],
+                                          "data": str(data)})
     meta.update(format=FORMAT, format_version=FORMAT_VERSION,
                 recipe=json.dumps(recipe_of(model), sort_keys=True))
     meta = dict(sorted(meta.items()))  # fixed key order: the same model gives the same bytes

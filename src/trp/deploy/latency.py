@@ -100,6 +100,9 @@ class LatencyResult:
     def from_dict(cls, d: dict[str, Any]) -> "LatencyResult":
         return cls([float(s) for s in d["samples"]], d["runtime"], d["device"], int(d["threads"]), int(d["batch_size"]))
 
+    def __repr__(self) -> str:
+        return f"LatencyResult({self})"
+
     def __str__(self) -> str:
         return (f"{self.median_ms:.3f} ms (IQR {1000 * self.q1:.3f}-{1000 * self.q3:.3f}, {len(self.samples)} runs, "
                 f"{self.runtime}, {self.device}, {self.threads} threads, batch {self.batch_size})")
@@ -134,6 +137,15 @@ class LatencyComparison:
         """First and third quartiles of the per-pair ratios."""
         q1, _, q3 = _quartiles(self.ratios)
         return q1, q3
+
+    def __str__(self) -> str:
+        q1, q3 = self.spread
+        return (f"{self.speedup:.2f}x faster (median of {len(self.ratios)} paired ratios, IQR {q1:.2f}-{q3:.2f}; "
+                f"fastest runs {self.speedup_of_minima:.2f}x): dense {self.dense.median_ms:.3f} ms, compact "
+                f"{self.compact.median_ms:.3f} ms ({self.dense.runtime}, batch {self.dense.batch_size})")
+
+    def __repr__(self) -> str:
+        return f"LatencyComparison({self})"
 
     def to_dict(self) -> dict[str, Any]:
         q1, q3 = self.spread

@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,8 @@ from .io import atomic_write
 from .latency import STATISTICS, Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version, time_interleaved, torch_threads
 
 __all__ = ["LayerLatency", "LatencyTable", "profile_layers", "default_ranks", "cache_dir"]
+
+_log = logging.getLogger("trp.profile")
 
 # Fractions of the break-even rank (the largest rank whose split has fewer MACs than the dense layer).
 GRID = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
@@ -91,6 +94,10 @@ class LatencyTable:
     scheme: str
     versions: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"LatencyTable({len(self.layers)} layers, {self.scheme} split, {self.runtime}, batch {self.batch_size}, "
+                f"{self.threads} threads; whole dense model {1000 * self.model:.3f} ms on {self.device})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "trp-latency-table", "version": 1, "model": self.model, "runtime": self.runtime,
@@ -231,6 +238,7 @@ def profile_layers(
     timer: Optional[Timer] = None,
     cache: bool = True,
     statistic: str = "median",
+    progress: Optional[Callable[[int, str], Callable[..., Any]]] = None,
 ) -> LatencyTable:
     """Time every target layer dense and split at a grid of ranks, at its real input, in ``runtime``.
 
@@ -238,6 +246,9 @@ def profile_layers(
     :func:`default_ranks`. ``layers`` selects targets as in :func:`trp.decompose`. ``statistic``
     summarizes the timed runs: ``"median"``, or ``"min"`` on a machine busy with other work. With
     ``cache`` (default), measurements are read from and written to :func:`cache_dir`.
+    ``progress(total, description)`` (trp's progress mechanism, as ``trp train`` uses: it returns
+    ``advance(n=1)``) sees each layer profiled; each layer is also logged at INFO level
+    (``profiling layer i of n``).
     """
     get_scheme(scheme)
     if statistic not in STATISTICS:
@@ -256,7 +267,9 @@ def profile_layers(
                    "repeats": repeats, "warmup": warmup, "statistic": statistic}
         found: dict[str, LayerLatency] = {}
         measured: dict[str, dict[str, Any]] = {}
-        for name, module in targets:
+        advance = progress(len(targets), "profiling layers") if progress is not None else None
+        for i, (name, module) in enumerate(targets, 1):
+            _log.info("profiling layer %d of %d: %s", i, len(targets), name)
             if module not in recorded:
                 raise ValueError(f"layer {name!r} did not run in the forward pass on example_inputs: "
                                  "leave it out with layers=...")
@@ -284,6 +297,8 @@ def profile_layers(
             measured[memo] = value  # layers of the same geometry are timed once
             found[name] = LayerLatency(name, sch.name, tuple(x.shape), max_rank, value["dense"], grid, value["split"],
                                        value["overhead"])
+            if advance is not None:
+                advance(1)
         model_key = {**setting, "model": str(model), "inputs": [list(t.shape) for t in inputs]}
         value = _cached(model_key, cache)
         if value is None:

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +46,8 @@ from .latency import RUNTIMES, STATISTICS, Timer, compare_latency
 from .profile import LatencyTable, profile_layers
 
 __all__ = ["TargetLatency", "Calibration"]
+
+_log = logging.getLogger("trp.target_latency")
 
 
 @dataclass
@@ -128,7 +131,9 @@ class TargetLatency(WholeModelCriterion):
     least-squares fit), which removes timing noise. ``statistic`` reads timed runs by their
     ``"median"`` (per-pair ratios for the whole model), or by the fastest run (``"min"``) on a
     machine busy with other work. An unreachable ``x`` raises ValueError stating the best
-    reachable speedup.
+    reachable speedup. ``progress(total, description)`` (trp's progress mechanism: it returns
+    ``advance(n=1)``) sees each layer profiled and each calibration round; both are also logged at
+    INFO level (loggers ``trp.profile`` and ``trp.target_latency``).
     """
 
     needs_input_shape = True
@@ -148,6 +153,7 @@ class TargetLatency(WholeModelCriterion):
         timer: Optional[Timer] = None,
         monotone: bool = True,
         statistic: str = "median",
+        progress: Optional[Callable[[int, str], Callable[..., Any]]] = None,
     ) -> None:
         check_number("TargetLatency: x", x, 1.0, low_open=True, high_open=True, what="a number > 1 (a measured speedup)")
         if runtime not in RUNTIMES:
@@ -175,6 +181,7 @@ class TargetLatency(WholeModelCriterion):
         if statistic not in STATISTICS:
             raise ValueError(f"TargetLatency: unknown statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
         self.statistic = statistic
+        self.progress = progress
         self.history: list[Calibration] = []
         self._model: Optional[tuple[nn.Module, str, Any, Sequence[int]]] = None
         self._folded: Optional[nn.Module] = None
@@ -198,7 +205,7 @@ class TargetLatency(WholeModelCriterion):
             self.table = profile_layers(self._folded, self._inputs(model, input_shape), scheme, self.runtime,
                                         layers=layers,
                                         threads=self.threads, repeats=self.repeats, warmup=self.warmup,
-                                        timer=self.timer, statistic=self.statistic)
+                                        timer=self.timer, statistic=self.statistic, progress=self.progress)
 
     # -- allocation ---------------------------------------------------------------------
     def _options(self, layer: LayerSpectrum, table: LatencyTable) -> list[_Option]:
@@ -331,12 +338,19 @@ class TargetLatency(WholeModelCriterion):
         model, scheme, _, input_shape = self._model
         inputs = self._inputs(model, input_shape)
 
+        rounds = self.calibrate + 1
+        advance = self.progress(rounds, "calibrating (measured speedup)") if self.progress is not None else None
+
         def measure(ranks: dict[str, int], target: float) -> Calibration:
             compact = _inference_form(_same_structure(model, scheme, ranks))
             speedup = compare_latency(self._folded, compact, inputs, self.runtime, self.threads, self.repeats,
                                       self.warmup, self.timer).speedup_by(self.statistic)
             step = Calibration(target, speedup, dict(ranks))
             self.history.append(step)
+            _log.info("calibration round %d of at most %d: measured %.2fx (target %.2fx)", len(self.history) - 1,
+                      rounds, speedup, self.x)
+            if advance is not None:
+                advance(1)
             return step
 
         # Two anchors: the dense model (1x, no measurement needed) and the fastest plan, measured. Per-layer

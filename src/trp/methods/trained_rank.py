@@ -94,7 +94,7 @@ from ..core.counting import count_macs
 from ..core.criteria import Energy, Value
 from ..core.decompose import RankCriterion, decompose, trace_sizes
 from ..core.inputs import ExampleInputs
-from ..core.layers import LayerSelector
+from ..core.layers import LayerSelector, skipped_inline
 from ..core.safety import split_targets
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..core.svd import checked_svd
@@ -211,8 +211,7 @@ class TRP:
             )
         if skipped:
             warnings.warn(
-                "TRP leaves these selected layers alone: "
-                + "; ".join(f"{n} ({r})" for n, r in skipped),
+                "TRP leaves these selected layers alone: " + skipped_inline(skipped),
                 stacklevel=2,
             )
         self.layer_names = [n for n, _ in targets]
