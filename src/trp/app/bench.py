@@ -19,7 +19,8 @@ from torch import nn
 from ..core.counting import count_macs
 from ..deploy.fold import fold_batchnorm
 from ..deploy.io import atomic_write
-from ..deploy.latency import RUNTIMES, compare_latency, device_name
+from ..limits import read_json
+from ..deploy.latency import MAX_BATCH, RUNTIMES, compare_latency, device_name
 
 __all__ = ["parse_list", "bench_models", "bench_source", "BENCH_KIND"]
 
@@ -32,9 +33,14 @@ def parse_list(text: str, cast: Callable[[str], Any], what: str) -> list[Any]:
     if not items:
         raise ValueError(f"{what}: give at least one value (comma-separated)")
     try:
-        return [cast(t) for t in items]
+        values = [cast(t) for t in items]
     except ValueError:
         raise ValueError(f"{what}: cannot read {text!r} (comma-separated values expected)") from None
+    if cast is int:
+        bad = [v for v in values if not 1 <= v <= MAX_BATCH]
+        if bad:
+            raise ValueError(f"{what}: {bad[0]} is out of range: give integers from 1 to {MAX_BATCH}")
+    return values
 
 
 def _inference_form(model: nn.Module) -> nn.Module:
@@ -92,8 +98,11 @@ def _dense_source(path: Path) -> Optional[Path]:
     summary = path.with_suffix(".json")
     if summary.is_file():
         try:
-            source = json.loads(summary.read_text()).get("source")
-        except json.JSONDecodeError:
+            doc = read_json(summary)
+        except ValueError:
+            return None
+        source = doc.get("source") if isinstance(doc, dict) else None
+        if not isinstance(source, str):
             return None
         if source and Path(source).exists():
             return Path(source)

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import (METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_layers, parse_milestones,
+from .config import (MAX_BATCH, METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_layers, parse_milestones,
                      parse_patterns, resume_config)
 
 if TYPE_CHECKING:
@@ -103,13 +103,42 @@ def progress_bars(enabled: bool = True) -> Iterator[Optional[engine.ProgressFact
         yield factory
 
 
-def _fail(err: Exception) -> None:
-    """Exit with a one-line ``Error: ...`` (failed writes say whether space or permissions are the cause)."""
-    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
-        from .rundir import disk_error
+def _fail(err: BaseException) -> None:
+    """Exit with a one-line ``Error: ...``: the message of a refusal, or the file and fix of a failed write."""
+    from ..errors import Error, is_write_failure, one_line, write_error
 
-        err = disk_error(err)
-    raise click.ClickException(" ".join(str(err).split())) from err
+    if isinstance(err, Error):
+        pass
+    elif isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        err = write_error(err)
+    elif isinstance(err, RuntimeError) and is_write_failure(err):
+        err = write_error(err)
+    elif isinstance(err, RecursionError):
+        err = ValueError("an input is nested too deeply to read (a corrupt or crafted file)")
+    elif isinstance(err, MemoryError):
+        err = ValueError("out of memory: an input declares more than this machine holds; check the file "
+                         "and the sizes given")
+    elif isinstance(err, (OverflowError, ArithmeticError)) and not isinstance(err, FloatingPointError):
+        err = ValueError(f"a number is out of range ({one_line(err)}): give a smaller value")
+    raise click.ClickException(one_line(err)) from err
+
+
+# What the command line turns into one line instead of a traceback: trp.Error and every ValueError-class
+# refusal, the OS's own failures (full disk, read-only, permissions, a directory in the way), missing
+# optional packages, and a failure inside torch (its message names the cause).
+_REFUSALS = (ValueError, OSError, RuntimeError, ArithmeticError, ImportError, MemoryError)
+
+
+class _Commands(click.Group):
+    """The ``trp`` group: every command's refusals and failed writes become one ``Error:`` line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except _REFUSALS as err:
+            _fail(err)
 
 
 def _epoch_line(row: dict[str, Any]) -> None:
@@ -124,7 +153,7 @@ def _epoch_line(row: dict[str, Any]) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="trp")
 def main() -> None:
     """Low-rank training (Trained Rank Pruning) and decomposition of PyTorch models."""
@@ -237,8 +266,6 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
                 if trainer.env.is_main:
                     console.print(f"resuming {run_dir} after epoch {trainer.epoch}")
             trainer.run(on_epoch=_epoch_line)
-    except (ValueError, OSError, FloatingPointError) as err:
-        _fail(err)
     finally:
         if distributed.launched_by_torchrun():
             distributed.shutdown()
@@ -259,13 +286,10 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
     console.print(table)
     console.print(f"model: {trainer.model_path}")
     if config.decompose or config.target_criterion:
-        try:
-            # A run trained toward a target is split with that target unless its config says otherwise.
-            entries = config.decompose or [{"criterion": config.target_criterion}]
-            steps = [DecomposeStep.from_dict(d, config.scheme) for d in entries]
-            run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
-        except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
-            _fail(err)
+        # A run trained toward a target is split with that target unless its config says otherwise.
+        entries = config.decompose or [{"criterion": config.target_criterion}]
+        steps = [DecomposeStep.from_dict(d, config.scheme) for d in entries]
+        run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
 
 
 def _resume_config(ctx: click.Context, run_dir: Path, opts: dict[str, Any], out: Optional[str],
@@ -409,26 +433,23 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
                   layers: Optional[str], exclude: Optional[str], device: str, bench: bool,
                   no_progress: bool) -> None:
     """Split a trained model's layers into thin layers and report what it bought."""
-    try:
-        if criterion and target_speedup:
-            raise ValueError("give either --criterion or --target-speedup, not both")
-        if target_speedup is not None:
-            criterion = f"speedup:{target_speedup:g}"
-        config = engine.load_config(source) if Path(source).is_dir() else None
-        default_scheme = scheme or (config.scheme if config else "channel")
-        if (criterion is None and config is not None and config.decompose and scheme is None and not finetune
-                and not recalibrate_bn):
-            steps = [DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
-        else:
-            default = config.default_criterion() if config else "value:0.05"
-            steps = [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr,
-                                            recalibrate_bn)]
-        for step in steps:
-            step.validate()
-        run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
-                           parse_patterns(exclude) if exclude is not None else None, bench)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
-        _fail(err)
+    if criterion and target_speedup:
+        raise ValueError("give either --criterion or --target-speedup, not both")
+    if target_speedup is not None:
+        criterion = f"speedup:{target_speedup:g}"
+    config = engine.load_config(source) if Path(source).is_dir() else None
+    default_scheme = scheme or (config.scheme if config else "channel")
+    if (criterion is None and config is not None and config.decompose and scheme is None and not finetune
+            and not recalibrate_bn):
+        steps = [DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
+    else:
+        default = config.default_criterion() if config else "value:0.05"
+        steps = [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr,
+                                        recalibrate_bn)]
+    for step in steps:
+        step.validate()
+    run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
+                       parse_patterns(exclude) if exclude is not None else None, bench)
 
 
 @main.command(name="finetune")
@@ -442,14 +463,11 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
 def finetune_cmd(model_file: Path, epochs: int, lr: float, out: Optional[Path], data_dir: Optional[str],
                  device: str, no_progress: bool) -> None:
     """Fine-tune a (decomposed) model file with plain SGD; writes a run directory."""
-    try:
-        _, spec, config = workflow.load_source(model_file, "cpu")
-        out = out or model_file.parent / f"finetune-{model_file.stem}"
-        with progress_bars(not no_progress) as bars:
-            trainer = workflow.finetune_model(model_file, out, epochs, lr, config, spec,
-                                              data_dir or (config.data_dir if config else None), device, bars, _epoch_line)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
-        _fail(err)
+    _, spec, config = workflow.load_source(model_file, "cpu")
+    out = out or model_file.parent / f"finetune-{model_file.stem}"
+    with progress_bars(not no_progress) as bars:
+        trainer = workflow.finetune_model(model_file, out, epochs, lr, config, spec,
+                                          data_dir or (config.data_dir if config else None), device, bars, _epoch_line)
     console.print(f"fine-tuned model: {trainer.model_path}  (top-1 {trainer.last_row['test_top1']:.2f}%)")
 
 
@@ -493,32 +511,29 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
     from .sweep import save_sweep, sweep
 
     curves: dict[str, Any] = {}
-    try:
-        dev = engine.resolve_device(device)
-        criteria = _sweep_criteria(kind, points)
-        for run_dir in run_dirs:
-            model, spec, config = workflow.load_source(run_dir, dev)
-            sch = scheme or (config.scheme if config else "channel")
-            loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), config.seed if config else 0)
-            label = f"{_run_label(run_dir)} ({sch})"
-            console.print(f"sweeping {run_dir}: {label}, {len(criteria)} criteria")
-            run_layers = parse_layers(layers) if layers is not None else (config.layers if config else None)
-            run_exclude = parse_patterns(exclude) if exclude is not None else (config.exclude if config else [])
-            pts = sweep(model, sch, criteria, loader, spec.input_shape, dev, layers=run_layers, exclude=run_exclude,
-                        on_point=lambda p: console.print(f"  {p.criterion:>18}  MAC reduction {p.conv_mac_reduction:5.2f}x conv, "
-                                                         f"{p.mac_reduction:5.2f}x all  top-1 {p.top1:6.2f}%"),
-                        on_error=lambda c, e: console.print(f"  {c.spec():>18}  skipped: {e}"))
-            if not pts:
-                raise ValueError(f"no criterion of the sweep could be applied to {run_dir}")
-            path = save_sweep(pts, run_dir / f"sweep-{sch}-{kind}.json",
-                              meta={"source": str(run_dir), "label": label, "scheme": sch, "criterion_kind": kind})
-            console.print(f"  saved {path}")
-            curves[label] = pts
-        if plot:
-            plot_tradeoff(curves, plot, title=title)
-            console.print(f"plot: {plot}")
-    except (ValueError, OSError, RuntimeError) as err:
-        _fail(err)
+    dev = engine.resolve_device(device)
+    criteria = _sweep_criteria(kind, points)
+    for run_dir in run_dirs:
+        model, spec, config = workflow.load_source(run_dir, dev)
+        sch = scheme or (config.scheme if config else "channel")
+        loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), config.seed if config else 0)
+        label = f"{_run_label(run_dir)} ({sch})"
+        console.print(f"sweeping {run_dir}: {label}, {len(criteria)} criteria")
+        run_layers = parse_layers(layers) if layers is not None else (config.layers if config else None)
+        run_exclude = parse_patterns(exclude) if exclude is not None else (config.exclude if config else [])
+        pts = sweep(model, sch, criteria, loader, spec.input_shape, dev, layers=run_layers, exclude=run_exclude,
+                    on_point=lambda p: console.print(f"  {p.criterion:>18}  MAC reduction {p.conv_mac_reduction:5.2f}x conv, "
+                                                     f"{p.mac_reduction:5.2f}x all  top-1 {p.top1:6.2f}%"),
+                    on_error=lambda c, e: console.print(f"  {c.spec():>18}  skipped: {e}"))
+        if not pts:
+            raise ValueError(f"no criterion of the sweep could be applied to {run_dir}")
+        path = save_sweep(pts, run_dir / f"sweep-{sch}-{kind}.json",
+                          meta={"source": str(run_dir), "label": label, "scheme": sch, "criterion_kind": kind})
+        console.print(f"  saved {path}")
+        curves[label] = pts
+    if plot:
+        plot_tradeoff(curves, plot, title=title)
+        console.print(f"plot: {plot}")
 
 
 @main.command(name="table")
@@ -532,38 +547,35 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
     from .results import collect, markdown_table, seed_table, tradeoff_notes, write_csv
     from .sweep import load_sweep
 
-    try:
-        rows = collect(run_dirs)
-        text = markdown_table(rows)
-        notes = tradeoff_notes(rows)
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
-        for note in notes:
-            console.print(f"- {note}", markup=False, highlight=False)
-        seeds = seed_table(rows)
-        if seeds:
-            console.print("\nRows trained with several seeds:\n" + seeds, markup=False, highlight=False, soft_wrap=True)
-        if out:
-            md = out.with_suffix(".md")
-            with atomic_write(md) as tmp:
-                tmp.write_text(text + "\n\n" + "".join(f"- {n}\n" for n in notes)
-                               + (f"\nRows trained with several seeds:\n\n{seeds}\n" if seeds else ""))
-            write_csv(rows, out.with_suffix(".csv"))
-            console.print(f"wrote {md} and {out.with_suffix('.csv')}")
-        if plot:
-            curves, markers = {}, {}
-            for run_dir in run_dirs:
-                for path in sorted(run_dir.glob("sweep-*.json")):
-                    meta, pts = load_sweep(path)
-                    curves[str(meta.get("label", path.stem)) + f" [{meta.get('criterion_kind', '')}]"] = pts
-            for r in rows:
-                if r.finetuned and r.top1 is not None and r.conv_mac_reduction:
-                    markers[f"{r.label}, fine-tuned"] = (r.conv_mac_reduction, r.top1)
-            if not curves:
-                raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
-            plot_tradeoff(curves, plot, title=title, markers=markers)
-            console.print(f"plot: {plot}")
-    except (ValueError, OSError) as err:
-        _fail(err)
+    rows = collect(run_dirs)
+    text = markdown_table(rows)
+    notes = tradeoff_notes(rows)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    for note in notes:
+        console.print(f"- {note}", markup=False, highlight=False)
+    seeds = seed_table(rows)
+    if seeds:
+        console.print("\nRows trained with several seeds:\n" + seeds, markup=False, highlight=False, soft_wrap=True)
+    if out:
+        md = out.with_suffix(".md")
+        with atomic_write(md) as tmp:
+            tmp.write_text(text + "\n\n" + "".join(f"- {n}\n" for n in notes)
+                           + (f"\nRows trained with several seeds:\n\n{seeds}\n" if seeds else ""))
+        write_csv(rows, out.with_suffix(".csv"))
+        console.print(f"wrote {md} and {out.with_suffix('.csv')}")
+    if plot:
+        curves, markers = {}, {}
+        for run_dir in run_dirs:
+            for path in sorted(run_dir.glob("sweep-*.json")):
+                meta, pts = load_sweep(path)
+                curves[str(meta.get("label", path.stem)) + f" [{meta.get('criterion_kind', '')}]"] = pts
+        for r in rows:
+            if r.finetuned and r.top1 is not None and r.conv_mac_reduction:
+                markers[f"{r.label}, fine-tuned"] = (r.conv_mac_reduction, r.top1)
+        if not curves:
+            raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
+        plot_tradeoff(curves, plot, title=title, markers=markers)
+        console.print(f"plot: {plot}")
 
 
 # ------------------------------------------------------------------------ evaluate
@@ -579,26 +591,23 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
 def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], device: str, verify_images: bool,
                  skip_corrupt: bool) -> None:
     """Evaluate a saved (compact) model on its data set's test split."""
-    try:
-        dev = engine.resolve_device(device)
-        model, spec, config = workflow.load_source(path, dev)
-        engine.check_finite(model, str(path))
-        if seed is None:
-            seed = config.seed if config else 0
-        loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
-        if verify_images or skip_corrupt:
-            with progress_bars(sys.stdout.isatty()) as bars:
-                skipped = engine.screen_datasets([loader.dataset], skip_corrupt, bars)
-            if skipped:
-                listed = "\n".join(f"  {p} ({reason})" for p, reason in skipped[:10])
-                more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-                console.print(f"skipped {len(skipped)} corrupt image(s) (--skip-corrupt):\n{listed}{more}",
-                              markup=False, highlight=False)
-        start = time.perf_counter()
-        metrics = engine.evaluate(model, loader, dev)
-        seconds = time.perf_counter() - start
-    except (ValueError, OSError, RuntimeError) as err:
-        _fail(err)
+    dev = engine.resolve_device(device)
+    model, spec, config = workflow.load_source(path, dev)
+    engine.check_finite(model, str(path))
+    if seed is None:
+        seed = config.seed if config else 0
+    loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
+    if verify_images or skip_corrupt:
+        with progress_bars(sys.stdout.isatty()) as bars:
+            skipped = engine.screen_datasets([loader.dataset], skip_corrupt, bars)
+        if skipped:
+            listed = "\n".join(f"  {p} ({reason})" for p, reason in skipped[:10])
+            more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            console.print(f"skipped {len(skipped)} corrupt image(s) (--skip-corrupt):\n{listed}{more}",
+                          markup=False, highlight=False)
+    start = time.perf_counter()
+    metrics = engine.evaluate(model, loader, dev)
+    seconds = time.perf_counter() - start
     table = Table(title=str(path))
     for col in ("top-1", "top-5", "loss", "MACs", "conv MACs", "params", "eval time"):
         table.add_column(col, justify="right")
@@ -627,17 +636,14 @@ def export_cmd(path: Path, onnx_path: Path, batch: int, static_batch: bool, no_f
     """Write a saved (compact) model as ONNX, checked against PyTorch in ONNX Runtime."""
     import torch
 
-    from ..deploy.export import ExportError, export_onnx
+    from ..deploy.export import export_onnx
 
-    try:
-        if batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {batch}")
-        model, spec, _ = workflow.load_source(path, "cpu")
-        example = torch.randn(batch, *spec.input_shape[1:], generator=torch.Generator().manual_seed(0))
-        result = export_onnx(model, onnx_path, example, fold_batchnorm=not no_fold_batchnorm,
-                             dynamic_batch=not static_batch, opset=opset, tolerance=tolerance)
-    except (ValueError, TypeError, FileNotFoundError, ExportError, ImportError) as err:
-        raise click.ClickException(" ".join(str(err).split())) from err  # one line
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"--batch must be >= 1 and <= {MAX_BATCH}, got {batch}")
+    model, spec, _ = workflow.load_source(path, "cpu")
+    example = torch.randn(batch, *spec.input_shape[1:], generator=torch.Generator().manual_seed(0))
+    result = export_onnx(model, onnx_path, example, fold_batchnorm=not no_fold_batchnorm,
+                         dynamic_batch=not static_batch, opset=opset, tolerance=tolerance)
     console.print(f"wrote {result.path} (ONNX opset {result.opset}, input {spec.input_shape[1:]}, "
                   f"batch {'any' if result.dynamic_batch else batch}); {result.folded_batchnorms} BatchNorm folded"
                   + (f", {len(result.unfolded_batchnorms)} kept" if result.unfolded_batchnorms else ""))
@@ -659,11 +665,8 @@ def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool, bench: 
     """Train a ResNet-20 baseline and a TRP+Nu model on MNIST-5k, decompose both, compare."""
     from .demo import run_demo
 
-    try:
-        with progress_bars(not no_progress) as bars:
-            run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line, bench=bench)
-    except (ValueError, OSError, FloatingPointError) as err:
-        _fail(err)
+    with progress_bars(not no_progress) as bars:
+        run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line, bench=bench)
 
 
 # ------------------------------------------------------------------ bench, profile
@@ -701,12 +704,9 @@ def bench_cmd(path: Path, dense: Optional[Path], runtimes: str, batches: str, th
     """Measure how much faster a split model file runs than its dense original (MAC reduction beside it)."""
     from .bench import bench_source, parse_list
 
-    try:
-        record, saved = bench_source(path, dense, out, runtimes=parse_list(runtimes, str, "--runtime"),
-                                     batches=parse_list(batches, int, "--batch"), threads=threads, repeats=repeats,
-                                     warmup=warmup)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(err)
+    record, saved = bench_source(path, dense, out, runtimes=parse_list(runtimes, str, "--runtime"),
+                                 batches=parse_list(batches, int, "--batch"), threads=threads, repeats=repeats,
+                                 warmup=warmup)
     _print_bench(record, f"{path} against {record['dense']}")
     console.print(f"saved {saved}")
 
@@ -728,18 +728,15 @@ def profile_cmd(source: Path, scheme: Optional[str], runtime: str, batch: int, t
 
     from ..deploy.profile import profile_layers
 
-    try:
-        if batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {batch}")
-        model, spec, config = workflow.load_source(source, "cpu")
-        sch = scheme or (config.scheme if config else "channel")
-        x = torch.randn((batch, *spec.input_shape[1:]), generator=torch.Generator().manual_seed(0))
-        table = profile_layers(model, x, sch, runtime, threads=threads, repeats=repeats, cache=not no_cache)
-        base = source if source.is_dir() else source.parent
-        out = out or base / f"latency-{sch}-{runtime}-b{batch}.json"
-        table.save(out)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(err)
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"--batch must be >= 1 and <= {MAX_BATCH}, got {batch}")
+    model, spec, config = workflow.load_source(source, "cpu")
+    sch = scheme or (config.scheme if config else "channel")
+    x = torch.randn((batch, *spec.input_shape[1:]), generator=torch.Generator().manual_seed(0))
+    table = profile_layers(model, x, sch, runtime, threads=threads, repeats=repeats, cache=not no_cache)
+    base = source if source.is_dir() else source.parent
+    out = out or base / f"latency-{sch}-{runtime}-b{batch}.json"
+    table.save(out)
     shown = Table(title=f"{source}: {sch} split, {runtime}, batch {batch}, {table.threads} threads")
     for col in ("layer", "input", "dense ms", "fastest split rank", "split ms", "layer speedup"):
         shown.add_column(col, justify="left" if col in ("layer", "input") else "right")

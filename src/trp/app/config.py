@@ -38,6 +38,9 @@ OPTIMIZERS = ("sgd", "adamw")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+# The largest --batch of export, profile and bench (trp.deploy.latency.MAX_BATCH; a test pins the two).
+MAX_BATCH = 4096
+
 # Weight decay when the config leaves it unset: LoRITa relies on it (SPEC §2).
 DEFAULT_WEIGHT_DECAY = {"lorita": 1e-3}
 

@@ -26,7 +26,7 @@ from .criteria import Criterion, Energy
 from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, set_module
 from .safety import check_layer, check_outputs, record_layer_inputs, run_model, split_targets
-from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
+from .schemes import SCHEMES, LowRank, SplitLayerAccess, get_scheme, scheme_for
 from .topspectra import LayerMatrix, allocate_leading, leading_svd
 from .targets import effective_weight, is_candidate, layer_kind, split_reason
 from .wrappers import unwrap
@@ -495,6 +495,9 @@ def check_recipe(model: nn.Module, recipe: dict[str, Any], source: object = "rec
         scheme = entry.get("scheme")
         if not isinstance(scheme, str):
             raise ValueError(f"{source}: {field}.scheme must be a scheme name, got {_short(scheme)}")
+        if scheme not in SCHEMES and scheme != "linear":  # a Linear layer's entry says "linear"
+            raise ValueError(f"{source}: {field}.scheme: unknown scheme {_short(scheme)}: trp writes linear, "
+                             f"{', '.join(sorted(SCHEMES))}; the file is corrupt or crafted")
         reason = split_reason(module, scheme)
         if reason is not None:
             raise ValueError(f"{source}: {field} splits a layer trp does not split with scheme {scheme!r}: {reason}")
