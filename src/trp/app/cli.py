@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import (MAX_BATCH, METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_layers, parse_milestones,
-                     parse_patterns, resume_config)
+                     parse_patterns, resume_config, train_config)
 
 if TYPE_CHECKING:
     from ..core.decompose import Decomposition
@@ -241,14 +241,7 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
             run_dir = Path(resume)
             config = _resume_config(ctx, run_dir, opts, out, config_file)
         else:
-            settings = engine.read_config_file(config_file) if config_file else {}
-            for name, value in opts.items():
-                given = ctx.get_parameter_source(name) in (
-                    click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-                if given or name not in settings:
-                    settings[name] = value
-            config = engine.TrainConfig.from_dict(settings)
-            config.validate()
+            config = train_config(config_file, opts, _given(ctx, opts))
             default_name = (f"{config_file.parent.name}/{config_file.stem}" if config_file
                             else f"{config.model}-{config.data}-{config.method}-{config.scheme}")
             run_dir = Path(out or f"runs/{default_name}")
@@ -285,10 +278,8 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
     )
     console.print(table)
     console.print(f"model: {trainer.model_path}")
-    if config.decompose or config.target_criterion:
-        # A run trained toward a target is split with that target unless its config says otherwise.
-        entries = config.decompose or [{"criterion": config.target_criterion}]
-        steps = [DecomposeStep.from_dict(d, config.scheme) for d in entries]
+    steps = config.decompose_steps()  # a run trained toward a target is split with it unless its config says otherwise
+    if steps:
         run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
 
 
@@ -299,10 +290,14 @@ def _resume_config(ctx: click.Context, run_dir: Path, opts: dict[str, Any], out:
         raise ValueError("--resume continues a run with its saved config.json: drop --config")
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise ValueError(f"--resume {run_dir} writes to that run directory: drop --out {out}")
-    given = {name: value for name, value in opts.items()
-             if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
-                                                   click.core.ParameterSource.ENVIRONMENT)}
+    given = {name: opts[name] for name in _given(ctx, opts)}
     return resume_config(engine.load_config(run_dir), given)
+
+
+def _given(ctx: click.Context, opts: dict[str, Any]) -> set[str]:
+    """The options typed on the command line (or set through the environment), not left at their defaults."""
+    return {name for name in opts if ctx.get_parameter_source(name) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
 
 
 def _is_main() -> bool:
@@ -397,12 +392,13 @@ def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -
     """Time the split model against the dense one (eager and ONNX Runtime, batch 1 and 64); add it to the summary."""
     import json
 
+    from ..limits import read_json
     from .bench import bench_models
 
     dense, spec, _ = workflow.load_source(source, engine.resolve_device(device))
     record = bench_models(dense, result.report.model, spec.input_shape)
     _print_bench(record, "measured speedup of the split model")
-    summary = json.loads(result.summary_path.read_text())
+    summary = read_json(result.summary_path)
     summary["measured"] = record
     with atomic_write(result.summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -446,8 +442,6 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
         default = config.default_criterion() if config else "value:0.05"
         steps = [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr,
                                         recalibrate_bn)]
-    for step in steps:
-        step.validate()
     run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
                        parse_patterns(exclude) if exclude is not None else None, bench)
 

@@ -249,7 +249,7 @@ class Trainer:
     """Trains one run in ``run_dir``; :meth:`run` trains (or resumes) to the last epoch."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, progress: Optional[ProgressFactory] = None) -> None:
-        config.validate()
+        # the config was validated when it was built (trp.app.config: one schema, checked once)
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = resolve_device(config.device)

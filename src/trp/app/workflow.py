@@ -118,7 +118,6 @@ def decompose_source(
 
     ``layers``/``exclude`` default to the run config's (the layers TRP trained).
     """
-    step.validate()
     if (step.finetune or step.recalibrate_bn) and not evaluate:
         raise ValueError("fine-tuning and BatchNorm re-estimation need the data set: drop --no-eval")
     source = Path(source)
