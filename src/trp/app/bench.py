@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..core.counting import count_macs
+from ..core.schemes import LowRank
 from ..deploy.fold import fold_batchnorm
 from ..deploy.io import atomic_write
 from ..limits import read_json
@@ -33,14 +34,9 @@ def parse_list(text: str, cast: Callable[[str], Any], what: str) -> list[Any]:
     if not items:
         raise ValueError(f"{what}: give at least one value (comma-separated)")
     try:
-        values = [cast(t) for t in items]
+        return [cast(t) for t in items]
     except ValueError:
         raise ValueError(f"{what}: cannot read {text!r} (comma-separated values expected)") from None
-    if cast is int:
-        bad = [v for v in values if not 1 <= v <= MAX_BATCH]
-        if bad:
-            raise ValueError(f"{what}: {bad[0]} is out of range: give integers from 1 to {MAX_BATCH}")
-    return values
 
 
 def _inference_form(model: nn.Module) -> nn.Module:
@@ -65,8 +61,8 @@ def bench_models(
         if r not in RUNTIMES:
             raise ValueError(f"unknown runtime {r!r}: choose from {', '.join(RUNTIMES)}")
     for b in batches:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"batch sizes must be integers >= 1, got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH:
+            raise ValueError(f"batch sizes must be integers >= 1 and <= {MAX_BATCH}, got {b!r}")
     param = next(dense.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     macs_dense, macs_compact = count_macs(dense, input_shape), count_macs(compact, input_shape)
@@ -128,6 +124,13 @@ def bench_source(
     dense_from = dense or _dense_source(path)
     if dense_from is not None:
         dense_model, dense_spec, _ = load_source(dense_from, "cpu")
+        if (dense_spec.model, dense_spec.in_channels, dense_spec.num_classes) != (spec.model, spec.in_channels,
+                                                                                 spec.num_classes):
+            raise ValueError(f"--dense {dense_from} holds a {dense_spec.model} ({dense_spec.in_channels} input "
+                             f"channels, {dense_spec.num_classes} classes), but {path} was split from a {spec.model} "
+                             f"({spec.in_channels}, {spec.num_classes}): give the dense model it came from")
+        if any(isinstance(m, LowRank) for m in dense_model.modules()):
+            raise ValueError(f"--dense {dense_from} is itself a split model: give the dense model {path} came from")
         if dense_spec.input_shape != spec.input_shape:
             raise ValueError(f"{dense_from} takes inputs {dense_spec.input_shape}, {path} takes {spec.input_shape}: "
                              "give the dense model the split one came from with --dense")

@@ -40,6 +40,7 @@ from .config import METHODS, OPTIMIZERS, TrainConfig, load_config, read_config_f
 from ..data import DatasetInfo, get_datasets
 from ..deploy.io import atomic_write, check_file, parse_json_field, read_metadata, read_recipe, save
 from ..deploy.io import load as load_weights
+from ..errors import FileError
 from ..integrations import distributed
 from ..models import create_model
 from .rundir import RunLock, append_metrics, check_writable, disk_error, read_metrics, remove_leftovers
@@ -635,7 +636,7 @@ def load_model_file(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     try:
         check_file(path, skeleton)
     except ValueError as err:
-        raise ValueError(f"{err} (the file's trp_model metadata says {spec.model}, {spec.in_channels} input "
+        raise FileError(f"{err} (the file's trp_model metadata says {spec.model}, {spec.in_channels} input "
                          f"channels, {spec.num_classes} classes)") from None
     model = spec.build().to(device)
     return load_weights(path, model), spec

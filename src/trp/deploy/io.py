@@ -35,7 +35,7 @@ from ..core.wrappers import unwrap, wrapper_prefix
 
 __all__ = [
     "save", "load", "read_metadata", "read_recipe", "parse_json_field", "stored_shapes",
-    "check_recipe", "check_shapes", "check_file", "atomic_write", "check_destination", "remove_stale_temporaries",
+    "check_recipe", "check_shapes", "check_dtypes", "stored_dtypes", "check_file", "atomic_write", "check_destination", "remove_stale_temporaries",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -171,6 +171,31 @@ def read_recipe(meta: dict[str, str], path: PathLike) -> dict[str, Any]:
     return recipe
 
 
+def stored_dtypes(path: PathLike) -> dict[str, str]:
+    """Name -> safetensors dtype (``F32``, ``I8``, ``BOOL``, ...) of every tensor stored in a file (header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise FileError(f"{path}: cannot read the tensor table ({err}); the file is truncated or corrupt") from None
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def check_dtypes(model: nn.Module, dtypes: dict[str, str], source: PathLike = "file") -> None:
+    """FileError naming the first tensor stored as integers or booleans where the model holds floats
+    (or the reverse): loading would cast it silently into nonsense weights."""
+    for name, tensor in model.state_dict().items():
+        stored = dtypes.get(name)
+        if stored is None:
+            continue
+        if tensor.is_floating_point() != (stored in _FLOAT_DTYPES):
+            want = "a floating type" if tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch.")
+            raise FileError(f"{source}: tensor {name!r} is stored as {stored}, but the model holds {want} there "
+                            "(it would load as nonsense weights); the file is corrupt or crafted: save the model again")
+
+
 def stored_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor stored in a safetensors file (read from the header only)."""
     try:
@@ -218,6 +243,7 @@ def check_file(path: PathLike, model: nn.Module) -> dict[str, str]:
     _check_prefix(path, list(shapes), model)
     apply_recipe(model, recipe, path)  # checks every entry before building anything
     check_shapes(model, shapes, path)
+    check_dtypes(model, stored_dtypes(path), path)
     return meta
 
 
