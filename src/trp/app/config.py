@@ -106,6 +106,10 @@ def Number(low: float = -math.inf, high: float = math.inf, low_open: bool = Fals
     """A finite float in a range (strings such as ``'1e-4'`` read as numbers; bools refused)."""
     def check(v: Any) -> float:
         number = _as_number(v)
+        try:
+            number = None if number is None else float(number)
+        except OverflowError:  # an integer beyond float's range
+            number = None
         ok = (number is not None and math.isfinite(number) and (number > low if low_open else number >= low)
               and (number < high if high_open else number <= high))
         if not ok:
@@ -119,8 +123,9 @@ def Integer(low: int, high: int) -> Any:
     """An integer in ``[low, high]`` (integral floats and numeric strings read as integers; bools refused)."""
     def check(v: Any) -> int:
         number = _as_number(v)
-        if (number is None or not math.isfinite(number) or not float(number).is_integer()
-                or not low <= number <= high):
+        if isinstance(number, float) and (not math.isfinite(number) or not number.is_integer()):
+            number = None
+        if number is None or not low <= number <= high:
             raise ValueError(f"must be an integer from {low} to {high}, got {_shown(v)}")
         return int(number)
 
@@ -143,7 +148,10 @@ def _as_number(v: Any) -> Optional[float]:
 
 
 def _shown(v: Any) -> str:
-    text = repr(v)
+    try:
+        text = repr(v)
+    except ValueError:  # an integer too long to print
+        return "an integer too long to print"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -299,8 +307,11 @@ class DecomposeStep(_Schema):
         from ..deploy import target_latency  # noqa: F401  (registers latency:X)
 
         if self.criterion.startswith("search:"):
-            target = _as_number(self.criterion.partition(":")[2])
-            if target is None or not math.isfinite(target) or target <= 1:
+            try:
+                target = float(self.criterion.partition(":")[2])
+            except (ValueError, OverflowError):
+                target = math.nan
+            if not math.isfinite(target) or target <= 1:
                 raise ValueError(f"criterion {self.criterion!r}: search needs a target MAC reduction > 1, e.g. search:3")
         else:
             parse_criterion(self.criterion)
@@ -372,7 +383,7 @@ class TrainConfig(_Schema):
         if self.weight_decay is None:
             self.weight_decay = DEFAULT_WEIGHT_DECAY.get(self.method, 1e-4)
         if self.data not in DATASET_INFO:
-            raise ValueError(f"unknown dataset {self.data!r}; choose one of {', '.join(DATASET_INFO)}")
+            raise ValueError(f"data: unknown dataset {self.data!r}; choose one of {', '.join(DATASET_INFO)}")
         if self.epochs == 0 and not (self.weights or self.init_from):
             raise ValueError(
                 f"epochs must be >= 1 (0 only evaluates and saves a model given by weights/init_from), got {self.epochs}"
@@ -502,6 +513,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML ({where}{problem}): fix the file") from None
     except RecursionError:
         raise ConfigError(f"{path} is nested too deeply to be a trp config: fix the file") from None
+    except ValueError as err:  # e.g. an integer literal too long to convert
+        raise ConfigError(f"{path}: a value cannot be read ({' '.join(str(err).split())[:120]}): fix the file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
