@@ -142,3 +142,18 @@ def bench_source(
     with atomic_write(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return record, out
+
+
+def bench_decomposition(source: Path, result: Any, device: str) -> dict[str, Any]:
+    """Time a decomposition's split model against ``source``'s dense one (eager and ONNX Runtime, batch 1 and
+    64) and add the record to its summary file (``result``: a :class:`trp.app.workflow.DecomposeResult`)."""
+    from .loaders import resolve_device
+    from .workflow import load_source
+
+    dense, spec, _ = load_source(source, resolve_device(device))
+    record = bench_models(dense, result.report.model, spec.input_shape)
+    summary = read_json(result.summary_path)
+    summary["measured"] = record
+    with atomic_write(result.summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return record

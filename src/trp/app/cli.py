@@ -2,6 +2,13 @@
 
 Importing this module imports no torch: the library is loaded by the commands that use it,
 so ``trp --help`` and ``trp --version`` answer at once.
+
+This module holds argument parsing and printing only: config precedence is
+:func:`trp.app.config.train_config`, the train -> decompose -> fine-tune chain
+:func:`trp.app.workflow.decompose_run`, the tables :mod:`trp.app.tables`, and every command's
+refusals become one ``Error:`` line in one place (:class:`_Commands`). Why it is long (~650 lines):
+most of it is the click option declarations of its eleven commands, kept here so each option sits
+with its command.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from .config import (MAX_BATCH, METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_layers, parse_milestones,
                      parse_patterns, resume_config, train_config)
@@ -42,6 +48,7 @@ class _LazyModule:
 
 engine: Any = _LazyModule("trp.app.engine")
 workflow: Any = _LazyModule("trp.app.workflow")
+tables: Any = _LazyModule("trp.app.tables")
 distributed: Any = _LazyModule("trp.integrations.distributed")
 
 # The conv schemes' names, for option choices without importing torch (a test pins them to trp.SCHEMES).
@@ -142,15 +149,7 @@ class _Commands(click.Group):
 
 
 def _epoch_line(row: dict[str, Any]) -> None:
-    if row["epoch"] == 0:
-        console.print(f"no training (epochs 0): test {row['test_top1']:.2f}% (top-5 {row['test_top5']:.2f}%)")
-        return
-    rank = f"  mean rank {row['mean_rank']:.1f}" if "mean_rank" in row else ""
-    console.print(
-        f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
-        f"train {row['train_top1']:.2f}%  test {row['test_top1']:.2f}%  "
-        f"{row['epoch_seconds']:.1f}s (TRP {row['trp_seconds']:.2f}s){rank}"
-    )
+    console.print(tables.epoch_line(row))
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -264,23 +263,15 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
             distributed.shutdown()
     if not trainer.env.is_main:
         return
-    table = Table(title=f"run {run_dir}")
-    for col in ("method", "scheme", "test top-1", "MACs", "params", "train time", "TRP time"):
-        table.add_column(col)
-    last = trainer.last_row
     final = trainer.final_model()
-    table.add_row(
-        config.method + (f" → {config.target_criterion}" if config.target_criterion else ""),
-        config.scheme if config.method != "baseline" else "-",
-        f"{last['test_top1']:.2f}%", f"{count_macs(final, trainer.spec.input_shape) / 1e6:.2f}M",
-        f"{count_params(final):,}", f"{trainer.train_seconds:.1f}s",
-        f"{trainer.trp_seconds:.1f}s ({100 * trainer.trp_seconds / max(trainer.train_seconds, 1e-9):.1f}%)",
-    )
-    console.print(table)
+    console.print(tables.run_table(run_dir, config, trainer, count_macs(final, trainer.spec.input_shape),
+                                   count_params(final)))
     console.print(f"model: {trainer.model_path}")
-    steps = config.decompose_steps()  # a run trained toward a target is split with it unless its config says otherwise
-    if steps:
-        run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
+    # the config's decompose steps (a run toward a target: its split), as engine.train runs them
+    with progress_bars(not no_progress) as bars:
+        for result in workflow.decompose_run(run_dir, config, progress=bars, on_epoch=_epoch_line,
+                                             on_step=lambda step: _decomposing(run_dir, step)):
+            _print_result(result)
 
 
 def _resume_config(ctx: click.Context, run_dir: Path, opts: dict[str, Any], out: Optional[str],
@@ -322,51 +313,14 @@ def _given_options(ctx: click.Context, skip: set[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------- decompose
-def _summary_table(summary: CompressionSummary, before: Optional[float], after: Optional[float]) -> Table:
-    table = Table(title="decomposition")
-    for col in ("", "before", "after", "reduction"):
-        table.add_column(col, justify="right")
-    table.add_row("conv MACs", f"{summary.conv_macs_before:,}", f"{summary.conv_macs_after:,}", f"{summary.conv_mac_reduction:.2f}x")
-    table.add_row("all MACs", f"{summary.macs_before:,}", f"{summary.macs_after:,}", f"{summary.mac_reduction:.2f}x")
-    if summary.layer_macs_before is not None and summary.layer_macs_after is not None:
-        table.add_row("  in layers trp can split", f"{summary.layer_macs_before:,}", f"{summary.layer_macs_after:,}", "")
-        table.add_row("  everything else", f"{summary.macs_before - summary.layer_macs_before:,}",
-                      f"{summary.macs_after - summary.layer_macs_after:,}", "")
-    table.add_row("params", f"{summary.params_before:,}", f"{summary.params_after:,}", f"{summary.param_ratio:.2f}x")
-    if before is not None and after is not None:
-        table.add_row("top-1", f"{before:.2f}%", f"{after:.2f}%", f"{after - before:+.2f} pt")
-    return table
-
-
-def _layer_table(report: Decomposition) -> Table:
-    table = Table(title="layers")
-    for col in ("layer", "scheme", "rank", "MACs before", "MACs after", "status"):
-        table.add_column(col, justify="right" if col.startswith(("rank", "MACs")) else "left")
-    for r in report.layers:
-        rank = f"{r.rank}/{r.max_rank}" if r.rank is not None else "-"
-        table.add_row(
-            r.name, r.scheme, rank,
-            f"{r.macs_before:,}" if r.macs_before is not None else "-",
-            f"{r.macs_after:,}" if r.macs_after is not None else "-",
-            r.status + (f" ({r.reason})" if r.reason else ""),
-        )
-    return table
-
-
 def _print_result(result: workflow.DecomposeResult) -> None:
-    rec = result.record
-    before = rec["dense"]["top1"] if rec["dense"] else None
-    after = rec["decomposed"]["top1"] if rec["decomposed"] else None
-    console.print(_layer_table(result.report))
-    console.print(_summary_table(result.summary, before, after))
-    if rec.get("bn_recalibrated"):
-        bn = rec["bn_recalibrated"]
-        console.print(f"BatchNorm statistics re-estimated on {bn['batches']} training batches: top-1 {bn['top1']:.2f}% "
-                      "(the saved compact model has them)")
-    if rec["finetune"]:
-        ft = rec["finetune"]
-        console.print(f"fine-tuned {ft['epochs']} epoch(s) at lr {ft['lr']:g}: top-1 {ft['top1']:.2f}% ({ft['run_dir']})")
-    console.print(f"compact model: {result.model_path}  summary: {result.summary_path}")
+    for item in tables.result_lines(result):
+        console.print(item)
+
+
+def _decomposing(source: Path, step: DecomposeStep) -> None:
+    console.print(f"decomposing {source}: {step.scheme}, {step.criterion}"
+                  + (f", then {step.finetune} fine-tune epoch(s)" if step.finetune else ""))
 
 
 def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[Path], data_dir: Optional[str],
@@ -377,8 +331,7 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
     if out is not None and len(steps) > 1:
         raise ValueError("--out names one file, but several decompositions were requested")
     for step in steps:
-        console.print(f"decomposing {source}: {step.scheme}, {step.criterion}"
-                      + (f", then {step.finetune} fine-tune epoch(s)" if step.finetune else ""))
+        _decomposing(source, step)
         with progress_bars(not no_progress) as bars:
             result = workflow.decompose_source(source, step, out=out, data_dir=data_dir, evaluate=evaluate,
                                                device=device, progress=bars, on_epoch=_epoch_line,
@@ -390,18 +343,14 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
 
 def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -> None:
     """Time the split model against the dense one (eager and ONNX Runtime, batch 1 and 64); add it to the summary."""
-    import json
+    from .bench import bench_decomposition
 
-    from ..limits import read_json
-    from .bench import bench_models
+    _print_bench(bench_decomposition(source, result, device), "measured speedup of the split model")
 
-    dense, spec, _ = workflow.load_source(source, engine.resolve_device(device))
-    record = bench_models(dense, result.report.model, spec.input_shape)
-    _print_bench(record, "measured speedup of the split model")
-    summary = read_json(result.summary_path)
-    summary["measured"] = record
-    with atomic_write(result.summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+
+def _print_bench(record: dict[str, Any], title: str) -> None:
+    console.print(tables.bench_table(record, title))
+    console.print(tables.bench_note(record))
 
 
 @main.command(name="decompose")
@@ -595,22 +544,13 @@ def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], devic
         with progress_bars(sys.stdout.isatty()) as bars:
             skipped = engine.screen_datasets([loader.dataset], skip_corrupt, bars)
         if skipped:
-            listed = "\n".join(f"  {p} ({reason})" for p, reason in skipped[:10])
-            more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-            console.print(f"skipped {len(skipped)} corrupt image(s) (--skip-corrupt):\n{listed}{more}",
-                          markup=False, highlight=False)
+            console.print(tables.skipped_lines(skipped), markup=False, highlight=False)
     start = time.perf_counter()
     metrics = engine.evaluate(model, loader, dev)
     seconds = time.perf_counter() - start
-    table = Table(title=str(path))
-    for col in ("top-1", "top-5", "loss", "MACs", "conv MACs", "params", "eval time"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        f"{metrics['top1']:.2f}%", f"{metrics['top5']:.2f}%", f"{metrics['loss']:.4f}",
-        f"{count_macs(model, spec.input_shape):,}", f"{count_macs(model, spec.input_shape, convs_only=True):,}",
-        f"{count_params(model):,}", f"{seconds:.2f}s",
-    )
-    console.print(table)
+    console.print(tables.evaluate_table(path, metrics, count_macs(model, spec.input_shape),
+                                        count_macs(model, spec.input_shape, convs_only=True), count_params(model),
+                                        seconds))
 
 
 # -------------------------------------------------------------------------- export
@@ -667,21 +607,6 @@ def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool, bench: 
 _RUNTIME_HELP = "Comma-separated runtimes: eager, compile, onnxruntime."
 
 
-def _print_bench(record: dict[str, Any], title: str) -> None:
-    table = Table(title=title)
-    for col in ("MAC reduction", "runtime", "batch", "dense ms", "split ms", "measured speedup", "IQR", "fastest runs"):
-        table.add_column(col, justify="left" if col == "runtime" else "right")
-    for r in record["rows"]:
-        table.add_row(f"{record['mac_reduction']:.2f}x", r["runtime"], str(r["batch"]), f"{r['dense_ms']:.3f}",
-                      f"{r['compact_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}",
-                      f"{r['speedup_of_minima']:.2f}x")
-    console.print(table)
-    console.print(f"{record['device']}; {record['rows'][0]['threads'] if record['rows'] else '-'} threads, "
-                  f"{record['rows'][0]['repeats'] if record['rows'] else '-'} timed runs each, random inputs, "
-                  "BatchNorm folded in both models; measured speedup: median of per-pair time ratios (IQR: their "
-                  "quartiles); fastest runs: fastest dense / fastest split run")
-
-
 @main.command(name="bench")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dense", type=click.Path(exists=True, path_type=Path), default=None,
@@ -731,12 +656,8 @@ def profile_cmd(source: Path, scheme: Optional[str], runtime: str, batch: int, t
     base = source if source.is_dir() else source.parent
     out = out or base / f"latency-{sch}-{runtime}-b{batch}.json"
     table.save(out)
-    shown = Table(title=f"{source}: {sch} split, {runtime}, batch {batch}, {table.threads} threads")
-    for col in ("layer", "input", "dense ms", "fastest split rank", "split ms", "layer speedup"):
-        shown.add_column(col, justify="left" if col in ("layer", "input") else "right")
-    for row in table.rows():
-        shown.add_row(*row)
-    console.print(shown)
+    console.print(tables.profile_table(f"{source}: {sch} split, {runtime}, batch {batch}, {table.threads} threads",
+                                       table.rows()))
     console.print(f"whole dense model: {1000 * table.model:.3f} ms ({table.device}); saved {out}")
 
 

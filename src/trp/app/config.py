@@ -17,6 +17,10 @@ unset for the default (every layer but the first conv and the last linear), ``pa
 the reference selection (no 1×1 convs; the paper's configs use it), ``all``, or a list of
 module names / glob patterns; ``exclude`` lists glob patterns to leave dense. A run directory
 written before ``layers`` existed used the reference selection, and reads back as ``paper``.
+
+Why this module is long (~550 lines): it is the schema of every setting a run has (one annotated
+field each, with its range), the error formatting that names key and file, and the config files'
+readers, kept together so a setting is declared and checked in one place.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..core.criteria import Criterion, Energy, Ratio, Value
 from ..core.decompose import decompose_with_report
 from ..core.layers import LayerSelector
-from .engine import evaluate
+from .loaders import evaluate
 from ..deploy.io import atomic_write
 from ..limits import read_json
 from .report import summarize

@@ -6,6 +6,10 @@
 before it is returned: a split that is not exact is an error naming the layer. Layers with
 more than ``trp.core.svd.FULL_SVD_MAX`` singular values get only the leading ones their rank
 needs (:mod:`trp.core.topspectra`); ``on_layer`` reports progress per layer.
+
+Why this module is long (~550 lines): the three passes of :func:`decompose_with_report` (spectra,
+ranks, split and check) share their intermediate state, and the recipe functions sit beside the
+code that writes what they replay; issue 21 moves the recipe functions to ``core/recipe.py``.
 """
 
 from __future__ import annotations
