@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _PUBLIC: dict[str, tuple[str, str | None]] = {
     "TRP": ("trp.methods.trained_rank", "TRP"),
     "TRPConfig": ("trp.methods.trp_config", "TRPConfig"),
+    "Error": ("trp.errors", "Error"),
     "Criterion": ("trp.core.criteria", "Criterion"),
     "Energy": ("trp.core.criteria", "Energy"),
     "Value": ("trp.core.criteria", "Value"),
@@ -88,6 +89,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from . import data, models
+    from .errors import Error
     from .core.allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
     from .core.counting import MacCount, count_macs, count_params, layer_macs, mac_breakdown
     from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from ..core.counting import count_macs
+from ..core.schemes import LowRank
 from ..deploy.fold import fold_batchnorm
 from ..deploy.io import atomic_write
-from ..deploy.latency import RUNTIMES, compare_latency, device_name
+from ..limits import read_json
+from ..deploy.latency import MAX_BATCH, RUNTIMES, compare_latency, device_name
 
 __all__ = ["parse_list", "bench_models", "bench_source", "BENCH_KIND"]
 
@@ -59,8 +61,8 @@ def bench_models(
         if r not in RUNTIMES:
             raise ValueError(f"unknown runtime {r!r}: choose from {', '.join(RUNTIMES)}")
     for b in batches:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"batch sizes must be integers >= 1, got {b!r}")
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH:
+            raise ValueError(f"batch sizes must be integers >= 1 and <= {MAX_BATCH}, got {b!r}")
     param = next(dense.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     macs_dense, macs_compact = count_macs(dense, input_shape), count_macs(compact, input_shape)
@@ -92,8 +94,11 @@ def _dense_source(path: Path) -> Optional[Path]:
     summary = path.with_suffix(".json")
     if summary.is_file():
         try:
-            source = json.loads(summary.read_text()).get("source")
-        except json.JSONDecodeError:
+            doc = read_json(summary)
+        except ValueError:
+            return None
+        source = doc.get("source") if isinstance(doc, dict) else None
+        if not isinstance(source, str):
             return None
         if source and Path(source).exists():
             return Path(source)
@@ -119,6 +124,13 @@ def bench_source(
     dense_from = dense or _dense_source(path)
     if dense_from is not None:
         dense_model, dense_spec, _ = load_source(dense_from, "cpu")
+        if (dense_spec.model, dense_spec.in_channels, dense_spec.num_classes) != (spec.model, spec.in_channels,
+                                                                                 spec.num_classes):
+            raise ValueError(f"--dense {dense_from} holds a {dense_spec.model} ({dense_spec.in_channels} input "
+                             f"channels, {dense_spec.num_classes} classes), but {path} was split from a {spec.model} "
+                             f"({spec.in_channels}, {spec.num_classes}): give the dense model it came from")
+        if any(isinstance(m, LowRank) for m in dense_model.modules()):
+            raise ValueError(f"--dense {dense_from} is itself a split model: give the dense model {path} came from")
         if dense_spec.input_shape != spec.input_shape:
             raise ValueError(f"{dense_from} takes inputs {dense_spec.input_shape}, {path} takes {spec.input_shape}: "
                              "give the dense model the split one came from with --dense")
@@ -130,3 +142,18 @@ def bench_source(
     with atomic_write(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return record, out
+
+
+def bench_decomposition(source: Path, result: Any, device: str) -> dict[str, Any]:
+    """Time a decomposition's split model against ``source``'s dense one (eager and ONNX Runtime, batch 1 and
+    64) and add the record to its summary file (``result``: a :class:`trp.app.workflow.DecomposeResult`)."""
+    from .loaders import resolve_device
+    from .workflow import load_source
+
+    dense, spec, _ = load_source(source, resolve_device(device))
+    record = bench_models(dense, result.report.model, spec.input_shape)
+    summary = read_json(result.summary_path)
+    summary["measured"] = record
+    with atomic_write(result.summary_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return record

@@ -2,6 +2,13 @@
 
 Importing this module imports no torch: the library is loaded by the commands that use it,
 so ``trp --help`` and ``trp --version`` answer at once.
+
+This module holds argument parsing and printing only: config precedence is
+:func:`trp.app.config.train_config`, the train -> decompose -> fine-tune chain
+:func:`trp.app.workflow.decompose_run`, the tables :mod:`trp.app.tables`, and every command's
+refusals become one ``Error:`` line in one place (:class:`_Commands`). Why it is long (~650 lines):
+most of it is the click option declarations of its eleven commands, kept here so each option sits
+with its command.
 """
 
 from __future__ import annotations
@@ -20,12 +27,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from ..methods.trp_config import DEFAULTS as TRP_DEFAULTS
 from .factory import factory_options
-from .config import (METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_layers, parse_milestones,
-                     parse_patterns, resume_config)
+from .config import (MAX_BATCH, METHODS, OPTIMIZERS, PRECISIONS, DecomposeStep, parse_layers, parse_milestones,
+                     parse_patterns, resume_config, train_config)
 
 if TYPE_CHECKING:
     from ..core.decompose import Decomposition
@@ -44,6 +50,7 @@ class _LazyModule:
 
 engine: Any = _LazyModule("trp.app.engine")
 workflow: Any = _LazyModule("trp.app.workflow")
+tables: Any = _LazyModule("trp.app.tables")
 distributed: Any = _LazyModule("trp.integrations.distributed")
 
 # The conv schemes' names, for option choices without importing torch (a test pins them to trp.SCHEMES).
@@ -105,28 +112,49 @@ def progress_bars(enabled: bool = True) -> Iterator[Optional[engine.ProgressFact
         yield factory
 
 
-def _fail(err: Exception) -> None:
-    """Exit with a one-line ``Error: ...`` (failed writes say whether space or permissions are the cause)."""
-    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
-        from .rundir import disk_error
+def _fail(err: BaseException) -> None:
+    """Exit with a one-line ``Error: ...``: the message of a refusal, or the file and fix of a failed write."""
+    from ..errors import Error, is_write_failure, one_line, write_error
 
-        err = disk_error(err)
-    raise click.ClickException(" ".join(str(err).split())) from err
+    if isinstance(err, Error):
+        pass
+    elif isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        err = write_error(err)
+    elif isinstance(err, RuntimeError) and is_write_failure(err):
+        err = write_error(err)
+    elif isinstance(err, RecursionError):
+        err = ValueError("an input is nested too deeply to read (a corrupt or crafted file)")
+    elif isinstance(err, MemoryError):
+        err = ValueError("out of memory: an input declares more than this machine holds; check the file "
+                         "and the sizes given")
+    elif isinstance(err, (OverflowError, ArithmeticError)) and not isinstance(err, FloatingPointError):
+        err = ValueError(f"a number is out of range ({one_line(err)}): give a smaller value")
+    raise click.ClickException(one_line(err)) from err
+
+
+# What the command line turns into one line instead of a traceback: trp.Error and every ValueError-class
+# refusal, the OS's own failures (full disk, read-only, permissions, a directory in the way), missing
+# optional packages, and a failure inside torch (its message names the cause).
+_REFUSALS = (ValueError, OSError, RuntimeError, ArithmeticError, ImportError, MemoryError)
+
+
+class _Commands(click.Group):
+    """The ``trp`` group: every command's refusals and failed writes become one ``Error:`` line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except _REFUSALS as err:
+            _fail(err)
 
 
 def _epoch_line(row: dict[str, Any]) -> None:
-    if row["epoch"] == 0:
-        console.print(f"no training (epochs 0): test {row['test_top1']:.2f}% (top-5 {row['test_top5']:.2f}%)")
-        return
-    rank = f"  mean rank {row['mean_rank']:.1f}" if "mean_rank" in row else ""
-    console.print(
-        f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
-        f"train {row['train_top1']:.2f}%  test {row['test_top1']:.2f}%  "
-        f"{row['epoch_seconds']:.1f}s (TRP {row['trp_seconds']:.2f}s){rank}"
-    )
+    console.print(tables.epoch_line(row))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="trp")
 def main() -> None:
     """Low-rank training (Trained Rank Pruning) and decomposition of PyTorch models."""
@@ -214,14 +242,7 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
             run_dir = Path(resume)
             config = _resume_config(ctx, run_dir, opts, out, config_file)
         else:
-            settings = engine.read_config_file(config_file) if config_file else {}
-            for name, value in opts.items():
-                given = ctx.get_parameter_source(name) in (
-                    click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-                if given or name not in settings:
-                    settings[name] = value
-            config = engine.TrainConfig.from_dict(settings)
-            config.validate()
+            config = train_config(config_file, opts, _given(ctx, opts))
             default_name = (f"{config_file.parent.name}/{config_file.stem}" if config_file
                             else f"{config.model}-{config.data}-{config.method}-{config.scheme}")
             run_dir = Path(out or f"runs/{default_name}")
@@ -239,35 +260,20 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
                 if trainer.env.is_main:
                     console.print(f"resuming {run_dir} after epoch {trainer.epoch}")
             trainer.run(on_epoch=_epoch_line)
-    except (ValueError, OSError, FloatingPointError) as err:
-        _fail(err)
     finally:
         if distributed.launched_by_torchrun():
             distributed.shutdown()
     if not trainer.env.is_main:
         return
-    table = Table(title=f"run {run_dir}")
-    for col in ("method", "scheme", "test top-1", "MACs", "params", "train time", "TRP time"):
-        table.add_column(col)
-    last = trainer.last_row
     final = trainer.final_model()
-    table.add_row(
-        config.method + (f" → {config.target_criterion}" if config.target_criterion else ""),
-        config.scheme if config.method != "baseline" else "-",
-        f"{last['test_top1']:.2f}%", f"{count_macs(final, trainer.spec.input_shape) / 1e6:.2f}M",
-        f"{count_params(final):,}", f"{trainer.train_seconds:.1f}s",
-        f"{trainer.trp_seconds:.1f}s ({100 * trainer.trp_seconds / max(trainer.train_seconds, 1e-9):.1f}%)",
-    )
-    console.print(table)
+    console.print(tables.run_table(run_dir, config, trainer, count_macs(final, trainer.spec.input_shape),
+                                   count_params(final)))
     console.print(f"model: {trainer.model_path}")
-    if config.decompose or config.target_criterion:
-        try:
-            # A run trained toward a target is split with that target unless its config says otherwise.
-            entries = config.decompose or [{"criterion": config.target_criterion}]
-            steps = [DecomposeStep.from_dict(d, config.scheme) for d in entries]
-            run_decompositions(run_dir, steps, None, config.data_dir, True, config.device, no_progress)
-        except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
-            _fail(err)
+    # the config's decompose steps (a run toward a target: its split), as engine.train runs them
+    with progress_bars(not no_progress) as bars:
+        for result in workflow.decompose_run(run_dir, config, progress=bars, on_epoch=_epoch_line,
+                                             on_step=lambda step: _decomposing(run_dir, step)):
+            _print_result(result)
 
 
 def _resume_config(ctx: click.Context, run_dir: Path, opts: dict[str, Any], out: Optional[str],
@@ -277,10 +283,14 @@ def _resume_config(ctx: click.Context, run_dir: Path, opts: dict[str, Any], out:
         raise ValueError("--resume continues a run with its saved config.json: drop --config")
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise ValueError(f"--resume {run_dir} writes to that run directory: drop --out {out}")
-    given = {name: value for name, value in opts.items()
-             if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
-                                                   click.core.ParameterSource.ENVIRONMENT)}
+    given = {name: opts[name] for name in _given(ctx, opts)}
     return resume_config(engine.load_config(run_dir), given)
+
+
+def _given(ctx: click.Context, opts: dict[str, Any]) -> set[str]:
+    """The options typed on the command line (or set through the environment), not left at their defaults."""
+    return {name for name in opts if ctx.get_parameter_source(name) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
 
 
 def _is_main() -> bool:
@@ -305,51 +315,14 @@ def _given_options(ctx: click.Context, skip: set[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------- decompose
-def _summary_table(summary: CompressionSummary, before: Optional[float], after: Optional[float]) -> Table:
-    table = Table(title="decomposition")
-    for col in ("", "before", "after", "reduction"):
-        table.add_column(col, justify="right")
-    table.add_row("conv MACs", f"{summary.conv_macs_before:,}", f"{summary.conv_macs_after:,}", f"{summary.conv_mac_reduction:.2f}x")
-    table.add_row("all MACs", f"{summary.macs_before:,}", f"{summary.macs_after:,}", f"{summary.mac_reduction:.2f}x")
-    if summary.layer_macs_before is not None and summary.layer_macs_after is not None:
-        table.add_row("  in layers trp can split", f"{summary.layer_macs_before:,}", f"{summary.layer_macs_after:,}", "")
-        table.add_row("  everything else", f"{summary.macs_before - summary.layer_macs_before:,}",
-                      f"{summary.macs_after - summary.layer_macs_after:,}", "")
-    table.add_row("params", f"{summary.params_before:,}", f"{summary.params_after:,}", f"{summary.param_ratio:.2f}x")
-    if before is not None and after is not None:
-        table.add_row("top-1", f"{before:.2f}%", f"{after:.2f}%", f"{after - before:+.2f} pt")
-    return table
-
-
-def _layer_table(report: Decomposition) -> Table:
-    table = Table(title="layers")
-    for col in ("layer", "scheme", "rank", "MACs before", "MACs after", "status"):
-        table.add_column(col, justify="right" if col.startswith(("rank", "MACs")) else "left")
-    for r in report.layers:
-        rank = f"{r.rank}/{r.max_rank}" if r.rank is not None else "-"
-        table.add_row(
-            r.name, r.scheme, rank,
-            f"{r.macs_before:,}" if r.macs_before is not None else "-",
-            f"{r.macs_after:,}" if r.macs_after is not None else "-",
-            r.status + (f" ({r.reason})" if r.reason else ""),
-        )
-    return table
-
-
 def _print_result(result: workflow.DecomposeResult) -> None:
-    rec = result.record
-    before = rec["dense"]["top1"] if rec["dense"] else None
-    after = rec["decomposed"]["top1"] if rec["decomposed"] else None
-    console.print(_layer_table(result.report))
-    console.print(_summary_table(result.summary, before, after))
-    if rec.get("bn_recalibrated"):
-        bn = rec["bn_recalibrated"]
-        console.print(f"BatchNorm statistics re-estimated on {bn['batches']} training batches: top-1 {bn['top1']:.2f}% "
-                      "(the saved compact model has them)")
-    if rec["finetune"]:
-        ft = rec["finetune"]
-        console.print(f"fine-tuned {ft['epochs']} epoch(s) at lr {ft['lr']:g}: top-1 {ft['top1']:.2f}% ({ft['run_dir']})")
-    console.print(f"compact model: {result.model_path}  summary: {result.summary_path}")
+    for item in tables.result_lines(result):
+        console.print(item)
+
+
+def _decomposing(source: Path, step: DecomposeStep) -> None:
+    console.print(f"decomposing {source}: {step.scheme}, {step.criterion}"
+                  + (f", then {step.finetune} fine-tune epoch(s)" if step.finetune else ""))
 
 
 def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[Path], data_dir: Optional[str],
@@ -360,8 +333,7 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
     if out is not None and len(steps) > 1:
         raise ValueError("--out names one file, but several decompositions were requested")
     for step in steps:
-        console.print(f"decomposing {source}: {step.scheme}, {step.criterion}"
-                      + (f", then {step.finetune} fine-tune epoch(s)" if step.finetune else ""))
+        _decomposing(source, step)
         with progress_bars(not no_progress) as bars:
             result = workflow.decompose_source(source, step, out=out, data_dir=data_dir, evaluate=evaluate,
                                                device=device, progress=bars, on_epoch=_epoch_line,
@@ -373,17 +345,14 @@ def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[P
 
 def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -> None:
     """Time the split model against the dense one (eager and ONNX Runtime, batch 1 and 64); add it to the summary."""
-    import json
+    from .bench import bench_decomposition
 
-    from .bench import bench_models
+    _print_bench(bench_decomposition(source, result, device), "measured speedup of the split model")
 
-    dense, spec, _ = workflow.load_source(source, engine.resolve_device(device))
-    record = bench_models(dense, result.report.model, spec.input_shape)
-    _print_bench(record, "measured speedup of the split model")
-    summary = json.loads(result.summary_path.read_text())
-    summary["measured"] = record
-    with atomic_write(result.summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+
+def _print_bench(record: dict[str, Any], title: str) -> None:
+    console.print(tables.bench_table(record, title))
+    console.print(tables.bench_note(record))
 
 
 @main.command(name="decompose")
@@ -412,26 +381,21 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
                   layers: Optional[str], exclude: Optional[str], device: str, bench: bool,
                   no_progress: bool) -> None:
     """Split a trained model's layers into thin layers and report what it bought."""
-    try:
-        if criterion and target_speedup:
-            raise ValueError("give either --criterion or --target-speedup, not both")
-        if target_speedup is not None:
-            criterion = f"speedup:{target_speedup:g}"
-        config = engine.load_config(source) if Path(source).is_dir() else None
-        default_scheme = scheme or (config.scheme if config else "channel")
-        if (criterion is None and config is not None and config.decompose and scheme is None and not finetune
-                and not recalibrate_bn):
-            steps = [DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
-        else:
-            default = config.default_criterion() if config else "value:0.05"
-            steps = [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr,
-                                            recalibrate_bn)]
-        for step in steps:
-            step.validate()
-        run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
-                           parse_patterns(exclude) if exclude is not None else None, bench)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
-        _fail(err)
+    if criterion and target_speedup:
+        raise ValueError("give either --criterion or --target-speedup, not both")
+    if target_speedup is not None:
+        criterion = f"speedup:{target_speedup:g}"
+    config = engine.load_config(source) if Path(source).is_dir() else None
+    default_scheme = scheme or (config.scheme if config else "channel")
+    if (criterion is None and config is not None and config.decompose and scheme is None and not finetune
+            and not recalibrate_bn):
+        steps = [DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
+    else:
+        default = config.default_criterion() if config else "value:0.05"
+        steps = [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr,
+                                        recalibrate_bn)]
+    run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
+                       parse_patterns(exclude) if exclude is not None else None, bench)
 
 
 @main.command(name="finetune")
@@ -445,14 +409,11 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
 def finetune_cmd(model_file: Path, epochs: int, lr: float, out: Optional[Path], data_dir: Optional[str],
                  device: str, no_progress: bool) -> None:
     """Fine-tune a (decomposed) model file with plain SGD; writes a run directory."""
-    try:
-        _, spec, config = workflow.load_source(model_file, "cpu")
-        out = out or model_file.parent / f"finetune-{model_file.stem}"
-        with progress_bars(not no_progress) as bars:
-            trainer = workflow.finetune_model(model_file, out, epochs, lr, config, spec,
-                                              data_dir or (config.data_dir if config else None), device, bars, _epoch_line)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
-        _fail(err)
+    _, spec, config = workflow.load_source(model_file, "cpu")
+    out = out or model_file.parent / f"finetune-{model_file.stem}"
+    with progress_bars(not no_progress) as bars:
+        trainer = workflow.finetune_model(model_file, out, epochs, lr, config, spec,
+                                          data_dir or (config.data_dir if config else None), device, bars, _epoch_line)
     console.print(f"fine-tuned model: {trainer.model_path}  (top-1 {trainer.last_row['test_top1']:.2f}%)")
 
 
@@ -496,32 +457,29 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
     from .sweep import save_sweep, sweep
 
     curves: dict[str, Any] = {}
-    try:
-        dev = engine.resolve_device(device)
-        criteria = _sweep_criteria(kind, points)
-        for run_dir in run_dirs:
-            model, spec, config = workflow.load_source(run_dir, dev)
-            sch = scheme or (config.scheme if config else "channel")
-            loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), config.seed if config else 0)
-            label = f"{_run_label(run_dir)} ({sch})"
-            console.print(f"sweeping {run_dir}: {label}, {len(criteria)} criteria")
-            run_layers = parse_layers(layers) if layers is not None else (config.layers if config else None)
-            run_exclude = parse_patterns(exclude) if exclude is not None else (config.exclude if config else [])
-            pts = sweep(model, sch, criteria, loader, spec.input_shape, dev, layers=run_layers, exclude=run_exclude,
-                        on_point=lambda p: console.print(f"  {p.criterion:>18}  MAC reduction {p.conv_mac_reduction:5.2f}x conv, "
-                                                         f"{p.mac_reduction:5.2f}x all  top-1 {p.top1:6.2f}%"),
-                        on_error=lambda c, e: console.print(f"  {c.spec():>18}  skipped: {e}"))
-            if not pts:
-                raise ValueError(f"no criterion of the sweep could be applied to {run_dir}")
-            path = save_sweep(pts, run_dir / f"sweep-{sch}-{kind}.json",
-                              meta={"source": str(run_dir), "label": label, "scheme": sch, "criterion_kind": kind})
-            console.print(f"  saved {path}")
-            curves[label] = pts
-        if plot:
-            plot_tradeoff(curves, plot, title=title)
-            console.print(f"plot: {plot}")
-    except (ValueError, OSError, RuntimeError) as err:
-        _fail(err)
+    dev = engine.resolve_device(device)
+    criteria = _sweep_criteria(kind, points)
+    for run_dir in run_dirs:
+        model, spec, config = workflow.load_source(run_dir, dev)
+        sch = scheme or (config.scheme if config else "channel")
+        loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), config.seed if config else 0)
+        label = f"{_run_label(run_dir)} ({sch})"
+        console.print(f"sweeping {run_dir}: {label}, {len(criteria)} criteria")
+        run_layers = parse_layers(layers) if layers is not None else (config.layers if config else None)
+        run_exclude = parse_patterns(exclude) if exclude is not None else (config.exclude if config else [])
+        pts = sweep(model, sch, criteria, loader, spec.input_shape, dev, layers=run_layers, exclude=run_exclude,
+                    on_point=lambda p: console.print(f"  {p.criterion:>18}  MAC reduction {p.conv_mac_reduction:5.2f}x conv, "
+                                                     f"{p.mac_reduction:5.2f}x all  top-1 {p.top1:6.2f}%"),
+                    on_error=lambda c, e: console.print(f"  {c.spec():>18}  skipped: {e}"))
+        if not pts:
+            raise ValueError(f"no criterion of the sweep could be applied to {run_dir}")
+        path = save_sweep(pts, run_dir / f"sweep-{sch}-{kind}.json",
+                          meta={"source": str(run_dir), "label": label, "scheme": sch, "criterion_kind": kind})
+        console.print(f"  saved {path}")
+        curves[label] = pts
+    if plot:
+        plot_tradeoff(curves, plot, title=title)
+        console.print(f"plot: {plot}")
 
 
 @main.command(name="table")
@@ -535,38 +493,35 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
     from .results import collect, markdown_table, seed_table, tradeoff_notes, write_csv
     from .sweep import load_sweep
 
-    try:
-        rows = collect(run_dirs)
-        text = markdown_table(rows)
-        notes = tradeoff_notes(rows)
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
-        for note in notes:
-            console.print(f"- {note}", markup=False, highlight=False)
-        seeds = seed_table(rows)
-        if seeds:
-            console.print("\nRows trained with several seeds:\n" + seeds, markup=False, highlight=False, soft_wrap=True)
-        if out:
-            md = out.with_suffix(".md")
-            with atomic_write(md) as tmp:
-                tmp.write_text(text + "\n\n" + "".join(f"- {n}\n" for n in notes)
-                               + (f"\nRows trained with several seeds:\n\n{seeds}\n" if seeds else ""))
-            write_csv(rows, out.with_suffix(".csv"))
-            console.print(f"wrote {md} and {out.with_suffix('.csv')}")
-        if plot:
-            curves, markers = {}, {}
-            for run_dir in run_dirs:
-                for path in sorted(run_dir.glob("sweep-*.json")):
-                    meta, pts = load_sweep(path)
-                    curves[str(meta.get("label", path.stem)) + f" [{meta.get('criterion_kind', '')}]"] = pts
-            for r in rows:
-                if r.finetuned and r.top1 is not None and r.conv_mac_reduction:
-                    markers[f"{r.label}, fine-tuned"] = (r.conv_mac_reduction, r.top1)
-            if not curves:
-                raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
-            plot_tradeoff(curves, plot, title=title, markers=markers)
-            console.print(f"plot: {plot}")
-    except (ValueError, OSError) as err:
-        _fail(err)
+    rows = collect(run_dirs)
+    text = markdown_table(rows)
+    notes = tradeoff_notes(rows)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    for note in notes:
+        console.print(f"- {note}", markup=False, highlight=False)
+    seeds = seed_table(rows)
+    if seeds:
+        console.print("\nRows trained with several seeds:\n" + seeds, markup=False, highlight=False, soft_wrap=True)
+    if out:
+        md = out.with_suffix(".md")
+        with atomic_write(md) as tmp:
+            tmp.write_text(text + "\n\n" + "".join(f"- {n}\n" for n in notes)
+                           + (f"\nRows trained with several seeds:\n\n{seeds}\n" if seeds else ""))
+        write_csv(rows, out.with_suffix(".csv"))
+        console.print(f"wrote {md} and {out.with_suffix('.csv')}")
+    if plot:
+        curves, markers = {}, {}
+        for run_dir in run_dirs:
+            for path in sorted(run_dir.glob("sweep-*.json")):
+                meta, pts = load_sweep(path)
+                curves[str(meta.get("label", path.stem)) + f" [{meta.get('criterion_kind', '')}]"] = pts
+        for r in rows:
+            if r.finetuned and r.top1 is not None and r.conv_mac_reduction:
+                markers[f"{r.label}, fine-tuned"] = (r.conv_mac_reduction, r.top1)
+        if not curves:
+            raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
+        plot_tradeoff(curves, plot, title=title, markers=markers)
+        console.print(f"plot: {plot}")
 
 
 # ------------------------------------------------------------------------ evaluate
@@ -583,35 +538,23 @@ def table_cmd(run_dirs: tuple[Path, ...], out: Optional[Path], plot: Optional[Pa
 def evaluate_cmd(path: Path, data_dir: Optional[str], seed: Optional[int], device: str, verify_images: bool,
                  skip_corrupt: bool) -> None:
     """Evaluate a saved (compact) model on its data set's test split."""
-    try:
-        dev = engine.resolve_device(device)
-        model, spec, config = workflow.load_source(path, dev)
-        engine.check_finite(model, str(path))
-        if seed is None:
-            seed = config.seed if config else 0
-        loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
-        if verify_images or skip_corrupt:
-            with progress_bars(sys.stdout.isatty()) as bars:
-                skipped = engine.screen_datasets([loader.dataset], skip_corrupt, bars)
-            if skipped:
-                listed = "\n".join(f"  {p} ({reason})" for p, reason in skipped[:10])
-                more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-                console.print(f"skipped {len(skipped)} corrupt image(s) (--skip-corrupt):\n{listed}{more}",
-                              markup=False, highlight=False)
-        start = time.perf_counter()
-        metrics = engine.evaluate(model, loader, dev)
-        seconds = time.perf_counter() - start
-    except (ValueError, OSError, RuntimeError) as err:
-        _fail(err)
-    table = Table(title=str(path))
-    for col in ("top-1", "top-5", "loss", "MACs", "conv MACs", "params", "eval time"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        f"{metrics['top1']:.2f}%", f"{metrics['top5']:.2f}%", f"{metrics['loss']:.4f}",
-        f"{count_macs(model, spec.input_shape):,}", f"{count_macs(model, spec.input_shape, convs_only=True):,}",
-        f"{count_params(model):,}", f"{seconds:.2f}s",
-    )
-    console.print(table)
+    dev = engine.resolve_device(device)
+    model, spec, config = workflow.load_source(path, dev)
+    engine.check_finite(model, str(path))
+    if seed is None:
+        seed = config.seed if config else 0
+    loader = workflow.test_loader(spec, data_dir or (config.data_dir if config else None), seed, 512)
+    if verify_images or skip_corrupt:
+        with progress_bars(sys.stdout.isatty()) as bars:
+            skipped = engine.screen_datasets([loader.dataset], skip_corrupt, bars)
+        if skipped:
+            console.print(tables.skipped_lines(skipped), markup=False, highlight=False)
+    start = time.perf_counter()
+    metrics = engine.evaluate(model, loader, dev)
+    seconds = time.perf_counter() - start
+    console.print(tables.evaluate_table(path, metrics, count_macs(model, spec.input_shape),
+                                        count_macs(model, spec.input_shape, convs_only=True), count_params(model),
+                                        seconds))
 
 
 # -------------------------------------------------------------------------- export
@@ -632,17 +575,14 @@ def export_cmd(path: Path, onnx_path: Path, batch: int, static_batch: bool, no_f
     """Write a saved (compact) model as ONNX, checked against PyTorch in ONNX Runtime."""
     import torch
 
-    from ..deploy.export import ExportError, export_onnx
+    from ..deploy.export import export_onnx
 
-    try:
-        if batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {batch}")
-        model, spec, _ = workflow.load_source(path, "cpu")
-        example = torch.randn(batch, *spec.input_shape[1:], generator=torch.Generator().manual_seed(0))
-        result = export_onnx(model, onnx_path, example, fold_batchnorm=not no_fold_batchnorm,
-                             dynamic_batch=not static_batch, opset=opset, tolerance=tolerance)
-    except (ValueError, TypeError, FileNotFoundError, ExportError, ImportError) as err:
-        raise click.ClickException(" ".join(str(err).split())) from err  # one line
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"--batch must be >= 1 and <= {MAX_BATCH}, got {batch}")
+    model, spec, _ = workflow.load_source(path, "cpu")
+    example = torch.randn(batch, *spec.input_shape[1:], generator=torch.Generator().manual_seed(0))
+    result = export_onnx(model, onnx_path, example, fold_batchnorm=not no_fold_batchnorm,
+                         dynamic_batch=not static_batch, opset=opset, tolerance=tolerance)
     console.print(f"wrote {result.path} (ONNX opset {result.opset}, input {spec.input_shape[1:]}, "
                   f"batch {'any' if result.dynamic_batch else batch}); {result.folded_batchnorms} BatchNorm folded"
                   + (f", {len(result.unfolded_batchnorms)} kept" if result.unfolded_batchnorms else ""))
@@ -664,30 +604,12 @@ def demo(epochs: Optional[int], out: Path, seed: int, no_progress: bool, bench: 
     """Train a ResNet-20 baseline and a TRP+Nu model on MNIST-5k, decompose both, compare."""
     from .demo import run_demo
 
-    try:
-        with progress_bars(not no_progress) as bars:
-            run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line, bench=bench)
-    except (ValueError, OSError, FloatingPointError) as err:
-        _fail(err)
+    with progress_bars(not no_progress) as bars:
+        run_demo(out, epochs=epochs, seed=seed, progress=bars, log=console.print, on_epoch=_epoch_line, bench=bench)
 
 
 # ------------------------------------------------------------------ bench, profile
 _RUNTIME_HELP = "Comma-separated runtimes: eager, compile, onnxruntime."
-
-
-def _print_bench(record: dict[str, Any], title: str) -> None:
-    table = Table(title=title)
-    for col in ("MAC reduction", "runtime", "batch", "dense ms", "split ms", "measured speedup", "IQR", "fastest runs"):
-        table.add_column(col, justify="left" if col == "runtime" else "right")
-    for r in record["rows"]:
-        table.add_row(f"{record['mac_reduction']:.2f}x", r["runtime"], str(r["batch"]), f"{r['dense_ms']:.3f}",
-                      f"{r['compact_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}",
-                      f"{r['speedup_of_minima']:.2f}x")
-    console.print(table)
-    console.print(f"{record['device']}; {record['rows'][0]['threads'] if record['rows'] else '-'} threads, "
-                  f"{record['rows'][0]['repeats'] if record['rows'] else '-'} timed runs each, random inputs, "
-                  "BatchNorm folded in both models; measured speedup: median of per-pair time ratios (IQR: their "
-                  "quartiles); fastest runs: fastest dense / fastest split run")
 
 
 @main.command(name="bench")
@@ -707,12 +629,9 @@ def bench_cmd(path: Path, dense: Optional[Path], runtimes: str, batches: str, th
     """Measure how much faster a split model file runs than its dense original (MAC reduction beside it)."""
     from .bench import bench_source, parse_list
 
-    try:
-        record, saved = bench_source(path, dense, out, runtimes=parse_list(runtimes, str, "--runtime"),
-                                     batches=parse_list(batches, int, "--batch"), threads=threads, repeats=repeats,
-                                     warmup=warmup)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(err)
+    record, saved = bench_source(path, dense, out, runtimes=parse_list(runtimes, str, "--runtime"),
+                                 batches=parse_list(batches, int, "--batch"), threads=threads, repeats=repeats,
+                                 warmup=warmup)
     _print_bench(record, f"{path} against {record['dense']}")
     console.print(f"saved {saved}")
 
@@ -735,24 +654,17 @@ def profile_cmd(source: Path, scheme: Optional[str], runtime: str, batch: int, t
 
     from ..deploy.profile import profile_layers
 
-    try:
-        if batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {batch}")
-        model, spec, config = workflow.load_source(source, "cpu")
-        sch = scheme or (config.scheme if config else "channel")
-        x = torch.randn((batch, *spec.input_shape[1:]), generator=torch.Generator().manual_seed(0))
-        table = profile_layers(model, x, sch, runtime, threads=threads, repeats=repeats, cache=not no_cache)
-        base = source if source.is_dir() else source.parent
-        out = out or base / f"latency-{sch}-{runtime}-b{batch}.json"
-        table.save(out)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(err)
-    shown = Table(title=f"{source}: {sch} split, {runtime}, batch {batch}, {table.threads} threads")
-    for col in ("layer", "input", "dense ms", "fastest split rank", "split ms", "layer speedup"):
-        shown.add_column(col, justify="left" if col in ("layer", "input") else "right")
-    for row in table.rows():
-        shown.add_row(*row)
-    console.print(shown)
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"--batch must be >= 1 and <= {MAX_BATCH}, got {batch}")
+    model, spec, config = workflow.load_source(source, "cpu")
+    sch = scheme or (config.scheme if config else "channel")
+    x = torch.randn((batch, *spec.input_shape[1:]), generator=torch.Generator().manual_seed(0))
+    table = profile_layers(model, x, sch, runtime, threads=threads, repeats=repeats, cache=not no_cache)
+    base = source if source.is_dir() else source.parent
+    out = out or base / f"latency-{sch}-{runtime}-b{batch}.json"
+    table.save(out)
+    console.print(tables.profile_table(f"{source}: {sch} split, {runtime}, batch {batch}, {table.threads} threads",
+                                       table.rows()))
     console.print(f"whole dense model: {1000 * table.model:.3f} ms ({table.device}); saved {out}")
 
 

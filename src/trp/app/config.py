@@ -1,27 +1,42 @@
-"""Training configuration: the fields of a run, their defaults, and YAML config files.
+"""Training configuration: one typed schema, validated in one place, and YAML config files.
 
 A :class:`TrainConfig` is everything that defines a training run (defaults: the paper's
 CIFAR-10 recipe, SPEC §1.3). Config files under ``configs/`` hold a mapping of its fields,
-plus a ``decompose`` list of the decompositions to run after training; numbers are
-coerced (YAML reads ``1e-4`` as a string) and bad keys or values fail before any training.
+plus a ``decompose`` list of the decompositions (:class:`DecomposeStep`) to run after training.
+
+The schema is the dataclasses' annotated field types, validated by pydantic (v2) whenever a
+config is built, from Python, a file or the command line: unknown keys, a string where a
+bool or a list belongs (``hflip: 'false'``), a mapping where a name belongs, numbers out of
+range, each raise one :class:`~trp.errors.ConfigError` naming the key and the file. Numbers
+may be written as strings (YAML reads ``1e-4`` as one); booleans must be true/false. The
+rules between fields (a target needs method ``trp``, ...) are checked right after, in
+``__post_init__``. Precedence (defaults < config file < command line) is :func:`train_config`.
 
 ``layers`` chooses the layers TRP trains and decomposition splits (:mod:`trp.core.layers`):
 unset for the default (every layer but the first conv and the last linear), ``paper`` for
 the reference selection (no 1×1 convs; the paper's configs use it), ``all``, or a list of
 module names / glob patterns; ``exclude`` lists glob patterns to leave dense. A run directory
 written before ``layers`` existed used the reference selection, and reads back as ``paper``.
+
+Why this module is long (~550 lines): it is the schema of every setting a run has (one annotated
+field each, with its range), the error formatting that names key and file, and the config files'
+readers, kept together so a setting is declared and checked in one place.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
-import json
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
+from pydantic import BeforeValidator, ConfigDict, Strict, TypeAdapter, ValidationError
+
+from ..errors import ConfigError
 from ..methods.trp_config import DEFAULTS as TRP_DEFAULTS
 
 # The library is imported where it is used, so the command line's --help needs no torch.
@@ -29,6 +44,7 @@ from ..methods.trp_config import DEFAULTS as TRP_DEFAULTS
 __all__ = [
     "METHODS", "OPTIMIZERS", "PRECISIONS", "DEFAULT_WEIGHT_DECAY", "RESUMABLE", "DecomposeStep", "TrainConfig",
     "load_config", "read_config_file", "resume_config", "parse_milestones", "parse_layers", "parse_patterns",
+    "train_config", "MAX_BATCH", "MAX_SEED",
 ]
 
 # The named layer selections of trp.core.layers.NAMED_SELECTIONS (a test pins the two together).
@@ -39,6 +55,14 @@ METHODS = ("baseline", "nuclear", "trp", "lorita", "finetune")
 OPTIMIZERS = ("sgd", "adamw")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+# The conv schemes of trp.core.schemes.SCHEMES (a test pins the two together).
+SCHEME_NAMES = ("channel", "decouple", "spatial")
+
+MAX_SEED = 2**32 - 1  # NumPy's and the data split's limit
+
+# The largest --batch of export, profile and bench (trp.deploy.latency.MAX_BATCH; a test pins the two).
+MAX_BATCH = 4096
 
 # Weight decay when the config leaves it unset: LoRITa relies on it (SPEC §2).
 DEFAULT_WEIGHT_DECAY = {"lorita": 1e-3}
@@ -75,51 +99,227 @@ def parse_patterns(value: Any) -> list[str]:
     return [v.strip() for v in value if v.strip()]
 
 
-@dataclass(frozen=True)
-class DecomposeStep:
-    """One decomposition to run: scheme, criterion string, fine-tune epochs (0: none) and lr."""
 
-    scheme: str
-    criterion: str
-    finetune: int = 0
-    finetune_lr: float = 0.01
-    recalibrate_bn: int = 0  # training batches to re-estimate BatchNorm statistics on after the split
+
+# -- the field types of the schema ---------------------------------------------------------
+def _span(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def Number(low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+           what: str = "") -> Any:
+    """A finite float in a range (strings such as ``'1e-4'`` read as numbers; bools refused)."""
+    def check(v: Any) -> float:
+        number = _as_number(v)
+        try:
+            number = None if number is None else float(number)
+        except OverflowError:  # an integer beyond float's range
+            number = None
+        ok = (number is not None and math.isfinite(number) and (number > low if low_open else number >= low)
+              and (number < high if high_open else number <= high))
+        if not ok:
+            raise ValueError(f"must be {what or 'a number in ' + _span(low, high, low_open, high_open)}, got {_shown(v)}")
+        return float(number)  # type: ignore[arg-type]
+
+    return Annotated[float, BeforeValidator(check)]
+
+
+def Integer(low: int, high: int) -> Any:
+    """An integer in ``[low, high]`` (integral floats and numeric strings read as integers; bools refused)."""
+    def check(v: Any) -> int:
+        number = _as_number(v)
+        if isinstance(number, float) and (not math.isfinite(number) or not number.is_integer()):
+            number = None
+        if number is None or not low <= number <= high:
+            raise ValueError(f"must be an integer from {low} to {high}, got {_shown(v)}")
+        return int(number)
+
+    return Annotated[int, BeforeValidator(check)]
+
+
+def _as_number(v: Any) -> Optional[float]:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v  # type: ignore[return-value]  (exact, however large)
+    if isinstance(v, float):
+        return v
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _shown(v: Any) -> str:
+    try:
+        text = repr(v)
+    except ValueError:  # an integer too long to print
+        return "an integer too long to print"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _milestones(v: Any) -> Any:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"must be a list of epochs, e.g. [81, 122], got {_shown(v)}")
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        raise ValueError(f"must be a list of epochs (integers), e.g. [81, 122], got {_shown(v)}")
+    if any(e < 1 for e in v) or list(v) != sorted(set(v)):
+        raise ValueError(f"must be increasing epochs >= 1 (lr is divided after each), got {list(v)}")
+    return list(v)
+
+
+def _layers(v: Any) -> Any:
+    try:
+        return parse_layers(v)
+    except ValueError as err:
+        raise ValueError(str(err).removeprefix("layers ")) from None
+
+
+def _patterns(v: Any) -> Any:
+    try:
+        return parse_patterns(v)
+    except ValueError as err:
+        raise ValueError(str(err).removeprefix("exclude ")) from None
+
+
+def _decompose_entries(v: Any) -> Any:
+    if isinstance(v, dict):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(d, dict) for d in v):
+        raise ValueError("must be a list of mappings like {scheme: channel, criterion: energy:0.9}, "
+                         f"got {_shown(v)}")
+    entries = []
+    for i, entry in enumerate(v):
+        step = DecomposeStep.from_dict(entry, "channel", source=f"entry {i}")
+        entries.append({k: getattr(step, k) for k in entry})  # the entry's own keys, values coerced
+    return entries
+
+
+Flag = Annotated[bool, Strict()]
+Text = Annotated[str, Strict()]
+
+
+# -- errors --------------------------------------------------------------------------------
+_MESSAGES = {
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+}
+
+
+def config_error(err: ValidationError, source: str, fields: Any = ()) -> ConfigError:
+    """One line naming the key(s) and the file for the first problem pydantic found."""
+    problems = err.errors()
+    unknown = [str(p["loc"][-1]) for p in problems if p["type"] in ("unexpected_keyword_argument", "extra_forbidden")]
+    prefix = f"{source}: " if source else ""
+    if unknown:
+        known = sorted(f.name for f in fields)
+        return ConfigError(f"{prefix}unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
+    first = problems[0]
+    key = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(first["loc"]))
+    kind = first["type"]
+    if kind in ("missing", "missing_argument"):
+        return ConfigError(f"{prefix}needs a {key}" + (", e.g. 'energy:0.9'" if key == "criterion" else ""))
+    if kind == "value_error":
+        message = " ".join(str(first["ctx"]["error"]).split())
+    elif kind == "literal_error":
+        choices = first["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+        if str(first["loc"][-1]) == "scheme" and isinstance(first.get("input"), str):  # as trp.core.schemes says it
+            return ConfigError(f"{prefix}unknown scheme {_shown(first['input'])}: choose one of {choices}")
+        message = f"must be one of {choices}, got {_shown(first.get('input'))}"
+    else:
+        message = f"{_MESSAGES.get(kind, ' '.join(first['msg'].split()).lower())}, got {_shown(first.get('input'))}"
+    return ConfigError(f"{prefix}{key} {message}".strip())
+
+
+# Where the config being validated came from (a file, "--resume"), for errors raised in __post_init__.
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("trp_config_source", default="")
+_VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("trp_config_validating", default=False)
+
+
+def _validated(cls: type, data: dict[str, Any], source: str) -> Any:
+    """``cls`` built from ``data`` through its schema (types, ranges, then its cross-field checks)."""
+    source_token = _SOURCE.set(source)
+    token = _VALIDATING.set(True)
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as err:
+        raise config_error(err, source, dataclasses.fields(cls)) from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # a cross-field check: name the file
+        prefix = f"{source}: " if source and not str(err).startswith(source) else ""
+        raise ConfigError(f"{prefix}{err}") from None
+    finally:
+        _VALIDATING.reset(token)
+        _SOURCE.reset(source_token)
+
+
+_ADAPTERS: dict[type, TypeAdapter] = {}
+
+
+def _adapter(cls: type) -> TypeAdapter:
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = TypeAdapter(cls)
+    return _ADAPTERS[cls]
+
+
+class _Schema:
+    """Validate a dataclass built directly (``TrainConfig(lr=...)``) through its schema, once."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    def __post_init__(self) -> None:
+        if not _VALIDATING.get():  # built from Python: validate the given values, keep the coerced ones
+            checked = _validated(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                                 _SOURCE.get())
+            for f in dataclasses.fields(self):
+                object.__setattr__(self, f.name, getattr(checked, f.name))
+            return
+        self._check()
+
+    def _check(self) -> None:
+        """The rules between fields (ValueError naming the field)."""
+
+
+@dataclass(frozen=True)
+class DecomposeStep(_Schema):
+    """One decomposition to run: scheme, criterion string, fine-tune epochs (0: none) and lr, batches to
+    re-estimate BatchNorm on, and (optional) batches to calibrate the split on."""
+
+    scheme: Literal["channel", "decouple", "spatial"]
+    criterion: Text
+    finetune: Integer(0, 10**6) = 0  # type: ignore[valid-type]
+    finetune_lr: Number(0, math.inf, low_open=True, what="> 0") = 0.01  # type: ignore[valid-type]
+    recalibrate_bn: Integer(0, 10**9) = 0  # type: ignore[valid-type]  # training batches for BatchNorm statistics
+    calibrate: Optional[Integer(1, 10**9)] = None  # type: ignore[valid-type]  # batches to calibrate the split on
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], default_scheme: str) -> "DecomposeStep":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"decompose entry {d}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if "criterion" not in d:
-            raise ValueError(f"decompose entry {d} needs a criterion, e.g. 'energy:0.9'")
-        step = cls(str(d.get("scheme", default_scheme)), str(d["criterion"]), int(d.get("finetune", 0)),
-                   float(d.get("finetune_lr", 0.01)), int(d.get("recalibrate_bn", 0)))
-        step.validate()
-        return step
+    def from_dict(cls, d: dict[str, Any], default_scheme: str, source: str = "decompose entry") -> "DecomposeStep":
+        return _validated(cls, {"scheme": default_scheme, **d}, source)
 
     def validate(self) -> None:
+        """Check the step again (it is checked when built)."""
+        _validated(type(self), dataclasses.asdict(self), "")
+
+    def _check(self) -> None:
         from ..core.criteria import parse_criterion
-        from ..core.schemes import get_scheme
         from ..deploy import target_latency  # noqa: F401  (registers latency:X)
 
-        get_scheme(self.scheme)
         if self.criterion.startswith("search:"):
-            target = self.criterion.partition(":")[2]
             try:
-                ok = float(target) > 1
-            except ValueError:
-                ok = False
-            if not ok:
+                target = float(self.criterion.partition(":")[2])
+            except (ValueError, OverflowError):
+                target = math.nan
+            if not math.isfinite(target) or target <= 1:
                 raise ValueError(f"criterion {self.criterion!r}: search needs a target MAC reduction > 1, e.g. search:3")
         else:
             parse_criterion(self.criterion)
-        if self.finetune < 0:
-            raise ValueError(f"finetune must be a number of epochs >= 0, got {self.finetune}")
-        if not self.finetune_lr > 0:
-            raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
-        if self.recalibrate_bn < 0:
-            raise ValueError(f"recalibrate_bn must be a number of batches >= 0, got {self.recalibrate_bn}")
 
     @property
     def stem(self) -> str:
@@ -129,65 +329,85 @@ class DecomposeStep:
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run (defaults: the paper's CIFAR-10 recipe)."""
+class TrainConfig(_Schema):
+    """Everything that defines a training run (defaults: the paper's CIFAR-10 recipe); the field types are
+    the schema (see the module docstring)."""
 
-    model: str = "resnet20"
-    data: str = "mnist5k"
-    data_dir: Optional[str] = None
-    method: str = "trp"
-    scheme: str = TRP_DEFAULTS.scheme
-    epochs: int = 164
-    batch_size: int = 128
-    optimizer: str = "sgd"  # sgd (momentum) or adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: Optional[float] = None  # None: 1e-3 for lorita (SPEC §2), else 1e-4 (SPEC §1.3)
-    milestones: Optional[list[int]] = None  # None: epochs 81/164 and 122/164 of the run
-    gamma: float = 0.1
-    energy: float = TRP_DEFAULTS.energy
-    period: int = TRP_DEFAULTS.period  # type: ignore[assignment]
-    nuclear_weight: float = TRP_DEFAULTS.nuclear_weight
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 0
-    init_from: Optional[str] = None  # a model file (trp format) to start from; may be decomposed for finetune
-    weights: Optional[str] = None  # local pretrained weights (.pth/.safetensors state_dict), e.g. torchvision's
-    factor: int = 2  # lorita: linear maps per layer
-    image_size: Optional[int] = None  # ImageNet crop size (default 224)
-    steps_per_epoch: Optional[int] = None  # stop each epoch after this many batches (smoke tests)
-    holdout: int = 0  # last training examples kept out of training, for rank searches (see holdout_split)
-    hflip: bool = False  # Fashion-MNIST: add random horizontal flips to the augmentation
-    target_speedup: Optional[float] = None  # trp: project toward this whole-model MAC reduction (TargetSpeedup)
-    target_latency: Optional[float] = None  # trp: project toward this measured latency reduction (trp.TargetLatency)
-    target_warmup: int = 0  # trp with a target: energy-driven projections for the first N epochs
-    decompose: list[dict[str, Any]] = field(default_factory=list)  # decompositions to run after training
-    sync_bn: bool = False  # under torchrun: SyncBatchNorm (CUDA only)
-    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)
-    channels_last: bool = False  # train convs in the channels_last memory format (faster on CPU with bf16)
-    layers: Optional[Union[str, list[str]]] = None  # layer selection (see the module docstring)
-    exclude: list[str] = field(default_factory=list)  # glob patterns of layers left dense
-    verify_images: bool = False  # image folders: decode every image before training; corrupt ones: one error
-    skip_corrupt: bool = False  # image folders: drop corrupt images (listed in skipped_images.txt) and go on
-
-    def __post_init__(self) -> None:
-        if self.weight_decay is None:
-            self.weight_decay = DEFAULT_WEIGHT_DECAY.get(self.method, 1e-4)
-        if isinstance(self.decompose, dict):
-            self.decompose = [self.decompose]
-        self.layers = parse_layers(self.layers)
-        self.exclude = parse_patterns(self.exclude)
+    model: Text = "resnet20"
+    data: Text = "mnist5k"
+    data_dir: Optional[Text] = None
+    method: Literal["baseline", "nuclear", "trp", "lorita", "finetune"] = "trp"
+    scheme: Literal["channel", "decouple", "spatial"] = TRP_DEFAULTS.scheme  # type: ignore[assignment]
+    epochs: Integer(0, 10**6) = 164  # type: ignore[valid-type]
+    batch_size: Integer(1, 10**7) = 128  # type: ignore[valid-type]
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd (momentum) or adamw
+    lr: Number(0, math.inf, low_open=True, what="a positive number") = 0.1  # type: ignore[valid-type]
+    momentum: Number(0.0, 1.0) = 0.9  # type: ignore[valid-type]
+    # None: 1e-3 for lorita (SPEC §2), else 1e-4 (SPEC §1.3)
+    weight_decay: Optional[Number(0, math.inf, what="a number >= 0")] = None  # type: ignore[valid-type]
+    # None: epochs 81/164 and 122/164 of the run
+    milestones: Annotated[Optional[list[int]], BeforeValidator(_milestones)] = None
+    gamma: Number(0.0, 1.0, low_open=True) = 0.1  # type: ignore[valid-type]
+    energy: Number(0.0, 1.0, low_open=True) = TRP_DEFAULTS.energy  # type: ignore[valid-type]
+    period: Integer(1, 10**9) = TRP_DEFAULTS.period  # type: ignore[valid-type]
+    nuclear_weight: Number(0.0, math.inf, high_open=True) = TRP_DEFAULTS.nuclear_weight  # type: ignore[valid-type]
+    seed: Integer(0, MAX_SEED) = 0  # type: ignore[valid-type]
+    device: Text = "auto"
+    workers: Integer(0, 1024) = 0  # type: ignore[valid-type]
+    init_from: Optional[Text] = None  # a model file (trp format) to start from; may be decomposed for finetune
+    weights: Optional[Text] = None  # local pretrained weights (.pth/.safetensors state_dict), e.g. torchvision's
+    factor: Integer(1, 64) = 2  # type: ignore[valid-type]  # lorita: linear maps per layer
+    image_size: Optional[Integer(1, 4096)] = None  # type: ignore[valid-type]  # ImageNet crop size (default 224)
+    steps_per_epoch: Optional[Integer(1, 10**9)] = None  # type: ignore[valid-type]  # stop each epoch early
+    holdout: Integer(0, 10**9) = 0  # type: ignore[valid-type]  # last training examples kept out (holdout_split)
+    hflip: Flag = False  # Fashion-MNIST: add random horizontal flips to the augmentation
+    # trp: project toward this whole-model MAC reduction (TargetSpeedup) / measured latency reduction
+    target_speedup: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
+    target_latency: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
+    target_warmup: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # energy-driven epochs before the target's
+    # decompositions to run after training (DecomposeStep entries)
+    decompose: Annotated[list[dict[str, Any]], BeforeValidator(_decompose_entries)] = field(default_factory=list)
+    sync_bn: Flag = False  # under torchrun: SyncBatchNorm (CUDA only)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 with a GradScaler
+    channels_last: Flag = False  # train convs in the channels_last memory format (faster on CPU with bf16)
+    layers: Annotated[Optional[Union[str, list[str]]], BeforeValidator(_layers)] = None  # the layer selection
+    exclude: Annotated[list[str], BeforeValidator(_patterns)] = field(default_factory=list)  # left dense
+    verify_images: Flag = False  # image folders: decode every image before training; corrupt ones: one error
+    skip_corrupt: Flag = False  # image folders: drop corrupt images (listed in skipped_images.txt) and go on
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        """A config from a mapping; unknown keys or values of the wrong type raise ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
+        """A config from a mapping; unknown keys or values of the wrong type raise ConfigError naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} must hold a mapping of TrainConfig keys (model, data, method, ...)")
+        return _validated(cls, data, source)
+
+    def _check(self) -> None:
+        from ..data import DATASET_INFO
+
+        if self.weight_decay is None:
+            self.weight_decay = DEFAULT_WEIGHT_DECAY.get(self.method, 1e-4)
+        if self.data not in DATASET_INFO:
+            raise ValueError(f"data: unknown dataset {self.data!r}; choose one of {', '.join(DATASET_INFO)}")
+        if self.epochs == 0 and not (self.weights or self.init_from):
             raise ValueError(
-                f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+                f"epochs must be >= 1 (0 only evaluates and saves a model given by weights/init_from), got {self.epochs}"
             )
-        return cls(**{k: _coerce(k, v, source) for k, v in data.items()})
+        if self.method == "lorita" and self.factor < 2:
+            raise ValueError(f"factor must be an integer >= 2 for method 'lorita', got {self.factor!r}")
+        if self.method == "finetune" and not self.init_from:
+            raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
+        if self.target_speedup is not None and self.target_latency is not None:
+            raise ValueError("give either target_speedup or target_latency, not both")
+        for key in ("target_speedup", "target_latency"):
+            if getattr(self, key) is not None and self.method != "trp":
+                raise ValueError(f"{key} sets the ranks of TRP's projections: use it with method 'trp', not {self.method!r}")
+        if self.target_warmup and self.target_criterion is None:
+            raise ValueError("target_warmup counts epochs before a target takes over: set target_speedup or target_latency")
+
+    def validate(self) -> None:
+        """Check the config again (it is checked when built; this re-checks values changed since)."""
+        _validated(type(self), dataclasses.asdict(self), _SOURCE.get())
 
     @property
     def target_criterion(self) -> Optional[str]:
@@ -202,131 +422,25 @@ class TrainConfig:
         """The criterion of the run's default decomposition: its target, else ``value:0.05`` (SPEC §1.3)."""
         return self.target_criterion or "value:0.05"
 
+    def decompose_steps(self) -> list[DecomposeStep]:
+        """The decompositions to run after training: the ``decompose`` entries, else the target's split."""
+        entries = self.decompose or ([{"criterion": self.target_criterion}] if self.target_criterion else [])
+        return [DecomposeStep.from_dict(d, self.scheme) for d in entries]
+
     def resolved_milestones(self) -> list[int]:
         """Epochs after which lr is multiplied by ``gamma`` (each at most once, none at epoch 0)."""
         if self.milestones is not None:
             return list(self.milestones)
         return sorted({m for m in (round(self.epochs * 81 / 164), round(self.epochs * 122 / 164)) if m > 0})
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        from ..data import DATASET_INFO
 
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.data not in DATASET_INFO:
-            raise ValueError(f"unknown dataset {self.data!r}; choose one of {', '.join(DATASET_INFO)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.epochs < 0 or (self.epochs == 0 and not (self.weights or self.init_from)):
-            raise ValueError(
-                f"epochs must be >= 1 (0 only evaluates and saves a model given by weights/init_from), got {self.epochs}"
-            )
-        if self.holdout < 0:
-            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1 when set, got {self.steps_per_epoch}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.weight_decay is None or not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
-        if self.method == "lorita" and (isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 2):
-            raise ValueError(f"factor must be an integer >= 2 for method 'lorita', got {self.factor!r}")
-        if self.method == "finetune" and not self.init_from:
-            raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.target_speedup is not None and self.target_latency is not None:
-            raise ValueError("give either target_speedup or target_latency, not both")
-        for key in ("target_speedup", "target_latency"):
-            value = getattr(self, key)
-            if value is not None:
-                if self.method != "trp":
-                    raise ValueError(f"{key} sets the ranks of TRP's projections: use it with method 'trp', not {self.method!r}")
-                if not (math.isfinite(value) and value > 1):
-                    raise ValueError(f"{key} must be a reduction factor > 1, got {value}")
-        if self.target_warmup < 0:
-            raise ValueError(f"target_warmup must be a number of epochs >= 0, got {self.target_warmup}")
-        if self.target_warmup and self.target_criterion is None:
-            raise ValueError("target_warmup counts epochs before a target takes over: set target_speedup or target_latency")
-        if not isinstance(self.decompose, list) or not all(isinstance(d, dict) for d in self.decompose):
-            raise ValueError("decompose must be a list of mappings like {scheme: channel, criterion: energy:0.9}")
-        self._validate_ranges()
-
-    def _validate_ranges(self) -> None:
-        """Types and ranges of the numeric settings (each error names the field and the fix)."""
-        def number(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
-            v = getattr(self, name)
-            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                  and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
-            if not ok:
-                span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-                raise ValueError(f"{name} must be a number in {span}, got {v!r}")
-
-        def integer(name: str, low: int, high: int, optional: bool = False) -> None:
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-                raise ValueError(f"{name} must be an integer from {low} to {high}, got {v!r}")
-
-        for flag in ("verify_images", "skip_corrupt"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
-        number("momentum", 0.0, 1.0)
-        number("gamma", 0.0, 1.0, low_open=True)
-        number("energy", 0.0, 1.0, low_open=True)
-        number("nuclear_weight", 0.0, math.inf, high_open=True)
-        integer("seed", 0, MAX_SEED)
-        integer("period", 1, 10**9)
-        integer("workers", 0, 1024)
-        integer("epochs", 0, 10**6)
-        integer("batch_size", 1, 10**7)
-        integer("image_size", 1, 4096, optional=True)
-        if self.milestones is not None:
-            m = self.milestones
-            if (not isinstance(m, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in m)):
-                raise ValueError(f"milestones must be a list of epochs (integers), e.g. [81, 122], got {m!r}")
-            if any(e < 1 for e in m) or m != sorted(set(m)):
-                raise ValueError(f"milestones must be increasing epochs >= 1 (lr is divided after each), got {m}")
-
-
-MAX_SEED = 2**32 - 1  # NumPy's and the data split's limit
-
-_FLOATS = {"lr", "momentum", "weight_decay", "gamma", "energy", "nuclear_weight", "target_speedup", "target_latency"}
-_INTS = {"epochs", "batch_size", "period", "seed", "workers", "factor", "image_size", "steps_per_epoch", "holdout",
-         "target_warmup"}
-
-
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """Numbers as numbers (YAML reads ``1e-4`` as a string); ValueError naming the key otherwise."""
-    if key == "milestones" and value is not None:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{source}: milestones must be a list of epochs, e.g. [81, 122], got {value!r}")
-        try:
-            return [_coerce("epochs", v, source) for v in value]
-        except ValueError:
-            raise ValueError(f"{source}: milestones must be a list of epochs (integers), got {value!r}") from None
-    if value is None or key not in _FLOATS | _INTS:
-        return value
-    if key in _INTS and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if key in _FLOATS and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+def _field_value(name: str, value: Any, source: str) -> Any:
+    """``value`` for the TrainConfig field ``name``, coerced and checked as the schema says."""
+    hints = typing.get_type_hints(TrainConfig, include_extras=True)
     try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-        if key in _INTS:
-            if not number.is_integer() or abs(number) > 2**63:
-                raise ValueError
-            return int(number)
-        return number
-    except (TypeError, ValueError):
-        kind = "an integer" if key in _INTS else "a number"
-        raise ValueError(f"{source}: {key} must be {kind}, got {value!r}") from None
+        return TypeAdapter(hints[name]).validate_python(value)
+    except ValidationError as err:
+        raise config_error(err, source) from None
 
 
 # Settings a resumed run may change: more epochs, and how (not what) it computes.
@@ -338,7 +452,7 @@ def parse_milestones(text: str) -> list[int]:
     try:
         return [int(m) for m in text.split(",") if m.strip()]
     except ValueError:
-        raise ValueError(f"--milestones {text!r}: give comma-separated epochs, e.g. --milestones 81,122") from None
+        raise ConfigError(f"--milestones {text!r}: give comma-separated epochs, e.g. --milestones 81,122") from None
 
 
 def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
@@ -349,7 +463,7 @@ def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     """
     conflicts, changes = [], {}
     for name, value in given.items():
-        value = _coerce(name, value, "--resume")
+        value = _field_value(name, value, "--resume")
         old = getattr(saved, name)
         if value == old:
             continue
@@ -358,49 +472,78 @@ def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
         else:
             conflicts.append(f"--{name.replace('_', '-')} {value} (the run has {old})")
     if conflicts:
-        raise ValueError(
+        raise ConfigError(
             f"--resume continues the run as it was configured; these options contradict it: {', '.join(conflicts)}. "
             f"Drop them (only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change), "
             "or start a new run with --out"
         )
     if "epochs" in changes and saved.milestones is None:
         changes["milestones"] = saved.resolved_milestones()  # the schedule stays the saved run's
-    config = dataclasses.replace(saved, **changes)
-    config.validate()
-    return config
+    return dataclasses.replace(saved, **changes)
 
 
 def load_config(run_dir: Path) -> TrainConfig:
-    """The configuration stored in a run directory."""
+    """The configuration stored in a run directory (read within trp.limits, checked by the schema)."""
+    from ..limits import read_json
+
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
-    data = json.loads(path.read_text())
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of TrainConfig keys; the file is corrupt")
     data.setdefault("layers", "paper")  # runs from before `layers` existed used the reference selection
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in data.items() if k in known})
+    return TrainConfig.from_dict({k: v for k, v in data.items() if k in known}, source=str(path))
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML (or JSON) config file, e.g. one of ``configs/``; checked against TrainConfig."""
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML (or JSON) file, unchecked."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
+    from ..limits import limit
+
+    if path.stat().st_size > limit("TRP_MAX_JSON_BYTES"):
+        raise ConfigError(f"{path} is larger than {limit('TRP_MAX_JSON_BYTES'):,} bytes: not a trp config "
+                          "(raise the limit with $TRP_MAX_JSON_BYTES)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{path} is not valid YAML ({where}{problem}): fix the file") from None
+        raise ConfigError(f"{path} is not valid YAML ({where}{problem}): fix the file") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a trp config: fix the file") from None
+    except ValueError as err:  # e.g. an integer literal too long to convert
+        raise ConfigError(f"{path}: a value cannot be read ({' '.join(str(err).split())[:120]}): fix the file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of TrainConfig keys (model, data, method, ...)")
+        raise ConfigError(f"{path} must hold a mapping of TrainConfig keys (model, data, method, ...)")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{path}: key {_shown(bad[0])} is not a name; known keys: "
+                          f"{', '.join(sorted(f.name for f in dataclasses.fields(TrainConfig)))}")
+    return data
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML (or JSON) config file, e.g. one of ``configs/``, checked by the schema and
+    with its values coerced (only the file's own keys)."""
+    data = _read_yaml(path)
     config = TrainConfig.from_dict(data, source=str(path))
-    config.validate()  # unknown keys and bad values fail here, before any training
-    for entry in config.decompose:
-        DecomposeStep.from_dict(entry, config.scheme)
-    return {key: getattr(config, key) for key in data}  # numbers coerced
+    return {key: getattr(config, key) for key in data}
+
+
+def train_config(config_file: Optional[Path], options: dict[str, Any], given: set[str]) -> TrainConfig:
+    """The config of a new run: the defaults, replaced by ``config_file``'s settings, replaced by the
+    command-line ``options`` in ``given`` (those typed on the command line); validated once."""
+    settings = dict(_read_yaml(config_file)) if config_file else {}
+    for name, value in options.items():
+        if name in given or name not in settings:
+            settings[name] = value
+    return TrainConfig.from_dict(settings, source=str(config_file) if config_file else "")

@@ -25,7 +25,9 @@ from ..core.counting import count_macs
 from ..core.allocation import TargetSpeedup
 from ..core.criteria import Criterion, Energy, Value
 from ..core.decompose import decompose, fit_criterion
-from .engine import ProgressFactory, Trainer, TrainConfig, evaluate, make_loader
+from .config import TrainConfig
+from .loaders import ProgressFactory, evaluate, make_loader
+from .trainer import Trainer
 from ..deploy.io import atomic_write
 from ..deploy.latency import Timer, compare_latency
 from ..deploy.target_latency import TargetLatency, _inference_form

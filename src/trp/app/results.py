@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence, Union
 from . import report
 from .config import TrainConfig
 from ..deploy.io import atomic_write
+from ..limits import parse_json, read_json, read_json_lines
 from .paper import find_paper_result
 
 __all__ = [
@@ -128,23 +129,17 @@ class ResultRow:
 
 # -- reading ------------------------------------------------------------------------------
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the file is corrupt; write it again") from err
+    return read_json(path)
 
 
 def _read_last_metrics(path: Path) -> dict:
     if not path.is_file():
         return {}
     last: dict = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in read_json_lines(path):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {n}, is not valid JSON ({err}): the metrics file is corrupt") from err
+        row = parse_json(line, f"{path}, line {n},")
         if not isinstance(row, dict):
             raise ValueError(f"{path}, line {n}, is not a JSON object: the metrics file is corrupt")
         last = row

@@ -9,7 +9,6 @@ with a warning.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import write_error
+from ..limits import parse_json, read_json_lines
 from ..deploy.io import remove_stale_temporaries
 
 __all__ = [
@@ -128,18 +129,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
     Any other bad line raises ValueError naming the file and line.
     """
-    text = Path(path).read_text()
-    lines = text.split("\n")
+    lines = read_json_lines(path)
     rows = []
-    for number, line in enumerate(lines, 1):
+    for number, line in lines:
         if not line.strip():
             continue
         last = number == len(lines)  # text did not end with a newline: the last write was cut off
         try:
-            row = json.loads(line)
+            row = parse_json(line, "the line")
             if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
                 raise ValueError("not a metrics row")
-        except (ValueError, RecursionError) as err:
+        except ValueError as err:
             if last:
                 warnings.warn(f"{path}: dropped a partial last line (an interrupted write): {line[:60]!r}",
                               stacklevel=2)
@@ -184,10 +184,5 @@ def check_writable(folder: Path, need_bytes: int = 0, what: str = "output folder
 
 
 def disk_error(err: OSError, where: Optional[Path] = None) -> ValueError:
-    """A one-line ValueError for a failed write (full disk, permissions)."""
-    place = where or (Path(err.filename) if getattr(err, "filename", None) else "the output")
-    if err.errno == errno.ENOSPC:
-        return ValueError(f"no space left writing {place}: free some space or choose another location")
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ValueError(f"cannot write {place} ({err.strerror}): fix its permissions or choose another location")
-    return ValueError(f"cannot write {place} ({err.strerror or err}): check the location")
+    """A one-line :class:`~trp.errors.WriteError` for a failed write (full disk, permissions)."""
+    return write_error(err, where)

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from ..core.criteria import Criterion, Energy, Ratio, Value
 from ..core.decompose import decompose_with_report
 from ..core.layers import LayerSelector
-from .engine import evaluate
+from .loaders import evaluate
 from ..deploy.io import atomic_write
+from ..limits import read_json
 from .report import summarize
 
 __all__ = ["SweepPoint", "sweep", "default_criteria", "criterion_spec", "save_sweep", "load_sweep", "point_from_dict"]
@@ -165,10 +166,7 @@ def load_sweep(path: PathLike) -> tuple[dict, list[SweepPoint]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no sweep file at {path}: check the path (`trp sweep` writes one)")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): the sweep file is corrupt; run the sweep again") from err
+    doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("kind") != SWEEP_KIND:
         raise ValueError(f"{path} is not a trp sweep file (no \"kind\": \"{SWEEP_KIND}\")")
     version = doc.get("version")

@@ -14,12 +14,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import engine
+from .config import TrainConfig, load_config
+from .files import ModelSpec, load_model_file, read_checkpoint
+from .loaders import ProgressFactory, holdout_split, make_loader, resolve_device
+from .loaders import evaluate as evaluate_model
+from .trainer import Trainer
 from ..data import DATASET_INFO, get_datasets
 from ..core.criteria import parse_criterion
 from ..deploy import target_latency  # noqa: F401  (registers the latency:X criterion)
@@ -47,7 +51,7 @@ class DecomposeResult:
     summary_path: Path
 
 
-def load_source(source: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, engine.ModelSpec, Optional[engine.TrainConfig]]:
+def load_source(source: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec, Optional[TrainConfig]]:
     """A trained model from a run directory, its ``checkpoint.pt``, or a model file.
 
     A model from outside the registry (``--model-factory``, or a file recording its factory) comes
@@ -61,41 +65,41 @@ def load_source(source: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
     source = Path(source)
     config = None
     if source.is_dir():
-        config = engine.load_config(source)
+        config = load_config(source)
         source = source / "model.safetensors" if (source / "model.safetensors").exists() else source / "checkpoint.pt"
     if source.suffix == ".pt":
-        config = config or engine.load_config(source.parent)
+        config = config or load_config(source.parent)
         if config.method == "lorita":
             raise ValueError(
                 f"{source} holds an over-parameterized LoRITa model in training; wait for the run to "
                 "finish (it writes model.safetensors with the factors multiplied back)"
             )
-        spec = engine.ModelSpec.from_info(config.model, DATASET_INFO[config.data])
+        spec = ModelSpec.from_info(config.model, DATASET_INFO[config.data])
         model = spec.build().to(device)
-        model.load_state_dict(engine.read_checkpoint(source, device)["model"])
+        model.load_state_dict(read_checkpoint(source, device)["model"])
         return model, spec, config
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: pass a run directory or a model file")
-    model, spec = engine.load_model_file(source, device)
+    model, spec = load_model_file(source, device)
     if config is None and (source.parent / "config.json").exists():
-        config = engine.load_config(source.parent)
+        config = load_config(source.parent)
     return model, spec, config
 
 
-def test_loader(spec: engine.ModelSpec, data_dir: Optional[str], seed: int, batch_size: int = 512):
+def test_loader(spec: ModelSpec, data_dir: Optional[str], seed: int, batch_size: int = 512):
     """The test split of the model's data set."""
     image_size = spec.input_size[0] if spec.data == "imagenet" else None
     _, test_set, _ = get_datasets(spec.data, data_dir, seed=seed, image_size=image_size)
-    return engine.make_loader(test_set, batch_size, False)
+    return make_loader(test_set, batch_size, False)
 
 
 def finetune_model(
-    model_file: Path, out_dir: Path, epochs: int, lr: float, base: Optional[engine.TrainConfig],
-    spec: engine.ModelSpec, data_dir: Optional[str], device: str = "auto",
-    progress: Optional[engine.ProgressFactory] = None, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
-) -> engine.Trainer:
+    model_file: Path, out_dir: Path, epochs: int, lr: float, base: Optional[TrainConfig],
+    spec: ModelSpec, data_dir: Optional[str], device: str = "auto",
+    progress: Optional[ProgressFactory] = None, on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> Trainer:
     """Train a (decomposed) model file for ``epochs`` more epochs with plain SGD; return the trainer."""
-    config = engine.TrainConfig(
+    config = TrainConfig(
         model=spec.model, data=spec.data, data_dir=data_dir, method="finetune", scheme=base.scheme if base else "channel",
         epochs=epochs, batch_size=base.batch_size if base else 128, lr=lr, milestones=[],
         momentum=base.momentum if base else 0.9, weight_decay=1e-4, seed=base.seed if base else 0,
@@ -105,7 +109,7 @@ def finetune_model(
     )
     for stale in ("checkpoint.pt", "metrics.jsonl", "model.safetensors"):
         (Path(out_dir) / stale).unlink(missing_ok=True)
-    trainer = engine.Trainer(config, Path(out_dir), progress)
+    trainer = Trainer(config, Path(out_dir), progress)
     trainer.run(on_epoch=on_epoch)
     return trainer
 
@@ -118,7 +122,7 @@ def decompose_source(
     data_dir: Optional[str] = None,
     evaluate: bool = True,
     device: str = "auto",
-    progress: Optional[engine.ProgressFactory] = None,
+    progress: Optional[ProgressFactory] = None,
     on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
     layers: LayerSelector = None,
     exclude: Optional[Sequence[str]] = None,
@@ -127,11 +131,10 @@ def decompose_source(
 
     ``layers``/``exclude`` default to the run config's (the layers TRP trained).
     """
-    step.validate()
     if (step.finetune or step.recalibrate_bn) and not evaluate:
         raise ValueError("fine-tuning and BatchNorm re-estimation need the data set: drop --no-eval")
     source = Path(source)
-    dev = engine.resolve_device(device)
+    dev = resolve_device(device)
     target = Path(out) if out is not None else (source if source.is_dir() else source.parent) / f"{step.stem}.safetensors"
     check_writable(target.parent, what="output folder")  # before the long work, not after it
     model, spec, config = load_source(source, dev)
@@ -165,12 +168,12 @@ def decompose_source(
     }
     if evaluate:
         loader = test_loader(spec, data_dir, config.seed if config else 0)
-        record["dense"] = _acc(engine.evaluate(model, loader, dev))
-        record["decomposed"] = _acc(engine.evaluate(report.model, loader, dev))
+        record["dense"] = _acc(evaluate_model(model, loader, dev))
+        record["decomposed"] = _acc(evaluate_model(report.model, loader, dev))
     if step.recalibrate_bn:
-        train_loader = engine.make_loader(_train_split(spec, config, data_dir), 128, True, seed=config.seed if config else 0)
+        train_loader = make_loader(_train_split(spec, config, data_dir), 128, True, seed=config.seed if config else 0)
         used = recalibrate_batchnorm(report.model, train_loader, step.recalibrate_bn, dev)
-        record["bn_recalibrated"] = {"batches": used, **_acc(engine.evaluate(report.model, loader, dev))}
+        record["bn_recalibrated"] = {"batches": used, **_acc(evaluate_model(report.model, loader, dev))}
     meta = {**spec.metadata(), "scheme": step.scheme, "criterion": crit.spec()}
     save(report.model, out, metadata=meta)
     if step.finetune:
@@ -188,7 +191,30 @@ def decompose_source(
     return DecomposeResult(report, summary, record, out, summary_path)
 
 
-def search_criterion(model: nn.Module, spec: engine.ModelSpec, config: Optional[engine.TrainConfig], scheme: str,
+def decompose_run(
+    run_dir: Path,
+    config: TrainConfig,
+    *,
+    data_dir: Optional[str] = None,
+    device: Optional[str] = None,
+    progress: Optional[ProgressFactory] = None,
+    on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+    on_step: Optional[Callable[[DecomposeStep], None]] = None,
+) -> Iterator[DecomposeResult]:
+    """The decompose steps of a trained run (train -> decompose -> fine-tune), one result at a time.
+
+    The steps are the config's ``decompose`` entries, else a run toward a target is split with its
+    target (:meth:`TrainConfig.decompose_steps`); each runs with :func:`decompose_source` on
+    ``run_dir`` (evaluated, fine-tuned as the step says). ``on_step`` hears of each before it runs.
+    """
+    for step in config.decompose_steps():
+        if on_step is not None:
+            on_step(step)
+        yield decompose_source(run_dir, step, data_dir=data_dir or config.data_dir, evaluate=True,
+                               device=device or config.device, progress=progress, on_epoch=on_epoch)
+
+
+def search_criterion(model: nn.Module, spec: ModelSpec, config: Optional[TrainConfig], scheme: str,
                      target: float, data_dir: Optional[str], device: torch.device, layers: LayerSelector = None,
                      exclude: Sequence[str] = ()):
     """Ranks from :func:`trp.methods.search.iterative_rank_search` on the run's held-out training examples."""
@@ -199,25 +225,25 @@ def search_criterion(model: nn.Module, spec: engine.ModelSpec, config: Optional[
             "the iterative rank search (search:X) scores ranks on held-out data: train the run with "
             "`holdout: N` (N training examples kept out of training) in its config"
         )
-    _, held = engine.holdout_split(_full_train_set(spec, config, data_dir), config.holdout)
-    loader = engine.make_loader(held, 256, False)
+    _, held = holdout_split(_full_train_set(spec, config, data_dir), config.holdout)
+    loader = make_loader(held, 256, False)
     return iterative_rank_search(model, scheme, loader, target, spec.input_shape, layers=layers, device=device,
                                  exclude=exclude)
 
 
-def _full_train_set(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):
+def _full_train_set(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str]):
     image_size = spec.input_size[0] if spec.data == "imagenet" else None
     train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed if config else 0, image_size=image_size,
                                    hflip=config.hflip if config else False)
     return train_set
 
 
-def _train_split(spec: engine.ModelSpec, config: Optional[engine.TrainConfig], data_dir: Optional[str]):
+def _train_split(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str]):
     """The examples the run trained on (its held-out part excluded)."""
-    return engine.holdout_split(_full_train_set(spec, config, data_dir), config.holdout if config else 0)[0]
+    return holdout_split(_full_train_set(spec, config, data_dir), config.holdout if config else 0)[0]
 
 
-def _svd_progress(progress: Optional[engine.ProgressFactory]) -> Optional[Callable[[str, int, int], None]]:
+def _svd_progress(progress: Optional[ProgressFactory]) -> Optional[Callable[[str, int, int], None]]:
     """A per-layer progress callback for decompose_with_report, drawn with ``progress`` bars."""
     if progress is None:
         return None

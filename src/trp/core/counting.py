@@ -99,6 +99,11 @@ def probe_forward(
     training flag is restored afterwards.
     """
     resolved = model_inputs(model, inputs) if not isinstance(inputs, ModelInputs) else inputs
+    run: Callable[[nn.Module], Any] = resolved
+    if resolved.on_meta and _placement_type(model) != "meta":
+        # Shapes only: run on the meta device (no memory, no time), unless the model cannot.
+        meta_run = _meta_runner(model, resolved)
+        run = meta_run if _probe(model, meta_run) else resolved
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     # Restore each module's own mode (a frozen BatchNorm inside a training model stays eval).
     modes = [(m, m.training) for m in model.modules()]
@@ -108,15 +113,52 @@ def probe_forward(
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             if counter is None:
-                return resolved(model)
+                return run(model)
             with counter:
-                return resolved(model)
+                return run(model)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, mode in modes:
             m.training = mode
         for handle in handles:
             handle.remove()
+
+
+def _placement_type(model: nn.Module) -> str:
+    param = next(model.parameters(), None)
+    return param.device.type if param is not None else "cpu"
+
+
+def _meta_runner(model: nn.Module, inputs: ModelInputs) -> Callable[[nn.Module], Any]:
+    """A forward pass of ``model`` with every parameter and buffer swapped for a ``meta`` twin (no copy)."""
+    from torch.func import functional_call
+
+    state = {name: torch.empty_like(t, device="meta")
+             for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+    def run(m: nn.Module) -> Any:
+        return functional_call(m, state, inputs.args, inputs.kwargs)
+
+    return run
+
+
+def _probe(model: nn.Module, run: Callable[[nn.Module], Any]) -> bool:
+    """Whether ``run`` completes on ``model`` (eval mode, no gradients); a model whose forward needs values
+    (``.item()``, data-dependent shapes, tensors made on the CPU) cannot run on ``meta``."""
+    modes = [(m, m.training) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            run(model)
+        return True
+    except Exception:
+        return False
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, mode in modes:
+            m.training = mode
 
 
 @dataclass(frozen=True)

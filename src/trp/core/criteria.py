@@ -13,12 +13,17 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
+
+from ..errors import one_line
 from torch import Tensor
 
 from .allocation import Global, TargetSpeedup
 
 __all__ = ["Criterion", "Energy", "Value", "Ratio", "FixedRank", "parse_criterion", "register_criterion"]
 
+
+# The largest rank any criterion may name: more than any layer has, small enough for an int32 index.
+MAX_RANK = 2**31 - 1
 
 class Criterion(ABC):
     """Base class: subclasses implement :meth:`_ranks` on a batch of spectra."""
@@ -117,8 +122,9 @@ class FixedRank(Criterion):
     """Keep ``min(k, len(σ))`` singular values, for an integer ``k >= 1``."""
 
     def __init__(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"FixedRank: k must be an integer >= 1, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RANK:
+            raise ValueError(f"FixedRank: k must be an integer from 1 to {MAX_RANK:,} (no layer has a larger rank), "
+                             f"got {k if len(str(k)) < 30 else str(k)[:27] + '...'}")
         self.k = k
 
     def _ranks(self, sigma: Tensor) -> Tensor:
@@ -189,9 +195,13 @@ def parse_criterion(text: str):
         )
     try:
         return _PARSERS[kind](value.strip())
+    except (OverflowError, ArithmeticError) as err:
+        raise ValueError(f"criterion {text!r}: a number is out of range ({err})") from None
     except ValueError as err:
         if kind == "rank" and "invalid literal" in str(err):
             raise ValueError(f"criterion {text!r}: rank needs an integer, e.g. rank:8") from None
         if "could not convert" in str(err):
             raise ValueError(f"criterion {text!r}: {value!r} is not a number") from None
+        if "invalid literal" in str(err) or "criterion" not in str(err):
+            raise ValueError(f"criterion {text!r}: {one_line(err)}") from None
         raise

@@ -9,7 +9,10 @@ Everywhere trp runs a model to count MACs or trace layer sizes it takes either
   model's ``{"input_ids": ..., "attention_mask": ...}``).
 
 Tensors are moved to the model's device; floating-point ones take the model's floating
-dtype (token ids and masks keep theirs).
+dtype (token ids and masks keep theirs). An ``input_shape`` becomes a tensor on the ``meta``
+device (no memory): passes that need only shapes (MAC counting, layer sizes) run on ``meta``
+(:func:`trp.core.counting.probe_forward`), and a pass that needs values gets real zeros on the
+model's device when it runs (:meth:`ModelInputs.__call__`).
 """
 
 from __future__ import annotations
@@ -42,9 +45,26 @@ class ModelInputs:
         first = self.tensors()[0]
         return int(first.shape[0]) if first.ndim > 0 else 1
 
+    @property
+    def on_meta(self) -> bool:
+        """Whether these are shape-only placeholders (from an ``input_shape``) on the ``meta`` device."""
+        return any(t.is_meta for t in self.tensors())
+
+    def materialized(self, model: nn.Module) -> "ModelInputs":
+        """These inputs with ``meta`` placeholders replaced by zeros on ``model``'s device (unless it is on meta)."""
+        device, dtype = _placement(model)
+        if not self.on_meta or device.type == "meta":
+            return self
+
+        def real(v: Any) -> Any:
+            return torch.zeros(v.shape, dtype=v.dtype, device=device) if isinstance(v, Tensor) and v.is_meta else v
+
+        return ModelInputs(tuple(real(a) for a in self.args), {k: real(v) for k, v in self.kwargs.items()})
+
     def __call__(self, model: nn.Module) -> Any:
-        """``model``'s output on these inputs."""
-        return model(*self.args, **self.kwargs)
+        """``model``'s output on these inputs (shape placeholders become zeros on its device)."""
+        inputs = self.materialized(model)
+        return model(*inputs.args, **inputs.kwargs)
 
 
 def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -94,7 +114,8 @@ def model_inputs(
                 f"input_shape must be a sequence of positive integers such as (1, 3, 32, 32), got {input_shape!r}; "
                 "pass tensors as example_inputs"
             )
-        return ModelInputs((torch.zeros(tuple(input_shape), device=device, dtype=dtype),))
+        # a shape-only placeholder: no memory until a pass needs values (see ModelInputs.__call__)
+        return ModelInputs((torch.zeros(tuple(input_shape), device="meta", dtype=dtype),))
     if isinstance(example_inputs, Tensor):
         inputs = ModelInputs((_place(example_inputs, device, dtype),))
     elif isinstance(example_inputs, Mapping):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import Error
 import torch
 from torch import Tensor
 
@@ -25,8 +26,8 @@ __all__ = ["SVDError", "checked_svd", "top_svd", "scaled_energy", "FULL_SVD_MAX"
 FULL_SVD_MAX = 1024
 
 
-class SVDError(RuntimeError):
-    """An SVD that failed in float32 and again in float64."""
+class SVDError(Error, RuntimeError):
+    """An SVD that failed in float32 and again in float64 (a :class:`trp.Error`, and a RuntimeError as before)."""
 
 
 def checked_svd(matrix: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor]:

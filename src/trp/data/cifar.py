@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, VisionDataset
+
+from ..errors import FileError
 
 __all__ = [
     "CIFAR_NAMES",
@@ -49,12 +52,61 @@ _ALLOWED_GLOBALS = {
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler that only resolves the globals a CIFAR batch file needs."""
+    """Unpickler that only resolves the globals a CIFAR batch file needs.
+
+    Arrays are built as :class:`_CheckedArray`, which refuses a shape whose bytes exceed the
+    file's size before anything is allocated: a pickle cannot hold more pixel bytes than its file.
+    """
+
+    def __init__(self, file: Any, budget: int, path: Path, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.budget = budget
+        self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"unexpected global {module}.{name} in a CIFAR file")
+        if name == "ndarray":
+            _BUDGET.path, _BUDGET.bytes = self.path, self.budget
+            return _CheckedArray
         return super().find_class(module, name)
+
+
+class _Budget:
+    """The bytes an array unpickled from the current file may hold (the file's size)."""
+
+    path: Path = Path("?")
+    bytes: int = 0
+
+
+_BUDGET = _Budget()
+
+
+def _check_declared(shape: Any, dtype: Any) -> None:
+    try:
+        dt = np.dtype(dtype)
+        count = math.prod(int(d) for d in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+    except (TypeError, ValueError, OverflowError) as err:
+        raise FileError(f"{_BUDGET.path}: an array's shape or type is malformed ({err}); the file is corrupt") from None
+    if dt.hasobject:
+        raise FileError(f"{_BUDGET.path}: an array holds Python objects, not pixel values; the file is crafted")
+    if count < 0 or count * dt.itemsize > _BUDGET.bytes:
+        raise FileError(f"{_BUDGET.path}: an array declares shape {tuple(shape) if isinstance(shape, (tuple, list)) else shape} "
+                        f"({count * dt.itemsize:,} bytes), more than the file's {_BUDGET.bytes:,} bytes hold; "
+                        "the file is truncated or crafted: replace it with the original")
+
+
+class _CheckedArray(np.ndarray):
+    """``numpy.ndarray`` as a CIFAR pickle builds it, with the declared size checked first."""
+
+    def __new__(cls, shape: Any, dtype: Any = float, *args: Any, **kwargs: Any) -> np.ndarray:
+        _check_declared(shape, dtype)
+        return np.ndarray.__new__(np.ndarray, shape, dtype, *args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) >= 3:
+            _check_declared(state[1], state[2])
+        super().__setstate__(state)
 
 
 def _text(value: Any) -> Any:
@@ -65,16 +117,18 @@ def _read_dict(path: Path) -> dict[str, Any]:
     """Unpickle one CIFAR file into a dict with ``str`` keys; failures raise ``ValueError``."""
     try:
         with open(path, "rb") as f:
-            obj = _CifarUnpickler(f, encoding="latin1").load()
+            obj = _CifarUnpickler(f, os.fstat(f.fileno()).st_size, path, encoding="latin1").load()
     except OSError as e:
         raise ValueError(f"{path}: cannot read file ({e})") from e
+    except FileError:
+        raise
     except Exception as e:  # a corrupt pickle can fail in many ways
         raise ValueError(
             f"{path}: not a valid CIFAR pickle file ({type(e).__name__}: {e})"
         ) from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
-    return {_text(k): v for k, v in obj.items()}
+    return {_text(k): (np.asarray(v).view(np.ndarray) if isinstance(v, np.ndarray) else v) for k, v in obj.items()}
 
 
 class _LocalCifarMixin:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
-import shutil
-import tempfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +13,9 @@ from typing import Any, Callable
 import torch
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST, VisionDataset
-from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from ..errors import FileError
+from ..limits import limit
 
 __all__ = [
     "FASHION_MNIST_MEAN",
@@ -45,6 +47,7 @@ _STEMS = {
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IMAGE_HW = (28, 28)
+_REPLACE = f"replace it with the original from {_URL}"
 
 
 def _candidate_folders(data_dir: Path) -> list[Path]:
@@ -80,25 +83,68 @@ def fashion_mnist_files(data_dir: str | os.PathLike[str] | None = None) -> dict[
     raise FileNotFoundError(f"Fashion-MNIST not found in {where}: {problem}. To get the files, {_HOW_TO_GET}.")
 
 
-def _read(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """Read one IDX file with torchvision's reader, decompressing a ``.gz`` to a temporary file first."""
+# IDX: a 4-byte magic (two zero bytes, the element type, the number of dimensions), one big-endian
+# uint32 per dimension, then the elements. Fashion-MNIST holds unsigned bytes only.
+_IDX_UBYTE = 0x08
+_CHUNK = 1 << 22
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """The uint8 array of the IDX file ``path`` (plain or ``.gz``) with ``ndim`` dimensions.
+
+    The file is untrusted: the header is read and checked first (magic, dimensions, sizes
+    within :data:`trp.limits` ``TRP_MAX_EXAMPLES``); a ``.gz`` is decompressed as a stream,
+    never more than the header declares, and a file holding fewer bytes than declared is
+    refused. Every failure raises :class:`trp.errors.FileError` naming the file.
+    """
+    expected = 0x0800 | ndim
+    kind = "images" if ndim == 3 else "labels"
     try:
-        if path.suffix != ".gz":
-            return reader(str(path))
-        with tempfile.TemporaryDirectory(prefix="trp-idx-") as tmp:
-            plain = Path(tmp) / path.stem
-            with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            return reader(str(plain))
-    except (AssertionError, TypeError, ValueError, OSError, EOFError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a valid IDX file ({type(err).__name__}: {err}); "
-                         f"replace it with the original from {_URL}") from err
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise FileError(f"{path}: not a valid IDX file (only {len(head)} bytes); {_REPLACE}")
+            magic = int.from_bytes(head, "big")
+            if head[:2] != b"\0\0" or head[2] != _IDX_UBYTE or head[3] != ndim:
+                raise FileError(f"{path}: not a valid IDX file of {kind}: magic number 0x{magic:08x}, expected "
+                                f"0x{expected:08x} (unsigned bytes, {ndim} dimension(s)); {_REPLACE}")
+            raw = f.read(4 * ndim)
+            if len(raw) < 4 * ndim:
+                raise FileError(f"{path}: the IDX header is cut off; {_REPLACE}")
+            dims = [int.from_bytes(raw[4 * i:4 * i + 4], "big") for i in range(ndim)]
+            if dims[0] == 0:
+                raise FileError(f"{path}: the IDX file holds no {kind} (its header declares 0); {_REPLACE}")
+            most = limit("TRP_MAX_EXAMPLES")
+            if dims[0] > most:
+                raise FileError(f"{path}: the IDX header declares {dims[0]:,} {kind}, over the limit of {most:,} "
+                                f"(raise it with $TRP_MAX_EXAMPLES); {_REPLACE}")
+            if ndim == 3 and tuple(dims[1:]) != _IMAGE_HW:
+                raise FileError(f"{path}: images are {tuple(dims[1:])}, expected 28×28; {_REPLACE}")
+            count = math.prod(dims)
+            if path.suffix != ".gz":
+                present = path.stat().st_size - 4 - 4 * ndim
+                if present < count:
+                    raise FileError(f"{path}: the IDX header declares {count:,} bytes of {kind}, the file holds "
+                                    f"{present:,}: it is truncated; {_REPLACE}")
+            data = bytearray()
+            while len(data) < count:  # grows only with the bytes actually there
+                chunk = f.read(min(_CHUNK, count - len(data)))
+                if not chunk:
+                    raise FileError(f"{path}: the IDX header declares {count:,} bytes of {kind}, the file holds "
+                                    f"{len(data):,}: it is truncated; {_REPLACE}")
+                data += chunk
+    except FileError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise FileError(f"{path}: not a readable IDX file ({type(err).__name__}: {err}); {_REPLACE}") from None
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(dims) if count else torch.zeros(dims, dtype=torch.uint8)
 
 
 @lru_cache(maxsize=4)
 def _load(images: Path, labels: Path, stamp: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    data = _read(images, read_image_file)
-    targets = _read(labels, read_label_file)
+    data = read_idx(images, 3)
+    targets = read_idx(labels, 1).long()
     if tuple(data.shape[1:]) != _IMAGE_HW:
         raise ValueError(f"{images}: images are {tuple(data.shape[1:])}, expected 28×28")
     if len(data) != len(targets):

@@ -13,6 +13,7 @@ listing the files, or drops them (``skip=True``, the CLI's ``--skip-corrupt``).
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from torchvision import transforms
 from PIL import Image
+
+from ..limits import limit
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -108,7 +111,13 @@ def load_image(path: str) -> Image.Image:
     """An image file as RGB; an unreadable or corrupt file raises ValueError naming it and the fix."""
     try:
         with open(path, "rb") as f:
-            image = Image.open(f)
+            with warnings.catch_warnings():  # trp's own pixel budget below decides, not Pillow's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(f)  # reads the header only
+            budget = limit("TRP_MAX_IMAGE_PIXELS")
+            if image.width * image.height > budget:
+                raise ValueError(f"{image.width}×{image.height} pixels, over the budget of {budget:,} pixels "
+                                 "per decoded image (raise it with $TRP_MAX_IMAGE_PIXELS)")
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(

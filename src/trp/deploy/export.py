@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from .fold import fold_batchnorm_with_report
-from .io import atomic_write
+from ..errors import ConfigError, Error, one_line
+from .io import atomic_write, check_destination
 
 __all__ = ["export_onnx", "ExportResult", "ExportError", "ort_session", "GRAPH_OPTIMIZATION_LEVELS"]
 
@@ -42,8 +43,13 @@ EXPORTERS = ("auto", "torchscript", "dynamo")
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
-class ExportError(RuntimeError):
-    """The exported model does not match PyTorch, or could not be exported or run."""
+class ExportError(Error, RuntimeError):
+    """The exported model does not match PyTorch, or could not be exported or run (a :class:`trp.Error`)."""
+
+
+# The opsets this module accepts: torch.onnx's exporters write 7 and later; a file's opset is checked
+# against the one asked for after the export, so an opset the exporter replaces is refused, never kept.
+MIN_OPSET, MAX_OPSET = 7, 30
 
 
 @dataclass
@@ -260,9 +266,14 @@ def export_onnx(
         raise ValueError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be positive, got {tolerance}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
+                              or not MIN_OPSET <= opset <= MAX_OPSET):
+        raise ConfigError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}: "
+                          "leave it unset for torch.onnx's default")
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise ValueError(f"the output file should end in .onnx, got {path}")
+    check_destination(path)  # before any work
     forward_kwargs = dict(forward_kwargs or {})
     tensors = [k for k, v in forward_kwargs.items() if isinstance(v, Tensor)]
     if tensors:
@@ -283,6 +294,37 @@ def export_onnx(
     with _eval_mode(model):
         return _export(model, path, args, kwargs, input_names, fold_batchnorm, dynamic_batch, opset,
                        tolerance, check, exporter, forward_kwargs)
+
+
+def _check_finite_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Error naming the first example input or weight holding NaN or Inf (no export can match those)."""
+    named = [(f"example input {i}", t) for i, t in enumerate(args)] + [(f"example input {k!r}", t)
+                                                                        for k, t in kwargs.items()]
+    for what, t in named:
+        if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConfigError(f"{what} holds NaN or Inf: export with finite example inputs")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConfigError(f"the model's {name} holds NaN or Inf (diverged training or a corrupt file): "
+                              "export a healthy model")
+
+
+def _input_mismatch(model: nn.Module, args: tuple, kwargs: dict, err: RuntimeError) -> Error:
+    """An Error naming the input shape the model's first layer expects, for a forward pass that failed."""
+    shapes = [tuple(t.shape) for t in list(args) + list(kwargs.values()) if isinstance(t, Tensor)]
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                                                             nn.Linear))), None)
+    if first is None:
+        expected = "an input it accepts"
+    elif isinstance(first[1], nn.Linear):
+        expected = f"(N, ..., {first[1].in_features}): its first layer {first[0]} takes {first[1].in_features} features"
+    else:
+        conv = first[1]
+        expected = (f"(N, {conv.in_channels}, ...): its first layer {first[0]} takes {conv.in_channels} "
+                    "input channels")
+    reason = one_line(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    return ConfigError(f"the example input of shape {shapes[0] if len(shapes) == 1 else shapes} does not fit the "
+                       f"model, which expects {expected} (PyTorch: {reason[:200]})")
 
 
 @contextlib.contextmanager
@@ -327,9 +369,17 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
         exported, folded, unfolded = fold.model, len(fold.folded), list(fold.kept)
     else:
         exported, folded, unfolded = model, 0, []
+    _check_finite_inputs(model, args, kwargs)
     exported = _standardized(exported)
     with torch.no_grad():
-        reference = _flat_outputs(reference_model(*args, **kwargs))
+        try:
+            reference = _flat_outputs(reference_model(*args, **kwargs))
+        except RuntimeError as err:
+            raise _input_mismatch(model, args, kwargs, err) from None
+    bad = [i for i, r in enumerate(reference) if r.is_floating_point() and not torch.isfinite(r).all()]
+    if bad:
+        raise ExportError(f"the model's output {bad[0]} holds NaN or Inf for finite example inputs in PyTorch "
+                          "itself (before any export): the weights overflow; export a healthy model")
     output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
 
     with atomic_write(path) as tmp:
@@ -362,6 +412,9 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
                 "them in the traced computation (computed outside torch, e.g. through numpy or .item()?)"
             )
         del proto
+        if opset is not None and used_opset != opset:
+            raise ExportError(f"opset {opset} was asked, but torch.onnx ({tried} exporter) wrote opset {used_opset}; "
+                              f"nothing written: ask for an opset it supports (e.g. {used_opset}) or leave it unset")
         result = ExportResult(path, used_opset, exporter, [], input_names, output_names, dynamic_batch,
                               tolerance=tolerance, folded_batchnorms=folded, unfolded_batchnorms=unfolded,
                               fallback_reason=fallback)

@@ -29,11 +29,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.decompose import apply_recipe, check_recipe, recipe_of
+from ..errors import Error, FileError, WriteError, is_write_failure, write_error
+from ..limits import parse_json
 from ..core.wrappers import unwrap, wrapper_prefix
 
 __all__ = [
     "save", "load", "read_metadata", "read_recipe", "parse_json_field", "stored_shapes",
-    "check_recipe", "check_shapes", "check_file", "atomic_write", "remove_stale_temporaries",
+    "check_recipe", "check_shapes", "check_dtypes", "stored_dtypes", "check_file", "atomic_write", "check_destination", "remove_stale_temporaries",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -41,28 +43,65 @@ FORMAT = "trp"
 FORMAT_VERSION = "1"
 
 
+def check_destination(path: PathLike) -> Path:
+    """``path`` as a Path, or :class:`~trp.errors.WriteError` when a file cannot go there.
+
+    Checked before any work: an existing directory at ``path``, or a parent that is a file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(f"cannot write {path}: it is an existing directory; give a file name inside it "
+                         f"(e.g. {path / 'model.safetensors'})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise WriteError(f"cannot write {path}: {parent} is a file, not a folder; choose another location")
+            break
+    return path
+
+
 class atomic_write:
-    """Context manager yielding a temporary path that replaces ``path`` only on success."""
+    """Context manager yielding a temporary path that replaces ``path`` only on success.
+
+    The destination is checked first (:func:`check_destination`); on every failure the temporary
+    file is removed, and a failed write (full disk, read-only folder, permissions, a C++ stream
+    error) raises :class:`~trp.errors.WriteError` naming ``path``.
+    """
 
     def __init__(self, path: PathLike) -> None:
-        self.path = Path(path)
+        self.path = check_destination(path)
+        self.tmp: Optional[Path] = None
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        check_destination(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as err:
+            raise write_error(err, self.path) from None
         os.close(fd)
         self.tmp = Path(tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
         if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            # mkstemp makes 0600 (and writers that recreate the file too): give it the usual mode
-            os.chmod(self.tmp, 0o666 & ~umask)
-            os.replace(self.tmp, self.path)
-        else:
+            try:
+                umask = os.umask(0)
+                os.umask(umask)
+                # mkstemp makes 0600 (and writers that recreate the file too): give it the usual mode
+                os.chmod(self.tmp, 0o666 & ~umask)
+                os.replace(self.tmp, self.path)
+            except OSError as err:
+                self.tmp.unlink(missing_ok=True)
+                raise write_error(err, self.path) from None
+            return
+        try:
             self.tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if exc is not None and not isinstance(exc, Error) and is_write_failure(exc):
+            raise write_error(exc, self.path) from None
 
 
 def save(model: nn.Module, path: PathLike, metadata: Optional[dict[str, str]] = None, *,
@@ -76,6 +115,7 @@ def save(model: nn.Module, path: PathLike, metadata: Optional[dict[str, str]] = 
     command line (``trp bench``, ``trp export``, ...) can load the file (it imports the factory only
     when told to: ``--trust-factory``); ``data`` names its data set for accuracy checks.
     """
+    path = check_destination(path)  # before any work
     model = unwrap(model)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if factory is not None:
@@ -128,23 +168,10 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     return dict(meta)
 
 
-MAX_JSON_CHARS = 1_000_000  # a recipe of 10 000 layers is far below this
-
-
 def parse_json_field(meta: dict[str, str], key: str, path: PathLike, default: str = "{}") -> Any:
-    """The JSON value stored under metadata ``key``; ValueError naming the file and field otherwise."""
-    text = meta.get(key, default)
-    if len(text) > MAX_JSON_CHARS:
-        raise ValueError(f"{path}: metadata field {key!r} is {len(text):,} characters long "
-                         f"(at most {MAX_JSON_CHARS:,}); the file is corrupt or crafted")
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError(f"{path}: metadata field {key!r} is nested too deeply to be a trp recipe; "
-                         "the file is corrupt or crafted") from None
-    except ValueError as err:  # JSONDecodeError, and huge integer literals
-        raise ValueError(f"{path}: metadata field {key!r} is not valid JSON ({err}); "
-                         "the file is corrupt: save the model again") from None
+    """The JSON value stored under metadata ``key`` (read within :mod:`trp.limits`); FileError naming the
+    file and field otherwise."""
+    return parse_json(meta.get(key, default), f"{path}: metadata field {key!r}")
 
 
 def read_recipe(meta: dict[str, str], path: PathLike) -> dict[str, Any]:
@@ -154,6 +181,31 @@ def read_recipe(meta: dict[str, str], path: PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: metadata field 'recipe' must be a mapping {{layer: {{scheme, rank}}}}, "
                          f"got {type(recipe).__name__}; the file is corrupt")
     return recipe
+
+
+def stored_dtypes(path: PathLike) -> dict[str, str]:
+    """Name -> safetensors dtype (``F32``, ``I8``, ``BOOL``, ...) of every tensor stored in a file (header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise FileError(f"{path}: cannot read the tensor table ({err}); the file is truncated or corrupt") from None
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def check_dtypes(model: nn.Module, dtypes: dict[str, str], source: PathLike = "file") -> None:
+    """FileError naming the first tensor stored as integers or booleans where the model holds floats
+    (or the reverse): loading would cast it silently into nonsense weights."""
+    for name, tensor in model.state_dict().items():
+        stored = dtypes.get(name)
+        if stored is None:
+            continue
+        if tensor.is_floating_point() != (stored in _FLOAT_DTYPES):
+            want = "a floating type" if tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch.")
+            raise FileError(f"{source}: tensor {name!r} is stored as {stored}, but the model holds {want} there "
+                            "(it would load as nonsense weights); the file is corrupt or crafted: save the model again")
 
 
 def stored_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
@@ -203,6 +255,7 @@ def check_file(path: PathLike, model: nn.Module) -> dict[str, str]:
     _check_prefix(path, list(shapes), model)
     apply_recipe(model, recipe, path)  # checks every entry before building anything
     check_shapes(model, shapes, path)
+    check_dtypes(model, stored_dtypes(path), path)
     return meta
 
 

@@ -33,6 +33,7 @@ from .export import export_onnx, ort_session
 __all__ = [
     "RUNTIMES",
     "STATISTICS",
+    "MAX_BATCH",
     "LatencyResult",
     "LatencyComparison",
     "measure_latency",
@@ -45,6 +46,9 @@ __all__ = [
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
 STATISTICS = ("median", "min")
+# The largest batch trp times or exports with (an input of 4096 ImageNet images is 2.4 GB of float32);
+# a larger one is refused before anything is allocated. trp.app.config.MAX_BATCH repeats it for the CLI.
+MAX_BATCH = 4096
 Inputs = Union[Tensor, Sequence[Tensor]]
 Timer = Callable[[], float]
 

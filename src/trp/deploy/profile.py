@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..core.layers import LayerSelector
 from ..core.safety import split_targets
 from ..core.schemes import Scheme, get_scheme, scheme_for
+from ..limits import read_json
 from .io import atomic_write
 from .latency import STATISTICS, Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version, time_interleaved, torch_threads
 
@@ -120,7 +121,7 @@ class LatencyTable:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "LatencyTable":
         """Read a table written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path))
 
     def rows(self) -> list[list[str]]:
         """One row per layer: name, input, dense ms, fastest split (rank, ms), its speedup."""
@@ -193,8 +194,8 @@ def _cached(key: dict[str, Any], use: bool) -> Optional[dict[str, Any]]:
     if not use or not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = read_json(path)
+    except (OSError, ValueError):
         return None  # a damaged cache entry is measured again and rewritten
     return data.get("value") if data.get("key") == key else None
 

@@ -42,7 +42,7 @@ from ..core.criteria import register_criterion
 from ..core.decompose import apply_recipe
 from ..core.schemes import LowRank
 from .fold import fold_batchnorm
-from .latency import RUNTIMES, STATISTICS, Timer, compare_latency
+from .latency import MAX_BATCH, RUNTIMES, STATISTICS, Timer, compare_latency
 from .profile import LatencyTable, profile_layers
 
 __all__ = ["TargetLatency", "Calibration"]
@@ -158,7 +158,12 @@ class TargetLatency(WholeModelCriterion):
         check_number("TargetLatency: x", x, 1.0, low_open=True, high_open=True, what="a number > 1 (a measured speedup)")
         if runtime not in RUNTIMES:
             raise ValueError(f"TargetLatency: unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
-        check_int("TargetLatency: batch_size", batch_size, 1, what="an integer >= 1")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"TargetLatency: batch_size must be an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
+        if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance)
+                or not 0 < tolerance < 1):
+            raise ValueError(f"TargetLatency: tolerance must be a number in (0, 1) (a relative error of the "
+                             f"measured speedup, e.g. 0.05), got {tolerance!r}")
         if table is not None and (table.runtime, table.batch_size) != (runtime, batch_size):
             raise ValueError(
                 f"TargetLatency: the table was measured in {table.runtime} at batch {table.batch_size}, but "
@@ -447,10 +452,21 @@ def _parse(value: str) -> TargetLatency:
     parts = value.split(":")
     if len(parts) > 3:
         raise ValueError(f"latency criterion takes latency:X[:RUNTIME[:BATCH]], got latency:{value}")
-    x = float(parts[0])
+    try:
+        x = float(parts[0])
+    except ValueError:
+        raise ValueError(f"criterion 'latency:{value}': X must be a number > 1 (a measured speedup), "
+                         f"got {parts[0]!r}") from None
     runtime = parts[1] if len(parts) > 1 and parts[1] else "onnxruntime"
-    batch = int(parts[2]) if len(parts) > 2 else 1
-    return TargetLatency(x, runtime=runtime, batch_size=batch)
+    try:
+        batch = int(parts[2]) if len(parts) > 2 else 1
+    except ValueError:
+        raise ValueError(f"criterion 'latency:{value}': BATCH must be an integer from 1 to {MAX_BATCH}, "
+                         f"got {parts[2]!r}") from None
+    try:
+        return TargetLatency(x, runtime=runtime, batch_size=batch)
+    except ValueError as err:
+        raise ValueError(f"criterion 'latency:{value}': {err}") from None
 
 
 register_criterion("latency", _parse, "latency:X[:RUNTIME[:BATCH]]")
