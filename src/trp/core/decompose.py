@@ -14,16 +14,19 @@ import copy
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
+from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, calibrated_factors, collect_statistics,
+                          output_gains, read_batches, refuse_scheme)
+from .fidelity import Fidelity, compare_outputs, measure_fidelity, warn_fidelity
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
 from .criteria import Criterion, Energy
-from .inputs import ExampleInputs, inputs_given, model_inputs
+from .inputs import ExampleInputs, ModelInputs, inputs_given, model_inputs
 from .layers import LayerSelector, set_module
 from .safety import check_layer, check_outputs, record_layer_inputs, run_model, split_targets
 from .schemes import LowRank, SplitLayerAccess, get_scheme, scheme_for
@@ -70,6 +73,10 @@ class Decomposition:
     #: whole-model and per-layer MACs before / after (when inputs were given)
     macs_before: Optional[MacCount] = None
     macs_after: Optional[MacCount] = None
+    #: how close the split model stays to the dense one (with calibration data or example inputs)
+    fidelity: Optional[Fidelity] = None
+    #: whether the split was calibrated on data (``calibration=``)
+    calibrated: bool = False
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -148,11 +155,15 @@ def decompose_with_report(
     exclude: Sequence[str] = (),
     example_inputs: Optional[ExampleInputs] = None,
     round_to: int = 1,
+    calibration: Optional[Iterable[Any]] = None,
+    calibration_samples: int = DEFAULT_SAMPLES,
+    calibration_weighting: str = "sensitivity",
 ) -> Decomposition:
     """Like :func:`decompose`, also returning what happened to each selected layer.
 
     ``on_layer(name, done, total)`` is called as each layer's spectrum is computed (progress).
-    With inputs, the report also holds the MACs before and after (:class:`~trp.core.counting.MacCount`).
+    With inputs, the report also holds the MACs before and after (:class:`~trp.core.counting.MacCount`),
+    and the split model's fidelity to the dense one (:class:`~trp.core.fidelity.Fidelity`).
     """
     get_scheme(scheme)  # unknown scheme -> ValueError before any work
     criterion = Energy(0.9) if criterion is None else criterion
@@ -164,8 +175,15 @@ def decompose_with_report(
             f"round_to applies to per-layer criteria; a whole-model criterion keeps its budget only when it "
             f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetSpeedup(x, round_to={round_to}))"
         )
+    if calibration_weighting not in _WEIGHTINGS:
+        raise ValueError(f"calibration_weighting must be one of {', '.join(_WEIGHTINGS)}, got {calibration_weighting!r}")
+    inputs_given(input_shape, example_inputs)
+    dense_model = unwrap(model)
+    new = copy.deepcopy(dense_model)
+    calib = read_batches(new, calibration, calibration_samples) if calibration is not None else None
+    if calib is not None and input_shape is None and example_inputs is None:
+        example_inputs = _as_example(calib.fit[0], 8)  # MACs and the exactness check run on real inputs
     has_inputs = inputs_given(input_shape, example_inputs)
-    new = copy.deepcopy(unwrap(model))
     inputs = model_inputs(new, input_shape, example_inputs) if has_inputs else None
     converted = convert_attention(new)
     targets, skipped = split_targets(new, layers, exclude, scheme)
@@ -193,6 +211,19 @@ def decompose_with_report(
         dense_output, layer_inputs = record_layer_inputs(new, dict(targets), check_inputs)
     if whole:
         criterion.prepare(model, scheme, layers, input_shape)
+    calibrated: dict[str, CalibratedFactors] = {}
+    gains: dict[str, float] = {}
+    if calib is not None:
+        report.calibrated = True
+        refuse_scheme([(name, module, scheme_for(module, scheme)) for name, module in targets])
+        stats = collect_statistics(new, dict(targets), calib.fit)
+        for name, module in targets:
+            side, stat = stats.pop(name)
+            calibrated[name] = calibrated_factors(scheme_for(module, scheme).to_matrix(
+                effective_weight(module).detach()), side, stat)
+            del stat
+        if whole and calibration_weighting == "sensitivity":
+            gains = output_gains(new, dict(targets), calib.fit[0])
 
     # Pass 1: spectra and MAC costs of every target.
     # Large layers get only the top of their spectrum: under a per-layer criterion as much as it
@@ -211,7 +242,11 @@ def decompose_with_report(
         sch = scheme_for(module, scheme)
         out_hw, in_hw = sizes.get(module) or sch.nominal_sizes(module)
         svd = None
-        if not whole:
+        if name in calibrated:
+            svd = calibrated[name]
+            if not whole:
+                progress(name)
+        elif not whole:
             svd, for_rank = leading_svd(criterion, sch.to_matrix(effective_weight(module).detach()), f"layer {name!r}")
             if for_rank is not None:
                 rank_spectra[name] = for_rank
@@ -222,11 +257,19 @@ def decompose_with_report(
     if whole:
         convs_only = getattr(criterion, "convs_only", False)
         counted = [e for e in entries if not (convs_only and not isinstance(e[1], nn.Conv2d))]
-        matrices = [
-            LayerMatrix(name, sch.to_matrix(effective_weight(module).detach()),
-                        *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs))
-            for name, module, sch, _, out_hw, in_hw in counted
-        ]
+        if calibrated:
+            matrices = [
+                LayerSpectrum(name, calibrated[name].spectrum,
+                              *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs),
+                              scale=None if calibration_weighting == "normalized" else gains.get(name, 1.0))
+                for name, module, sch, _, out_hw, in_hw in counted
+            ]
+        else:
+            matrices = [
+                LayerMatrix(name, sch.to_matrix(effective_weight(module).detach()),
+                            *_layer_costs(sch, module, out_hw, in_hw, report.macs_before, name, inputs))
+                for name, module, sch, _, out_hw, in_hw in counted
+            ]
         fixed = 0
         if report.macs_before is not None:
             # Budgets are of the whole model: everything outside the counted layers is fixed.
@@ -234,9 +277,14 @@ def decompose_with_report(
             whole_count = before.total if not convs_only else sum(
                 c for n, c in before.layers.items() if isinstance(new.get_submodule(n), nn.Conv2d))
             fixed = whole_count - sum(m.dense_macs for m in matrices)
-        svds, ranks = allocate_leading(criterion, matrices, fixed, on_svd=progress)
-        for entry in entries:
-            entry[3] = svds.get(entry[0])
+        if calibrated:
+            ranks = criterion.allocate(matrices, fixed)
+            for m in matrices:
+                progress(m.name)
+        else:
+            svds, ranks = allocate_leading(criterion, matrices, fixed, on_svd=progress)
+            for entry in entries:
+                entry[3] = svds.get(entry[0])
         # With convs_only, linears are outside the budget: they keep full rank (stay dense, no SVD).
         counted_names = {m.name for m in matrices}
         for name, module, sch, *_ in entries:
@@ -246,9 +294,10 @@ def decompose_with_report(
     else:
         ranks = {}
         for name, module, sch, svd, out_hw, in_hw in entries:
-            rank = _kept_rank(criterion, rank_spectra.get(name, svd[1]))
+            spectrum = svd.spectrum if isinstance(svd, CalibratedFactors) else rank_spectra.get(name, svd[1])
+            rank = _kept_rank(criterion, spectrum)
             if round_to > 1:
-                rank = round_rank(rank, round_to, int(svd[1].shape[-1]),
+                rank = round_rank(rank, round_to, int(spectrum.shape[-1]),
                                   functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw),
                                   sch.macs(module, None, out_hw, in_hw))
             ranks[name] = rank
@@ -256,7 +305,8 @@ def decompose_with_report(
     # Pass 3: factorize where MACs drop.
     split: dict[str, tuple[nn.Module, Tensor, LayerReport]] = {}
     for name, module, sch, svd, out_hw, in_hw in entries:
-        u, s, vh = svd if svd is not None else (None, None, None)
+        cal = svd if isinstance(svd, CalibratedFactors) else None
+        u, s, vh = svd if svd is not None and cal is None else (None, None, None)
         max_rank = sch.max_rank(module)
         before = sch.macs(module, None, out_hw, in_hw)
         if name not in ranks:
@@ -268,7 +318,17 @@ def decompose_with_report(
             raise ValueError(f"criterion {criterion!r} returned rank {rank} for layer {name!r} (1..{max_rank})")
         after = sch.macs(module, rank, out_hw, in_hw)
         entry = LayerReport(name, sch.name, "dense", rank, max_rank, before, after)
-        if after < before:
+        if after < before and cal is not None:
+            a, b = cal.factors(rank)
+            low = sch.build(module, rank)
+            with torch.no_grad():
+                sch._load_factors(low, module, a, b)
+            set_module(new, name, low)
+            entry.status = "factorized"
+            if check_inputs is not None:
+                split[name] = (module, sch.from_matrix(a @ b, module.weight.shape), entry)
+            del a, b
+        elif after < before:
             if s is None or rank > s.shape[-1]:  # the truncated spectra were chosen to hold every split rank
                 raise RuntimeError(f"trp.decompose: layer {name!r} got rank {rank} beyond the "
                                    f"{0 if s is None else s.shape[-1]} singular values computed; please report this")
@@ -281,13 +341,21 @@ def decompose_with_report(
             entry.macs_after = before
         report.layers.append(entry)
 
+    calibrated.clear()
+    entries.clear()
+    check_output = None
     if check_inputs is not None:
-        _check(new, split, layer_inputs, dense_output, check_inputs)
+        check_output = _check(new, split, layer_inputs, dense_output, check_inputs)
     keep = {a for a in converted.originals
             if any(isinstance(m, LowRank) for m in new.get_submodule(a).modules())}
     restore_attention(new, converted, keep)
     if inputs is not None:
         report.macs_after = mac_breakdown(new, inputs)
+    if calib is not None:
+        source = "held-out calibration" if calib.held_out else "calibration"
+        report.fidelity = measure_fidelity(dense_model, new, calib.held, calib.held_out, source=source)
+    elif example_inputs is not None and check_output is not None:
+        report.fidelity = compare_outputs([dense_output], [check_output], False, source="example")
 
     skipped = [(r.name, r.reason) for r in report.layers if r.status == "skipped"]
     if skipped:
@@ -296,7 +364,23 @@ def decompose_with_report(
             + "; ".join(f"{n} ({r})" for n, r in skipped),
             stacklevel=2,
         )
+    warn_fidelity(report.fidelity, report.calibrated)
     return report
+
+
+_WEIGHTINGS = ("sensitivity", "absolute", "normalized")
+
+
+def _as_example(inputs: ModelInputs, n: int) -> Any:
+    """The first ``n`` samples of a batch in a form ``example_inputs`` takes."""
+    from .calibration import _slice
+
+    part = _slice(inputs, min(n, inputs.batch_size))
+    if part.kwargs and not part.args:
+        return dict(part.kwargs)
+    if part.kwargs:
+        raise ValueError("calibration batches mixing positional and keyword inputs need example_inputs= too")
+    return part.args[0] if len(part.args) == 1 else tuple(part.args)
 
 
 def _check(
@@ -305,7 +389,7 @@ def _check(
     layer_inputs: dict[str, Tensor],
     dense_output: Any,
     example_inputs: Any,
-) -> None:
+) -> Any:
     """Check the split model (see the module docstring); leave dense the layers a parent reads."""
     for name, (dense, weight, _) in split.items():
         if name not in layer_inputs:
@@ -344,6 +428,7 @@ def _check(
     problem = check_outputs(dense_output, output)
     if problem:
         raise RuntimeError(f"trp.decompose: {problem}; no model is returned (split layers: {sorted(split)[:5]}...)")
+    return output
 
 
 def decompose(
@@ -356,6 +441,9 @@ def decompose(
     exclude: Sequence[str] = (),
     example_inputs: Optional[ExampleInputs] = None,
     round_to: int = 1,
+    calibration: Optional[Iterable[Any]] = None,
+    calibration_samples: int = DEFAULT_SAMPLES,
+    calibration_weighting: str = "sensitivity",
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
 
@@ -375,9 +463,23 @@ def decompose(
     criteria take their own ``round_to``). The input model is not modified; a
     DistributedDataParallel, DataParallel or ``torch.compile`` wrapper is removed (the result is
     the plain model inside).
+
+    ``calibration`` (an iterable of model inputs, each in a form ``example_inputs`` takes, e.g.
+    a list of image batches or of ``{"input_ids": ..., "attention_mask": ...}`` dicts) makes the
+    split data-aware (:mod:`trp.core.calibration`; channel and linear views only): each layer
+    keeps the directions its outputs use on that data, and ranks are chosen by the output error
+    they add (``Energy(e)`` keeps the fraction ``e`` of each layer's output energy; whole-model
+    criteria compare layers by the error they add weighted by its measured effect on the model
+    output, ``calibration_weighting="sensitivity"``; ``"absolute"``: unweighted; ``"normalized"``:
+    as fractions of each layer's energy). At most ``calibration_samples`` samples (batch rows)
+    are used for the statistics; further batches (or the last one) are held out, and the split
+    model's fidelity to the dense one on them is reported (a :class:`~trp.core.fidelity.FidelityWarning`
+    when it collapsed or lost most of its fidelity; likewise on ``example_inputs`` without calibration).
     """
     return decompose_with_report(model, scheme, criterion, layers, input_shape, exclude=exclude,
-                                 example_inputs=example_inputs, round_to=round_to).model
+                                 example_inputs=example_inputs, round_to=round_to, calibration=calibration,
+                                 calibration_samples=calibration_samples,
+                                 calibration_weighting=calibration_weighting).model
 
 
 def _layer_costs(sch, module: nn.Module, out_hw, in_hw, counted: Optional[MacCount], name: str, inputs):
