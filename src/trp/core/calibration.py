@@ -216,6 +216,15 @@ class _Collector:
         self.stat = torch.zeros(self.groups, d, d, dtype=torch.float64, device=module.weight.device)
         self.positions = 0
 
+    mask: Optional[Tensor] = None  # (B, T) attention mask of the current batch: padding left out
+
+    def _rows(self, t: Tensor) -> Tensor:
+        """The positions of a Linear's input or output ``(..., F)`` as rows, padding positions dropped."""
+        mask = self.mask
+        if mask is not None and t.ndim == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+            return t[mask]
+        return t.reshape(-1, t.shape[-1])
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         with torch.no_grad():
             g = self.groups
@@ -223,7 +232,7 @@ class _Collector:
                 y = output.detach()
                 bias = module.bias
                 if self.kind in ("linear", "hf_conv1d"):
-                    y = y.reshape(-1, y.shape[-1])
+                    y = self._rows(y)
                     if bias is not None:
                         y = y - bias
                     cols = y.double().T.unsqueeze(0)  # (1, out, T)
@@ -235,7 +244,7 @@ class _Collector:
             else:
                 x = args[0].detach()
                 if self.kind in ("linear", "hf_conv1d"):
-                    cols = x.reshape(-1, x.shape[-1]).double().T.unsqueeze(0)
+                    cols = self._rows(x).double().T.unsqueeze(0)
                 else:
                     p = _patches(module, x).double()  # (B, C·kk, P)
                     cols = p.reshape(p.shape[0], g, -1, p.shape[-1]).permute(1, 2, 0, 3).flatten(2)
@@ -248,7 +257,8 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches:
     """``{name: (side, stat)}``: each layer's summed second moment on ``batches``, ``stat`` of shape ``(g, d, d)``.
 
     ``side`` is ``"auto"`` (the smaller of input and output), ``"input"`` or ``"output"``. The
-    model runs in eval mode without gradients; under an initialised ``torch.distributed`` group
+    model runs in eval mode without gradients; positions a batch's integer ``attention_mask``
+    keyword marks as padding (0) are left out of Linear layers' statistics; under an initialised ``torch.distributed`` group
     the statistics are summed over ranks.
     """
     if side not in ("auto", "input", "output"):
@@ -260,6 +270,9 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches:
         model.eval()
         with torch.no_grad():
             for inputs in batches:
+                mask = _padding_mask(inputs)
+                for c in collectors.values():
+                    c.mask = mask
                 inputs(model)
     finally:
         for h in handles:
@@ -272,6 +285,14 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches:
         for c in collectors.values():
             dist.all_reduce(c.stat, op=dist.ReduceOp.SUM)
     return {name: (c.side, c.stat) for name, c in collectors.items()}
+
+
+def _padding_mask(inputs: ModelInputs) -> Optional[Tensor]:
+    """The batch's ``attention_mask`` keyword ``(B, T)`` as booleans (token models), else None."""
+    mask = inputs.kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.ndim == 2 and not mask.is_floating_point():
+        return mask.bool()
+    return None
 
 
 def _sym_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,16 +321,17 @@ class CalibratedFactors:
         s = self.lam.sqrt()
         return s[0] if s.shape[0] == 1 else s
 
-    def output_basis(self, k: int) -> Tensor:
-        """``U_k`` of every group: ``(g, m, k)`` float64 with orthonormal columns (zero columns past the data's rank)."""
+    def output_basis(self, k: int, start: int = 0) -> Tensor:
+        """Eigenvectors ``start..k-1`` of ``Σ_y`` of every group: ``(g, m, k - start)`` float64, orthonormal
+        columns (zero columns past the data's rank); ``start=0`` gives ``U_k``."""
         if self.side == "output":
-            return self.basis[..., :k]
-        lam = self.lam[:, :k]
+            return self.basis[..., start:k]
+        lam = self.lam[:, start:k]
         valid = lam > _TINY * self.lam[:, :1].clamp_min(torch.finfo(torch.float64).tiny)
         scale = torch.where(valid, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(lam))
-        tq = self.basis[..., :k] * scale[:, None, :]
+        tq = self.basis[..., start:k] * scale[:, None, :]
         m = self.matrix.shape[-2]
-        out = torch.empty(self.lam.shape[0], m, k, dtype=torch.float64, device=self.lam.device)
+        out = torch.empty(self.lam.shape[0], m, k - start, dtype=torch.float64, device=self.lam.device)
         mat = self.matrix.reshape(-1, m, self.matrix.shape[-1])
         for r0 in range(0, m, _ROWS):
             out[:, r0:r0 + _ROWS] = mat[:, r0:r0 + _ROWS].double() @ tq
@@ -363,14 +385,18 @@ def effective_matrix(module: nn.Module, sch: Scheme) -> Tensor:
 
 
 def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelInputs, samples: int = 16,
-                 relative_noise: float = 1e-3, seed: int = 0) -> dict[str, float]:
+                 relative_noise: float = 1e-3, seed: int = 0,
+                 directions: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> dict[str, float]:
     """Per layer, how much squared error at the model output one unit of squared error at its output causes.
 
     Gaussian noise of ``relative_noise`` times the layer's output RMS is added to the layer's
     output (one layer at a time, on the first ``samples`` samples of ``inputs``, eval mode, no
-    gradients); the gain is ``‖Δ model output‖² / ‖noise‖²`` (a linearised, direction-averaged
-    sensitivity). Whole-model criteria weight each layer's calibrated error by it, so layers are
-    compared by the error they add to the model's output.
+    gradients); the gain is ``‖Δ model output‖² / ‖noise‖²`` (a linearised sensitivity).
+    Whole-model criteria weight each layer's calibrated error by it, so layers are compared by
+    the error they add to the model's output. The noise is isotropic over the output features,
+    or, for a layer in ``directions`` (``(basis m×t, variances t)``: the eigenvectors a rank
+    would discard and their eigenvalues), shaped like that truncation error (features are the
+    last dimension of a Linear's output, the channels of an ungrouped conv's).
     """
     from .fidelity import main_output
 
@@ -388,9 +414,14 @@ def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelI
             for name, module in modules.items():
                 injected = [0.0]
 
-                def hook(mod: nn.Module, args: Any, out: Tensor) -> Tensor:
+                shaped = (directions or {}).get(name)
+
+                def hook(mod: nn.Module, args: Any, out: Tensor, shaped=shaped) -> Tensor:
                     rms = out.detach().double().square().mean().sqrt().clamp_min(1e-30)
-                    noise = torch.randn(out.shape, generator=gen, dtype=torch.float64) * (rms * relative_noise)
+                    noise = _shaped_noise(mod, out, shaped, gen)
+                    if noise is None:
+                        noise = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+                    noise = noise * (rms * relative_noise / noise.square().mean().sqrt().clamp_min(1e-30))
                     injected[0] += float(noise.square().sum())
                     return out + noise.to(device=out.device, dtype=out.dtype)
 
@@ -406,6 +437,25 @@ def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelI
         for m, mode in modes:
             m.training = mode
     return gains
+
+
+def _shaped_noise(module: nn.Module, out: Tensor, shaped: Optional[tuple[Tensor, Tensor]],
+                  gen: torch.Generator) -> Optional[Tensor]:
+    """Noise ``Σ_j u_j sqrt(λ_j) z_j`` at every position (None: not applicable, use isotropic noise)."""
+    if shaped is None:
+        return None
+    basis, lam = shaped
+    if basis.ndim != 2 or float(lam.sum()) <= 0:
+        return None
+    kind = layer_kind(module)
+    weights = basis.cpu() * lam.cpu().clamp_min(0).sqrt()  # (m, t)
+    if kind in ("linear", "hf_conv1d") and out.shape[-1] == basis.shape[0]:
+        z = torch.randn(*out.shape[:-1], basis.shape[1], generator=gen, dtype=torch.float64)
+        return z @ weights.T
+    if kind in ("conv1d", "conv2d") and getattr(module, "groups", 1) == 1 and out.shape[1] == basis.shape[0]:
+        z = torch.randn(out.shape[0], basis.shape[1], *out.shape[2:], generator=gen, dtype=torch.float64)
+        return torch.einsum("bt...,mt->bm...", z, weights)
+    return None
 
 
 def _rest_first(inputs: ModelInputs, n: int) -> tuple[tuple[Any, ...], dict[str, Any]]:

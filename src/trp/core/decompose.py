@@ -279,6 +279,14 @@ def decompose_with_report(
             fixed = whole_count - sum(m.dense_macs for m in matrices)
         if calibrated:
             ranks = criterion.allocate(matrices, fixed)
+            if calibration_weighting == "sensitivity":
+                # Weigh each layer by its effect on the output along what its rank discards; reallocate.
+                for _ in range(_GAIN_ROUNDS):
+                    gains = output_gains(new, dict(targets), calib.fit[0],
+                                         directions=_discarded(calibrated, ranks, matrices))
+                    for m in matrices:
+                        m.scale = gains.get(m.name, m.scale)
+                    ranks = criterion.allocate(matrices, fixed)
             for m in matrices:
                 progress(m.name)
         else:
@@ -369,6 +377,24 @@ def decompose_with_report(
 
 
 _WEIGHTINGS = ("sensitivity", "absolute", "normalized")
+_GAIN_ROUNDS = 2
+
+
+def _discarded(calibrated: dict[str, CalibratedFactors], ranks: dict[str, int], spectra: Sequence[LayerSpectrum]
+               ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per ungrouped layer, the output directions its rank discards and their eigenvalues (a layer kept
+    whole: its last quarter), for :func:`~trp.core.calibration.output_gains`."""
+    out = {}
+    for spectrum in spectra:
+        cal = calibrated[spectrum.name]
+        if cal.lam.shape[0] != 1:
+            continue
+        r = int(cal.lam.shape[-1])
+        start = int(ranks.get(spectrum.name, r))
+        if start >= r:
+            start = max(0, r - max(1, r // 4))
+        out[spectrum.name] = (cal.output_basis(r, start)[0], cal.lam[0, start:r])
+    return out
 
 
 def _as_example(inputs: ModelInputs, n: int) -> Any:
