@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trp
-from trp.core.calibration import calibrated_factors, collect_statistics, read_batches
+from trp.core.calibration import collect_statistics, layer_factors, read_batches
 from trp.core.fidelity import FidelityWarning
 from trp.core.inputs import model_inputs
 from trp.core.schemes import LowRank, scheme_for
@@ -22,12 +22,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::trp.core.fidelity.FidelityWarni
 SETTINGS = dict(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _closed_form(w: torch.Tensor, outputs: torch.Tensor, k: int) -> torch.Tensor:
-    """W_k = U_k U_kᵀ W for a matrix view ``w`` (m×n) and bias-free outputs ``W X`` (m×T), in float64."""
-    sigma = outputs.double() @ outputs.double().T
-    _, vecs = torch.linalg.eigh(sigma)
+def _closed_form(w: torch.Tensor, outputs: torch.Tensor, k: int, centred: bool = False):
+    """``(W_k, bias shift, discarded eigenvalues)``: W_k = U_k U_kᵀ W for a matrix view ``w`` (m×n) and
+    bias-free outputs ``W X`` (m×T), in float64; centred (a layer with a bias): U_k from the centred
+    outputs, and the mean of the discarded part goes to the bias."""
+    y = outputs.double()
+    mu = y.mean(1, keepdim=True) if centred else torch.zeros_like(y[:, :1])
+    sigma = (y - mu) @ (y - mu).T
+    vals, vecs = torch.linalg.eigh(sigma)
     u = vecs.flip(-1)[:, :k]
-    return u @ u.T @ w.double()
+    shift = (mu - u @ (u.T @ mu))[:, 0]
+    return u @ u.T @ w.double(), shift, vals.flip(-1)[k:].clamp_min(0)
 
 
 def _split_of(model: nn.Module, name: str = "0") -> LowRank:
@@ -59,15 +64,14 @@ def test_linear_matches_closed_form(n_in, n_out, t, dead, lowrank, k, bias, seed
                                     calibration=batches, calibration_samples=10_000)
     low = _split_of(rep.model)
     fit = torch.cat([model_inputs(layer, example_inputs=b).args[0] for b in batches[:len(batches) - 1 or 1]])
-    w_k = _closed_form(layer.weight, (fit @ layer.weight.T).T, k)
+    w_k, shift, dropped = _closed_form(layer.weight, (fit @ layer.weight.T).T, k, centred=bias)
     with torch.no_grad():
         got = low(fit) - (layer.bias if bias else 0)
-        want = fit @ w_k.T
+        want = fit @ w_k.T + shift
         assert torch.allclose(got, want, atol=1e-8 * (1 + want.abs().max()))
         # the discarded eigenvalues are exactly the squared output error on the calibration data
         err = (fit @ layer.weight.T - got).square().sum()
-        lam = torch.linalg.eigvalsh((fit @ layer.weight.T).T @ (fit @ layer.weight.T)).flip(-1)
-        assert float(err) == pytest.approx(float(lam[k:].clamp_min(0).sum()), rel=1e-6, abs=1e-9)
+        assert float(err) == pytest.approx(float(dropped.sum()), rel=1e-6, abs=1e-9)
 
 
 def _conv_case(dims, c_per, n_per, groups, kernel, stride, padding, dilation, seed):
@@ -108,11 +112,14 @@ def test_conv_matches_closed_form(dims, c_per, n_per, groups, kh, kw, sh, sw, ph
         w = conv.weight
         n = w.shape[0]
         want_w = torch.empty_like(w)
+        bias = conv.bias.detach().clone()
         for gi in range(groups):
             rows = slice(gi * n_per, (gi + 1) * n_per)
             outs = y[:, rows].transpose(0, 1).reshape(n_per, -1)
-            want_w[rows] = _closed_form(w[rows].reshape(n_per, -1), outs, k).reshape(w[rows].shape)
-        want = conv._conv_forward(fit, want_w, conv.bias)
+            w_k, shift, _ = _closed_form(w[rows].reshape(n_per, -1), outs, k, centred=True)
+            want_w[rows] = w_k.reshape(w[rows].shape)
+            bias[rows] += shift
+        want = conv._conv_forward(fit, want_w, bias)
         got = low(fit)
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=1e-8 * (1 + want.abs().max()))
@@ -126,18 +133,20 @@ def test_input_and_output_statistics_agree(side):
     for key, layer in layers.items():
         model = nn.Sequential(layer)
         inputs = [model_inputs(model, example_inputs=xs[key])]
-        ref_side, ref = collect_statistics(model, {"0": layer}, inputs, side="output")["0"]
-        got_side, stat = collect_statistics(model, {"0": layer}, inputs, side=side)["0"]
-        assert got_side == side
+        ref = collect_statistics(model, {"0": layer}, inputs, side="output")["0"]
+        got = collect_statistics(model, {"0": layer}, inputs, side=side)["0"]
+        assert got.side == side and got.positions == ref.positions
         sch = scheme_for(layer, "channel")
         m = sch.to_matrix(layer.weight.detach())
-        a = calibrated_factors(m, ref_side, ref)
-        b = calibrated_factors(m, got_side, stat)
-        r = min(m.shape)
-        torch.testing.assert_close(a.lam[0, :r], b.lam[0, :r], rtol=1e-8, atol=1e-8 * float(a.lam.max()))
-        for k in (1, 3):
-            wa, wb = [torch.matmul(*f.factors(k)) for f in (a, b)]
-            torch.testing.assert_close(wa, wb, rtol=1e-7, atol=1e-9)
+        for centred in (False, True):
+            a, b = layer_factors(m, ref, centred), layer_factors(m, got, centred)
+            r = min(m.shape)
+            torch.testing.assert_close(a.lam[0, :r], b.lam[0, :r], rtol=1e-8, atol=1e-8 * float(a.lam.max()))
+            for k in (1, 3):
+                wa, wb = [torch.matmul(*f.factors(k)) for f in (a, b)]
+                torch.testing.assert_close(wa, wb, rtol=1e-7, atol=1e-9)
+                if centred:
+                    torch.testing.assert_close(a.bias_shift(k), b.bias_shift(k), rtol=1e-7, atol=1e-9)
 
 
 def test_hf_conv1d_and_attention_projections():

@@ -55,7 +55,9 @@ __all__ = [
     "collect_statistics",
     "calibrated_factors",
     "layer_dims",
+    "layer_factors",
     "output_gains",
+    "Statistics",
 ]
 
 #: default bound on the samples (batch rows: images, sequences) used for the statistics
@@ -214,7 +216,8 @@ class _Collector:
         self.side = side if side != "auto" else ("input" if in_d < out_d else "output")
         d = in_d if self.side == "input" else out_d
         self.stat = torch.zeros(self.groups, d, d, dtype=torch.float64, device=module.weight.device)
-        self.positions = 0
+        self.total = torch.zeros(self.groups, d, dtype=torch.float64, device=module.weight.device)
+        self.positions = torch.zeros((), dtype=torch.float64, device=module.weight.device)
 
     mask: Optional[Tensor] = None  # (B, T) attention mask of the current batch: padding left out
 
@@ -249,12 +252,13 @@ class _Collector:
                     p = _patches(module, x).double()  # (B, C·kk, P)
                     cols = p.reshape(p.shape[0], g, -1, p.shape[-1]).permute(1, 2, 0, 3).flatten(2)
             self.stat += cols @ cols.mT
+            self.total += cols.sum(-1)
             self.positions += cols.shape[-1]
 
 
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[ModelInputs],
-                       side: str = "auto") -> dict[str, tuple[str, Tensor]]:
-    """``{name: (side, stat)}``: each layer's summed second moment on ``batches``, ``stat`` of shape ``(g, d, d)``.
+                       side: str = "auto") -> dict[str, "Statistics"]:
+    """Each layer's :class:`Statistics` on ``batches``: summed second moment ``(g, d, d)`` and sum ``(g, d)``.
 
     ``side`` is ``"auto"`` (the smaller of input and output), ``"input"`` or ``"output"``. The
     model runs in eval mode without gradients; positions a batch's integer ``attention_mask``
@@ -283,8 +287,20 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for c in collectors.values():
-            dist.all_reduce(c.stat, op=dist.ReduceOp.SUM)
-    return {name: (c.side, c.stat) for name, c in collectors.items()}
+            for t in (c.stat, c.total, c.positions):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {name: Statistics(c.side, c.stat, c.total, float(c.positions)) for name, c in collectors.items()}
+
+
+@dataclass
+class Statistics:
+    """One layer's calibration statistics: ``Σ cols colsᵀ`` and ``Σ cols`` over ``positions`` columns,
+    per group, of its outputs (``side="output"``, bias excluded) or of its im2col inputs (``"input"``)."""
+
+    side: str
+    second: Tensor  # (g, d, d)
+    total: Tensor  # (g, d)
+    positions: float
 
 
 def _padding_mask(inputs: ModelInputs) -> Optional[Tensor]:
@@ -309,11 +325,22 @@ class CalibratedFactors:
     :func:`calibrated_factors`.
     """
 
-    def __init__(self, matrix: Tensor, lam: Tensor, basis: Tensor, side: str) -> None:
+    def __init__(self, matrix: Tensor, lam: Tensor, basis: Tensor, side: str,
+                 mean_output: Optional[Tensor] = None) -> None:
         self.matrix = matrix  # original dtype; float64 blocks are made on demand
         self.lam = lam  # (g, r) float64, r = min(m, n)
         self.basis = basis  # output side: U (g, m, m); input side: T Q (g, n, n)
         self.side = side
+        self.mean_output = mean_output  # (g, m): centred statistics, the bias absorbs the mean
+
+    def bias_shift(self, k: int) -> Optional[Tensor]:
+        """What to add to the bias at rank ``k``: the mean of the discarded part, ``(I − U_k U_kᵀ) μ_y``
+        (``(g·m,)`` float64); None for uncentred statistics."""
+        if self.mean_output is None:
+            return None
+        u = self.output_basis(k)
+        mu = self.mean_output
+        return (mu - (u @ (u.mT @ mu[..., None]))[..., 0]).reshape(-1)
 
     @property
     def spectrum(self) -> Tensor:
@@ -350,19 +377,27 @@ class CalibratedFactors:
         return u, b
 
 
-def calibrated_factors(matrix: Tensor, side: str, stat: Tensor) -> CalibratedFactors:
+def calibrated_factors(matrix: Tensor, side: str, stat: Tensor, mean: Optional[Tensor] = None) -> CalibratedFactors:
     """The calibrated decomposition of a matrix view ``(m, n)`` / ``(g, m, n)`` from its layer's statistic.
 
-    ``stat`` is ``Σ_y`` (``side="output"``, ``(g, m, m)``) or ``X Xᵀ`` (``side="input"``, ``(g, n, n)``).
+    ``stat`` is ``Σ_y`` (``side="output"``, ``(g, m, m)``) or ``X Xᵀ`` (``side="input"``, ``(g, n, n)``),
+    summed over the calibration positions. With ``mean`` (the mean output ``(g, m)`` or input
+    ``(g, n)`` column), ``stat`` must be centred (``Σ (c − μ)(c − μ)ᵀ``): for a layer with a bias,
+    the best rank-``k`` split plus a free bias fits the centred moment and moves the mean of what
+    it discards, ``(I − U_k U_kᵀ) W μ_x``, into the bias (:meth:`CalibratedFactors.bias_shift`).
     """
     mat = matrix.detach().reshape(-1, *matrix.shape[-2:])
     g, m, n = mat.shape
     r = min(m, n)
     if not bool(torch.isfinite(stat).all()):
         raise ValueError("calibration statistics are not finite: the model produced inf/NaN on the calibration data")
+    mean_output = None
+    if mean is not None:
+        mean = mean.double()
+        mean_output = mean if side == "output" else (mat.double() @ mean[..., None])[..., 0]
     if side == "output":
         lam, u = _sym_eigh(stat)
-        return CalibratedFactors(matrix.detach(), lam[:, :r].contiguous(), u, side)
+        return CalibratedFactors(matrix.detach(), lam[:, :r].contiguous(), u, side, mean_output)
     # input side: T = V D^½, G = (W T)ᵀ (W T), eigh(G) = Q Λ Qᵀ; keep T Q
     d, v = _sym_eigh(stat)
     t = v * d.sqrt()[:, None, :]
@@ -376,7 +411,16 @@ def calibrated_factors(matrix: Tensor, side: str, stat: Tensor) -> CalibratedFac
     del gram
     tq = t @ q
     del t, q
-    return CalibratedFactors(matrix.detach(), lam[:, :r].contiguous(), tq, side)
+    return CalibratedFactors(matrix.detach(), lam[:, :r].contiguous(), tq, side, mean_output)
+
+
+def layer_factors(matrix: Tensor, stats: "Statistics", centred: bool) -> CalibratedFactors:
+    """:func:`calibrated_factors` from collected :class:`Statistics`, centred (bias absorbs the mean) or not."""
+    if not centred or stats.positions <= 0:
+        return calibrated_factors(matrix, stats.side, stats.second)
+    mean = stats.total / stats.positions
+    second = stats.second - stats.positions * (mean[..., :, None] * mean[..., None, :])
+    return calibrated_factors(matrix, stats.side, second, mean)
 
 
 def effective_matrix(module: nn.Module, sch: Scheme) -> Tensor:
@@ -403,15 +447,14 @@ def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelI
     part = ModelInputs(*_rest_first(inputs, samples))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     modes = [(m, m.training) for m in model.modules()]
-    gains: dict[str, float] = {}
+    sums: dict[str, tuple[float, float]] = {}
     try:
         model.eval()
         with torch.no_grad():
             base, _ = main_output(part(model))
-            if base is None:
-                return {}
-            base = base.double()
-            for name, module in modules.items():
+            todo = modules if base is not None else {}
+            base = base.double() if base is not None else None
+            for name, module in todo.items():
                 injected = [0.0]
 
                 shaped = (directions or {}).get(name)
@@ -432,11 +475,19 @@ def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelI
                     handle.remove()
                 if out is None or injected[0] == 0:
                     continue
-                gains[name] = float((out.double() - base).square().sum()) / injected[0]
+                sums[name] = (float((out.double() - base).square().sum()), injected[0])
     finally:
         for m, mode in modes:
             m.training = mode
-    return gains
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # every rank measured on its own samples: sum, so that all ranks weigh layers alike
+        names = list(modules)
+        table = torch.tensor([list(sums.get(n, (0.0, 0.0))) for n in names], dtype=torch.float64)
+        dist.all_reduce(table, op=dist.ReduceOp.SUM)
+        sums = {n: (float(a), float(b)) for n, (a, b) in zip(names, table.tolist()) if b > 0}
+    return {name: a / b for name, (a, b) in sums.items()}
 
 
 def _shaped_noise(module: nn.Module, out: Tensor, shaped: Optional[tuple[Tensor, Tensor]],

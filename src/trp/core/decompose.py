@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
-from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, calibrated_factors, collect_statistics,
-                          output_gains, read_batches, refuse_scheme)
+from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, layer_factors, output_gains,
+                          read_batches, refuse_scheme)
 from .fidelity import Fidelity, compare_outputs, measure_fidelity, warn_fidelity
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
 from .criteria import Criterion, Energy
@@ -218,10 +218,9 @@ def decompose_with_report(
         refuse_scheme([(name, module, scheme_for(module, scheme)) for name, module in targets])
         stats = collect_statistics(new, dict(targets), calib.fit)
         for name, module in targets:
-            side, stat = stats.pop(name)
-            calibrated[name] = calibrated_factors(scheme_for(module, scheme).to_matrix(
-                effective_weight(module).detach()), side, stat)
-            del stat
+            # A layer with a bias: centred statistics, the bias takes the mean of what a rank discards.
+            calibrated[name] = layer_factors(scheme_for(module, scheme).to_matrix(effective_weight(module).detach()),
+                                             stats.pop(name), centred=module.bias is not None)
         if whole and calibration_weighting == "sensitivity":
             gains = output_gains(new, dict(targets), calib.fit[0])
 
@@ -311,7 +310,7 @@ def decompose_with_report(
             ranks[name] = rank
 
     # Pass 3: factorize where MACs drop.
-    split: dict[str, tuple[nn.Module, Tensor, LayerReport]] = {}
+    split: dict[str, tuple] = {}  # name: (dense layer, truncated weight, report entry[, bias of the split])
     for name, module, sch, svd, out_hw, in_hw in entries:
         cal = svd if isinstance(svd, CalibratedFactors) else None
         u, s, vh = svd if svd is not None and cal is None else (None, None, None)
@@ -329,12 +328,16 @@ def decompose_with_report(
         if after < before and cal is not None:
             a, b = cal.factors(rank)
             low = sch.build(module, rank)
+            shift = cal.bias_shift(rank)
             with torch.no_grad():
                 sch._load_factors(low, module, a, b)
+                if shift is not None:
+                    low.second.bias.add_(shift.to(low.second.bias))
             set_module(new, name, low)
             entry.status = "factorized"
             if check_inputs is not None:
-                split[name] = (module, sch.from_matrix(a @ b, module.weight.shape), entry)
+                split[name] = (module, sch.from_matrix(a @ b, module.weight.shape), entry,
+                               None if shift is None else module.bias.detach() + shift.to(module.bias))
             del a, b
         elif after < before:
             if s is None or rank > s.shape[-1]:  # the truncated spectra were chosen to hold every split rank
@@ -417,10 +420,11 @@ def _check(
     example_inputs: Any,
 ) -> Any:
     """Check the split model (see the module docstring); leave dense the layers a parent reads."""
-    for name, (dense, weight, _) in split.items():
+    for name, (dense, weight, _, *bias) in split.items():
         if name not in layer_inputs:
             continue  # not reached by the example inputs
-        problem = check_layer(name, dense, new.get_submodule(name), layer_inputs[name], weight)
+        problem = check_layer(name, dense, new.get_submodule(name), layer_inputs[name], weight,
+                              bias[0] if bias else None)
         if problem:
             raise RuntimeError(f"trp.decompose: {problem}. No model is returned; leave the layer dense "
                                f"with exclude=[{name!r}] and report the model's layer type.")
@@ -435,7 +439,7 @@ def _check(
             name = by_id.get(id(err.module))
             if name is None:
                 raise
-            dense, _, entry = split.pop(name)
+            dense, _, entry, *_ = split.pop(name)
             set_module(new, name, dense)
             entry.status, entry.macs_after = "skipped", entry.macs_before
             entry.reason = (f"code around the layer reads its .{err.attribute} directly (found running the "

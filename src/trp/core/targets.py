@@ -143,10 +143,10 @@ def pad_same(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilati
     return F.pad(x, pads)
 
 
-def dense_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """What ``module`` computes on ``x`` when ``weight`` is the weight it applies."""
+def dense_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """What ``module`` computes on ``x`` when ``weight`` is the weight it applies (and ``bias``, if given, its bias)."""
     kind = layer_kind(module)
-    bias = module.bias
+    bias = module.bias if bias is None else bias
     if kind == "linear":
         return F.linear(x, weight, bias)
     if kind == "hf_conv1d":
