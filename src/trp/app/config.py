@@ -82,6 +82,7 @@ class DecomposeStep:
     finetune: int = 0
     finetune_lr: float = 0.01
     recalibrate_bn: int = 0  # training batches to re-estimate BatchNorm statistics on after the split
+    calibrate: int = 0  # training images for a calibrated (data-aware) split; 0: plain SVD
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], default_scheme: str) -> "DecomposeStep":
@@ -92,7 +93,7 @@ class DecomposeStep:
         if "criterion" not in d:
             raise ValueError(f"decompose entry {d} needs a criterion, e.g. 'energy:0.9'")
         step = cls(str(d.get("scheme", default_scheme)), str(d["criterion"]), int(d.get("finetune", 0)),
-                   float(d.get("finetune_lr", 0.01)), int(d.get("recalibrate_bn", 0)))
+                   float(d.get("finetune_lr", 0.01)), int(d.get("recalibrate_bn", 0)), int(d.get("calibrate", 0)))
         step.validate()
         return step
 
@@ -118,12 +119,14 @@ class DecomposeStep:
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
         if self.recalibrate_bn < 0:
             raise ValueError(f"recalibrate_bn must be a number of batches >= 0, got {self.recalibrate_bn}")
+        if self.calibrate < 0:
+            raise ValueError(f"calibrate must be a number of training images >= 0, got {self.calibrate}")
 
     @property
     def stem(self) -> str:
         """File-name stem, e.g. ``decomposed-channel-energy0.9``."""
         crit = re.sub(r"[^A-Za-z0-9.=_-]+", "", self.criterion.replace(":", ""))
-        return f"decomposed-{self.scheme}-{crit}"
+        return f"decomposed-{self.scheme}-{crit}" + (f"-cal{self.calibrate}" if self.calibrate else "")
 
 
 @dataclass
