@@ -430,7 +430,7 @@ def effective_matrix(module: nn.Module, sch: Scheme) -> Tensor:
 
 def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelInputs, samples: int = 16,
                  relative_noise: float = 1e-3, seed: int = 0,
-                 directions: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> dict[str, float]:
+                 directions: Optional[dict[str, tuple]] = None, truncate: bool = False) -> dict[str, float]:
     """Per layer, how much squared error at the model output one unit of squared error at its output causes.
 
     Gaussian noise of ``relative_noise`` times the layer's output RMS is added to the layer's
@@ -440,7 +440,9 @@ def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelI
     the error they add to the model's output. The noise is isotropic over the output features,
     or, for a layer in ``directions`` (``(basis m×t, variances t)``: the eigenvectors a rank
     would discard and their eigenvalues), shaped like that truncation error (features are the
-    last dimension of a Linear's output, the channels of an ungrouped conv's).
+    last dimension of a Linear's output, the channels of an ungrouped conv's). With ``truncate``
+    (and ``directions`` holding ``(basis, variances, mean output)``), the layer's output is
+    truncated instead, ``y − U Uᵀ (y − b − μ)``: the gain of the error that rank really makes.
     """
     from .fidelity import main_output
 
@@ -460,6 +462,11 @@ def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelI
                 shaped = (directions or {}).get(name)
 
                 def hook(mod: nn.Module, args: Any, out: Tensor, shaped=shaped) -> Tensor:
+                    if truncate and shaped is not None:
+                        error = _truncation_error(mod, out, shaped)
+                        if error is not None:
+                            injected[0] += float(error.square().sum())
+                            return out + error.to(device=out.device, dtype=out.dtype)
                     rms = out.detach().double().square().mean().sqrt().clamp_min(1e-30)
                     noise = _shaped_noise(mod, out, shaped, gen)
                     if noise is None:
@@ -490,12 +497,29 @@ def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelI
     return {name: a / b for name, (a, b) in sums.items()}
 
 
+def _truncation_error(module: nn.Module, out: Tensor, shaped: tuple) -> Optional[Tensor]:
+    """``−U Uᵀ (y − bias − μ)`` at every position: what dropping the directions ``U`` does to the output."""
+    basis, _, mean = shaped
+    kind = layer_kind(module)
+    y = out.detach().double()
+    bias = module.bias.detach().double() if module.bias is not None else None
+    u = basis.to(y.device)
+    if kind in ("linear", "hf_conv1d") and y.shape[-1] == u.shape[0]:
+        c = y - (bias if bias is not None else 0) - (mean.to(y.device) if mean is not None else 0)
+        return -((c @ u) @ u.T)
+    if kind in ("conv1d", "conv2d") and getattr(module, "groups", 1) == 1 and y.shape[1] == u.shape[0]:
+        shape = (1, -1) + (1,) * (y.ndim - 2)
+        c = y - (bias.view(shape) if bias is not None else 0) - (mean.to(y.device).view(shape) if mean is not None else 0)
+        return -torch.einsum("bm...,mt,nt->bn...", c, u, u)
+    return None
+
+
 def _shaped_noise(module: nn.Module, out: Tensor, shaped: Optional[tuple[Tensor, Tensor]],
                   gen: torch.Generator) -> Optional[Tensor]:
     """Noise ``Σ_j u_j sqrt(λ_j) z_j`` at every position (None: not applicable, use isotropic noise)."""
     if shaped is None:
         return None
-    basis, lam = shaped
+    basis, lam = shaped[0], shaped[1]
     if basis.ndim != 2 or float(lam.sum()) <= 0:
         return None
     kind = layer_kind(module)

@@ -281,7 +281,7 @@ def decompose_with_report(
             if calibration_weighting == "sensitivity":
                 # Weigh each layer by its effect on the output along what its rank discards; reallocate.
                 for _ in range(_GAIN_ROUNDS):
-                    gains = output_gains(new, dict(targets), calib.fit[0],
+                    gains = output_gains(new, dict(targets), calib.fit[0], truncate=_GAIN_TRUNCATE,
                                          directions=_discarded(calibrated, ranks, matrices))
                     for m in matrices:
                         m.scale = gains.get(m.name, m.scale)
@@ -381,6 +381,7 @@ def decompose_with_report(
 
 _WEIGHTINGS = ("sensitivity", "absolute", "normalized")
 _GAIN_ROUNDS = 2
+_GAIN_TRUNCATE = False  # True: re-measure gains with the truncation error itself (measured worse on MiniLM: 0.872 vs 0.881)
 
 
 def _discarded(calibrated: dict[str, CalibratedFactors], ranks: dict[str, int], spectra: Sequence[LayerSpectrum]
@@ -396,7 +397,8 @@ def _discarded(calibrated: dict[str, CalibratedFactors], ranks: dict[str, int], 
         start = int(ranks.get(spectrum.name, r))
         if start >= r:
             start = max(0, r - max(1, r // 4))
-        out[spectrum.name] = (cal.output_basis(r, start)[0], cal.lam[0, start:r])
+        mean = cal.mean_output[0] if cal.mean_output is not None else None
+        out[spectrum.name] = (cal.output_basis(r, start)[0], cal.lam[0, start:r], mean)
     return out
 
 
