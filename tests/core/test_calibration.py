@@ -267,3 +267,31 @@ def test_without_calibration_no_fidelity_on_input_shape_only():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     rep = trp.decompose_with_report(model, criterion=trp.FixedRank(2), layers="all")
     assert rep.fidelity is None and not rep.calibrated
+
+
+def test_target_latency_takes_calibration_through_decompose():
+    from trp.deploy.profile import LatencyTable, LayerLatency
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16),
+                          nn.Linear(16, 4))
+    ranks = [4, 8, 16, 32]
+    lats = {n: LayerLatency(n, "channel", (1, 16), r, 10.0, [k for k in ranks if k <= r],
+                            [0.25 * k for k in ranks if k <= r])
+            for n, r in (("0", 16), ("2", 64), ("4", 16))}
+    table = LatencyTable(lats, 40.0, "onnxruntime", "cpu: fake", 1, 1, "channel")
+    x = torch.randn(96, 16)
+    rep = trp.decompose_with_report(model, criterion=trp.TargetLatency(1.3, table=table, calibrate=0),
+                                    layers=["0", "2", "4"], input_shape=(1, 16), calibration=[x[:48], x[48:]])
+    assert rep.calibrated and rep.factorized and rep.fidelity is not None
+
+
+def test_calibrated_spectra_are_compared_across_layers_by_scale():
+    from trp.core.allocation import LayerSpectrum
+
+    big = LayerSpectrum("big", torch.tensor([10.0, 1.0, 1.0]), 100, lambda r: 10 * r, scale=1.0)
+    small = LayerSpectrum("small", torch.tensor([10.0, 1.0, 1.0]), 100, lambda r: 10 * r, scale=1e-4)
+    ranks = trp.TargetSpeedup(200 / 40).allocate([big, small], 0)  # room for two ranks beyond rank 1 each
+    assert ranks == {"big": 3, "small": 1}  # the same spectra, compared by their weighted values
+    plain = [LayerSpectrum(s.name, s.sigma, 100, s.macs) for s in (big, small)]
+    assert trp.TargetSpeedup(200 / 40).allocate(plain, 0) == {"big": 2, "small": 2}  # fractions of own energy
