@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -139,7 +140,7 @@ def test_input_and_output_statistics_agree(side):
         sch = scheme_for(layer, "channel")
         m = sch.to_matrix(layer.weight.detach())
         for centred in (False, True):
-            a, b = layer_factors(m, ref, centred), layer_factors(m, got, centred)
+            a, b = layer_factors(m, copy.deepcopy(ref), centred), layer_factors(m, copy.deepcopy(got), centred)
             r = min(m.shape)
             torch.testing.assert_close(a.lam[0, :r], b.lam[0, :r], rtol=1e-8, atol=1e-8 * float(a.lam.max()))
             for k in (1, 3):

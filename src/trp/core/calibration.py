@@ -312,10 +312,12 @@ def _padding_mask(inputs: ModelInputs) -> Optional[Tensor]:
 
 
 def _sym_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD float64 matrix."""
-    a = (a + a.mT) / 2
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD float64 matrix.
+
+    Only the lower triangle is read (no symmetrised copy: the statistics are symmetric sums)."""
     vals, vecs = torch.linalg.eigh(a)
-    return vals.flip(-1).clamp_min(0), vecs.flip(-1)
+    vecs = vecs.flip(-1)  # the ascending copy is freed here
+    return vals.flip(-1).clamp_min(0), vecs
 
 
 class CalibratedFactors:
@@ -399,10 +401,11 @@ def calibrated_factors(matrix: Tensor, side: str, stat: Tensor, mean: Optional[T
         lam, u = _sym_eigh(stat)
         return CalibratedFactors(matrix.detach(), lam[:, :r].contiguous(), u, side, mean_output)
     # input side: T = V D^½, G = (W T)ᵀ (W T), eigh(G) = Q Λ Qᵀ; keep T Q
-    d, v = _sym_eigh(stat)
-    t = v * d.sqrt()[:, None, :]
-    del v, d
-    gram = torch.zeros(g, n, n, dtype=torch.float64, device=stat.device)
+    d, t = _sym_eigh(stat)
+    del stat  # the caller hands the statistic over (layer_factors does)
+    t.mul_(d.sqrt()[:, None, :])
+    del d
+    gram = torch.zeros(g, n, n, dtype=torch.float64, device=t.device)
     for r0 in range(0, m, _ROWS):
         wt = mat[:, r0:r0 + _ROWS].double() @ t
         gram += wt.mT @ wt
@@ -415,12 +418,16 @@ def calibrated_factors(matrix: Tensor, side: str, stat: Tensor, mean: Optional[T
 
 
 def layer_factors(matrix: Tensor, stats: "Statistics", centred: bool) -> CalibratedFactors:
-    """:func:`calibrated_factors` from collected :class:`Statistics`, centred (bias absorbs the mean) or not."""
+    """:func:`calibrated_factors` from collected :class:`Statistics`, centred (bias absorbs the mean) or not.
+
+    The statistic is centred in place and handed over (``stats`` loses it), so that a large layer
+    holds one ``d×d`` matrix less while its eigen-decompositions run."""
+    box, stats.second = [stats.second], None  # no other reference: calibrated_factors frees it when done
     if not centred or stats.positions <= 0:
-        return calibrated_factors(matrix, stats.side, stats.second)
+        return calibrated_factors(matrix, stats.side, box.pop())
     mean = stats.total / stats.positions
-    second = stats.second - stats.positions * (mean[..., :, None] * mean[..., None, :])
-    return calibrated_factors(matrix, stats.side, second, mean)
+    box[0].baddbmm_(mean[..., :, None], mean[..., None, :], alpha=-stats.positions)
+    return calibrated_factors(matrix, stats.side, box.pop(), mean)
 
 
 def effective_matrix(module: nn.Module, sch: Scheme) -> Tensor:
