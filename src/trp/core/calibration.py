@@ -251,7 +251,7 @@ class _Collector:
                 else:
                     p = _patches(module, x).double()  # (B, C·kk, P)
                     cols = p.reshape(p.shape[0], g, -1, p.shape[-1]).permute(1, 2, 0, 3).flatten(2)
-            self.stat += cols @ cols.mT
+            self.stat.baddbmm_(cols, cols.mT)  # in place: no d×d temporary
             self.total += cols.sum(-1)
             self.positions += cols.shape[-1]
 

@@ -336,7 +336,8 @@ def decompose_with_report(
             set_module(new, name, low)
             entry.status = "factorized"
             if check_inputs is not None:
-                split[name] = (module, sch.from_matrix(a @ b, module.weight.shape), entry,
+                dtype = module.weight.dtype  # the check's truncated weight in the layer's dtype (memory)
+                split[name] = (module, sch.from_matrix(a.to(dtype) @ b.to(dtype), module.weight.shape), entry,
                                None if shift is None else module.bias.detach() + shift.to(module.bias))
             del a, b
         elif after < before:
