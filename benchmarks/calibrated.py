@@ -36,9 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import platform
 import random
 import sys
@@ -54,7 +52,6 @@ from torch.nn import functional as F
 
 import trp
 from trp.core.counting import mac_breakdown
-from trp.core.fidelity import FidelityWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrained as _pre  # noqa: E402  (the fortunes and photographs of the pretrained benchmark)

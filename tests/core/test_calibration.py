@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
