@@ -367,6 +367,9 @@ def _print_bench(record: dict[str, Any], title: str) -> None:
 @click.option("--finetune-lr", type=float, default=0.01, show_default=True)
 @click.option("--recalibrate-bn", type=int, default=0, show_default=True,
               help="Re-estimate BatchNorm statistics on this many training batches after the split (no training).")
+@click.option("--calibrate", type=int, default=0, show_default=True,
+              help="Calibrated (data-aware) split from this many training images of the run's data set "
+                   "(0: plain SVD); the fidelity to the dense model on further held-out images is printed.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file [default: next to SOURCE].")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder for the accuracy check (CIFAR, ImageNet).")
 @click.option("--no-eval", is_flag=True, help="Skip the top-1 check on the test split.")
@@ -377,7 +380,8 @@ def _print_bench(record: dict[str, Any], title: str) -> None:
               help="Also measure the split model's speedup (eager and ONNX Runtime, batch 1 and 64; takes a while).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str], target_speedup: Optional[float],
-                  finetune: int, finetune_lr: float, recalibrate_bn: int, out: Optional[Path], data_dir: Optional[str], no_eval: bool,
+                  finetune: int, finetune_lr: float, recalibrate_bn: int, calibrate: int, out: Optional[Path],
+                  data_dir: Optional[str], no_eval: bool,
                   layers: Optional[str], exclude: Optional[str], device: str, bench: bool,
                   no_progress: bool) -> None:
     """Split a trained model's layers into thin layers and report what it bought."""
@@ -388,12 +392,12 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
     config = engine.load_config(source) if Path(source).is_dir() else None
     default_scheme = scheme or (config.scheme if config else "channel")
     if (criterion is None and config is not None and config.decompose and scheme is None and not finetune
-            and not recalibrate_bn):
+            and not recalibrate_bn and not calibrate):
         steps = [DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
     else:
         default = config.default_criterion() if config else "value:0.05"
         steps = [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr,
-                                        recalibrate_bn)]
+                                        recalibrate_bn, calibrate)]
     run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
                        parse_patterns(exclude) if exclude is not None else None, bench)
 

@@ -297,7 +297,7 @@ class DecomposeStep(_Schema):
     finetune: Integer(0, 10**6) = 0  # type: ignore[valid-type]
     finetune_lr: Number(0, math.inf, low_open=True, what="> 0") = 0.01  # type: ignore[valid-type]
     recalibrate_bn: Integer(0, 10**9) = 0  # type: ignore[valid-type]  # training batches for BatchNorm statistics
-    calibrate: Optional[Integer(1, 10**9)] = None  # type: ignore[valid-type]  # batches to calibrate the split on
+    calibrate: Integer(0, 10**9) = 0  # type: ignore[valid-type]  # training images for a calibrated split; 0: plain SVD
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], default_scheme: str, source: str = "decompose entry") -> "DecomposeStep":
@@ -325,7 +325,7 @@ class DecomposeStep(_Schema):
     def stem(self) -> str:
         """File-name stem, e.g. ``decomposed-channel-energy0.9``."""
         crit = re.sub(r"[^A-Za-z0-9.=_-]+", "", self.criterion.replace(":", ""))
-        return f"decomposed-{self.scheme}-{crit}"
+        return f"decomposed-{self.scheme}-{crit}" + (f"-cal{self.calibrate}" if self.calibrate else "")
 
 
 @dataclass

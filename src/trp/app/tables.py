@@ -80,6 +80,16 @@ def result_lines(result: Any) -> list[Any]:
     before = rec["dense"]["top1"] if rec["dense"] else None
     after = rec["decomposed"]["top1"] if rec["decomposed"] else None
     out: list[Any] = [layer_table(result.report), summary_table(result.summary, before, after)]
+    fidelity = result.report.fidelity
+    if fidelity is not None:
+        out.append(("[bold red]WARNING: [/bold red]" if not fidelity.ok else "")
+                   + fidelity.describe().replace("fidelity to", "fidelity of the split model to")
+                   + ("" if fidelity.ok else "; try a smaller reduction, more --calibrate images, or --finetune"
+                      if rec.get("calibrate") else "; try --calibrate N (a data-aware split), a smaller "
+                      "reduction, or --finetune"))
+    if before is not None and after is not None and after < before / 2 and (fidelity is None or fidelity.ok):
+        out.append(f"[bold red]WARNING:[/bold red] the split model lost most of its accuracy ({after:.2f}% against "
+                   f"{before:.2f}%): try --calibrate N (a data-aware split), a smaller reduction, or --finetune")
     if rec.get("bn_recalibrated"):
         bn = rec["bn_recalibrated"]
         out.append(f"BatchNorm statistics re-estimated on {bn['batches']} training batches: top-1 {bn['top1']:.2f}% "

@@ -150,8 +150,12 @@ def decompose_source(
         crit = parse_criterion(step.criterion)
         if isinstance(crit, target_latency.TargetLatency) and crit.progress is None:
             crit.progress = progress  # profiling layer i of n, calibration round j
+    calibration = None
+    if step.calibrate:  # N training images (then a few more held out for the fidelity figure)
+        calibration = _calibration_images(spec, config, data_dir, step.calibrate, dev)
     report = decompose_with_report(model, step.scheme, crit, layers, spec.input_shape, exclude=exclude,
-                                   on_layer=_svd_progress(progress))
+                                   on_layer=_svd_progress(progress), calibration=calibration,
+                                   calibration_samples=step.calibrate or 512)
     summary = summarize(model, report.model, spec.input_shape)
     base_dir = source if source.is_dir() else source.parent
     out = Path(out) if out is not None else base_dir / f"{step.stem}.safetensors"
@@ -165,6 +169,8 @@ def decompose_source(
         "mac_reduction": summary.mac_reduction, "conv_mac_reduction": summary.conv_mac_reduction,
         "ranks": {r.name: r.rank for r in report.factorized},
         "finetune": None,
+        "calibrate": step.calibrate,
+        "fidelity": report.fidelity.to_dict() if report.fidelity is not None else None,
     }
     if evaluate:
         loader = test_loader(spec, data_dir, config.seed if config else 0)
@@ -236,6 +242,20 @@ def _full_train_set(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Op
     train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed if config else 0, image_size=image_size,
                                    hflip=config.hflip if config else False)
     return train_set
+
+
+def _calibration_images(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str],
+                        n: int, device: torch.device):
+    """Batches of the run's training images (shuffled with the run's seed): ``n`` to calibrate, then held-out ones."""
+    loader = make_loader(_train_split(spec, config, data_dir), 64, True, seed=config.seed if config else 0)
+    held = min(128, max(8, n // 4))
+    seen = 0
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        yield images.to(device)
+        seen += images.shape[0]
+        if seen >= n + held:
+            return
 
 
 def _train_split(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str]):

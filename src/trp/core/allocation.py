@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "LayerSpectrum", "WholeModelCriterion", "TargetSpeedup", "Global", "LayerRanks", "pooled_spectrum",
+    "LayerSpectrum", "layer_worth", "WholeModelCriterion", "TargetSpeedup", "Global", "LayerRanks", "pooled_spectrum",
     "check_round_to", "round_rank", "break_even_rank",
 ]
 
@@ -43,6 +43,10 @@ class LayerSpectrum:
     sigma: Tensor  # descending, shape (k,) or (..., k) for batched views
     dense_macs: int
     macs: Callable[[int], int]
+    #: None: the spectrum is compared across layers as fractions of the layer's own energy (plain
+    #: SVD). A number: the squared values times ``scale`` are already comparable across layers
+    #: (calibrated errors weighted by their effect on the model's output, :mod:`trp.core.calibration`).
+    scale: Optional[float] = None
 
     @property
     def max_rank(self) -> int:
@@ -51,6 +55,19 @@ class LayerSpectrum:
     def cost(self, rank: int) -> int:
         """MACs of the layer when the criterion gives it ``rank``."""
         return min(self.macs(rank), self.dense_macs)
+
+
+def layer_worth(layer: LayerSpectrum) -> Tensor:
+    """What each rank index of ``layer`` is worth, comparable across layers (float64, shape ``(k,)``).
+
+    The share of the layer's energy (plain spectra), or the squared value times ``layer.scale``
+    (calibrated spectra: the output error the index removes, weighted by its effect on the model output).
+    """
+    energy = pooled_spectrum(layer.sigma).square()
+    if layer.scale is not None:
+        return energy * float(layer.scale)
+    total = energy.sum()
+    return energy / total if total > 0 else torch.zeros_like(energy)
 
 
 def pooled_spectrum(sigma: Tensor, keep: int = 0) -> Tensor:
@@ -175,8 +192,7 @@ class TargetSpeedup(WholeModelCriterion):
         # an already low-rank weight) are taken in index order, so the budget is filled.
         items = []
         for li, layer in enumerate(layers):
-            energy = pooled_spectrum(layer.sigma).square()
-            share = (energy / energy.sum() if energy.sum() > 0 else torch.zeros_like(energy)).tolist()
+            share = layer_worth(layer).tolist()
             per_rank = max(layer.macs(2) - layer.macs(1), 1)
             for start in range(ranks[li], len(share), k):
                 stop = min(start + k, len(share))
@@ -287,7 +303,10 @@ class Global(WholeModelCriterion):
         normalized = []
         for layer in layers:
             s = pooled_spectrum(layer.sigma)
-            normalized.append(s / s[0] if s[0] > 0 else torch.zeros_like(s))
+            if layer.scale is not None:  # calibrated: values already comparable across layers
+                normalized.append(s * math.sqrt(float(layer.scale)))
+            else:
+                normalized.append(s / s[0] if s[0] > 0 else torch.zeros_like(s))
         total = sum(s.numel() for s in normalized)
         order = self._drop_order(normalized)
         if self.drop is not None:

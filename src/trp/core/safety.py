@@ -149,10 +149,14 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
-def check_layer(name: str, dense: nn.Module, split: nn.Module, x: Tensor, weight: Tensor) -> Optional[str]:
-    """Why ``split(x)`` differs from ``dense`` applied with ``weight`` (the truncated one), or None."""
+def check_layer(name: str, dense: nn.Module, split: nn.Module, x: Tensor, weight: Tensor,
+                bias: Optional[Tensor] = None) -> Optional[str]:
+    """Why ``split(x)`` differs from ``dense`` applied with ``weight`` (the truncated one), or None.
+
+    ``bias``: the split's bias when it differs from the dense layer's (a calibrated split moves the
+    mean of what it discards into the bias)."""
     with torch.no_grad():
-        expected = dense_forward(dense, x, weight.to(dense.weight.dtype))
+        expected = dense_forward(dense, x, weight.to(dense.weight.dtype), bias)
         try:
             got = _eval_no_grad(split, lambda: split(x))
         except Exception as err:  # noqa: BLE001 - reported with the layer's name

@@ -126,10 +126,10 @@ def effective_weight(module: nn.Module) -> Tensor:
     return module.weight if std is None else std.core.weight
 
 
-def dense_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """What ``module`` computes on ``x`` when ``weight`` is the weight it applies."""
+def dense_forward(module: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """What ``module`` computes on ``x`` when ``weight`` is the weight it applies (and ``bias``, if given, its bias)."""
     kind = layer_kind(module)
-    bias = module.bias
+    bias = module.bias if bias is None else bias
     if kind == "linear":
         return F.linear(x, weight, bias)
     if kind == "hf_conv1d":

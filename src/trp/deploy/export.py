@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.fidelity import FidelityWarning
 from .fold import fold_batchnorm_with_report
 from ..errors import ConfigError, Error, one_line
 from .io import atomic_write, check_destination
@@ -50,6 +51,9 @@ class ExportError(Error, RuntimeError):
 # The opsets this module accepts: torch.onnx's exporters write 7 and later; a file's opset is checked
 # against the one asked for after the export, so an opset the exporter replaces is refused, never kept.
 MIN_OPSET, MAX_OPSET = 7, 30
+
+#: below this relative output change for other inputs, a model counts as collapsed
+COLLAPSED_SENSITIVITY = 1e-6
 
 
 @dataclass
@@ -74,6 +78,13 @@ class ExportResult:
     folded_batchnorms: int = 0
     unfolded_batchnorms: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     fallback_reason: str = ""  # with exporter="auto": why the TorchScript exporter was not used
+    #: relative change of the model's outputs when given other inputs (nan: not measured)
+    input_sensitivity: float = float("nan")
+
+    @property
+    def collapsed(self) -> bool:
+        """The model's output does not depend on its input: a match with PyTorch says nothing of its quality."""
+        return self.input_sensitivity < COLLAPSED_SENSITIVITY
 
     def __repr__(self) -> str:
         return f"ExportResult({self.summary()})"
@@ -84,7 +95,10 @@ class ExportResult:
                f"(tolerance {self.tolerance:g}, batch {', '.join(map(str, self.checked_batch_sizes))})"
                if self.checked_batch_sizes else "not checked")
         via = f" (dynamo exporter: {self.fallback_reason})" if self.fallback_reason else ""
-        return f"{self.path}: ONNX opset {self.opset}{via}, {self.folded_batchnorms} BatchNorm folded; {err}"
+        warn = (f"; WARNING: the model has collapsed, its output does not depend on its input (relative change "
+                f"{self.input_sensitivity:.2g} for other inputs): ONNX Runtime reproduces a broken model"
+                if self.collapsed else "")
+        return f"{self.path}: ONNX opset {self.opset}{via}, {self.folded_batchnorms} BatchNorm folded; {err}{warn}"
 
 
 def _graph_level(level: str):
@@ -203,6 +217,37 @@ class _Flat(nn.Module):
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         kwargs = dict(zip(self.keywords, inputs[self.n_args:]))
         return tuple(_flat_outputs(self.model(*inputs[: self.n_args], **kwargs, **self.forward_kwargs)))
+
+
+def _other_input(t: Any, gen: torch.Generator) -> Any:
+    """A different input of the same kind: noise added to floats, integers (token ids) rolled."""
+    if not isinstance(t, Tensor) or t.numel() == 0:
+        return t
+    if t.is_floating_point():
+        scale = float(t.detach().float().std()) if t.numel() > 1 else 0.0
+        noise = torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype)
+        return t + noise * (scale if scale > 0 else 1.0)
+    if t.dtype != torch.bool and t.ndim >= 1 and t.shape[-1] > 1:
+        return torch.roll(t, 1, dims=-1)
+    return t
+
+
+def _input_sensitivity(reference_model: Any, args: tuple, kwargs: dict, reference: list) -> float:
+    """The largest relative change of a floating output when the inputs change (nan: not measurable)."""
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            other = _flat_outputs(reference_model(*(_other_input(a, gen) for a in args),
+                                                  **{k: _other_input(v, gen) for k, v in kwargs.items()}))
+    except Exception:  # noqa: BLE001 - another input may be invalid for this model: not measured
+        return float("nan")
+    worst = float("nan")
+    for a, b in zip(reference, other):
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.is_floating_point() and a.shape == b.shape:
+            scale = float(a.double().norm())
+            change = float((b.double() - a.double()).norm()) / scale if scale > 0 else float(b.double().norm() > 0)
+            worst = change if worst != worst else max(worst, change)
+    return worst
 
 
 def _grow_batch(t: Tensor) -> Tensor:
@@ -380,6 +425,7 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
     if bad:
         raise ExportError(f"the model's output {bad[0]} holds NaN or Inf for finite example inputs in PyTorch "
                           "itself (before any export): the weights overflow; export a healthy model")
+    sensitivity = _input_sensitivity(reference_model, args, kwargs, reference)
     output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
 
     with atomic_write(path) as tmp:
@@ -417,7 +463,7 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
                               f"nothing written: ask for an opset it supports (e.g. {used_opset}) or leave it unset")
         result = ExportResult(path, used_opset, exporter, [], input_names, output_names, dynamic_batch,
                               tolerance=tolerance, folded_batchnorms=folded, unfolded_batchnorms=unfolded,
-                              fallback_reason=fallback)
+                              fallback_reason=fallback, input_sensitivity=sensitivity)
         if check:
             session = ort_session(tmp)
             result.providers = list(session.get_providers())
@@ -452,4 +498,10 @@ def _export(model: nn.Module, path: Path, args: tuple, kwargs: dict, input_names
                     f"({worst_abs:.3g} absolute), above the tolerance {tolerance:g}; no file written. "
                     "Try exporting without BatchNorm folding, another opset, or a looser tolerance"
                 )
+        if result.collapsed:
+            warnings.warn(f"trp.export_onnx: {path}: the model's output does not depend on its input (relative "
+                          f"change {sensitivity:.2g} for other inputs): it has collapsed, and the small error "
+                          "against PyTorch says nothing of its quality. If it is a split model, split it with "
+                          "calibration=batches of real inputs, a smaller reduction, or fine-tune it.",
+                          FidelityWarning, stacklevel=3)
     return result

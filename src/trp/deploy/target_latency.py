@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..core._util import check_int, check_number, seeded_inputs
-from ..core.allocation import LayerSpectrum, WholeModelCriterion, check_round_to, pooled_spectrum
+from ..core.allocation import LayerSpectrum, WholeModelCriterion, check_round_to, layer_worth, pooled_spectrum
 from ..core.criteria import register_criterion
 from ..core.decompose import apply_recipe
 from ..core.schemes import LowRank
@@ -221,11 +221,18 @@ class TargetLatency(WholeModelCriterion):
         if self.monotone:
             lat = dataclasses.replace(lat, split=_nondecreasing([t for _, t in sorted(zip(lat.ranks, lat.split))]),
                                       ranks=sorted(lat.ranks))
-        energy = pooled_spectrum(layer.sigma).square()
-        total = float(energy.sum())
-        cum = (energy.cumsum(0) / total).tolist() if total > 0 else [1.0] * len(energy)
+        if layer.scale is None:  # shares of the layer's energy
+            energy = pooled_spectrum(layer.sigma).square()
+            total = float(energy.sum())
+            cum = (energy.cumsum(0) / total).tolist() if total > 0 else [1.0] * len(energy)
+            full = 1.0
+        else:  # calibrated: errors comparable across layers (trp.core.calibration)
+            worth = layer_worth(layer)
+            total = float(worth.sum())
+            cum = worth.cumsum(0).tolist() if total > 0 else [1.0] * len(worth)
+            full = total if total > 0 else 1.0
         dense = lat.dense - lat.overhead
-        options = [_Option(None, dense, 1.0)]
+        options = [_Option(None, dense, full)]
         if self.round_to is None:
             ranks = [(r, t) for r, t in zip(lat.ranks, lat.split)]
         else:

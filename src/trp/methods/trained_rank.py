@@ -295,10 +295,13 @@ class TRP:
         input_shape: Optional[tuple[int, ...]] = None,
         *,
         example_inputs: Optional[ExampleInputs] = None,
+        calibration: Optional[Any] = None,
+        **calibration_options: Any,
     ) -> nn.Module:
         """Split the trained target layers (default criterion: the target, else ``Value(0.05)``, SPEC §1.3).
 
-        The result is the plain model (any DDP / torch.compile wrapper removed).
+        The result is the plain model (any DDP / torch.compile wrapper removed). ``calibration``
+        (and ``calibration_samples`` / ``calibration_weighting``) are passed to :func:`trp.decompose`.
         """
         if criterion is None:
             criterion = self.criterion if self.whole else Value(0.05)
@@ -309,6 +312,8 @@ class TRP:
             layers=self.layer_names,
             input_shape=input_shape if input_shape is not None or example_inputs is not None else self.input_shape,
             example_inputs=example_inputs,
+            calibration=calibration,
+            **calibration_options,
         )
 
     # -- state ----------------------------------------------------------------------------
