@@ -137,6 +137,8 @@ for m in $MODELS; do
   done
 done
 
+rm -f "$RUNS"/*/finetune-*/checkpoint.pt  # finished fine-tunes: their models are what is kept
+
 # Accuracy at matched MAC reductions 1.5x..6x for every run (the plot's curves).
 for run in "$RUNS"/*-s0; do
   compgen -G "$run/sweep-*-speedup.json" >/dev/null || "$TRP" sweep "$run" --kind speedup "${DATA[@]}" >>"$run/sweep.log" 2>&1
