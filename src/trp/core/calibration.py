@@ -30,6 +30,10 @@ so the weighted low-rank problem has no eigen-decomposition solution.
 
 Under ``torch.distributed`` each rank collects the statistics of its own calibration batches
 and they are summed (all-reduce) before any eigen-decomposition, so every rank splits alike.
+
+Why this module is long (~550 lines): collecting the statistics, the closed form of each layer kind
+(Linear, Conv1d/Conv2d, grouped, HF Conv1D) and the measured output gains share one factor
+representation; they are to be split into a statistics module and a factors module.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ which turns its fused fast path off (stated in ``Decomposition.notes``). Layers 
 more than ``trp.core.svd.FULL_SVD_MAX`` singular values get only the leading ones their rank
 needs (:mod:`trp.core.topspectra`); ``on_layer`` reports progress per layer.
 
-Why this module is long (~550 lines): the three passes of :func:`decompose_with_report` (spectra,
+Why this module is long (~800 lines, with the calibrated split and the inference checks): the three passes of :func:`decompose_with_report` (spectra,
 ranks, split and check) share their intermediate state, and the recipe functions sit beside the
 code that writes what they replay; issue 21 moves the recipe functions to ``core/recipe.py``.
 """
