@@ -14,6 +14,9 @@ a flat tuple of tensors, so models called with keyword inputs (Hugging Face toke
 and returning nested outputs (a ModelOutput) export like any other. Also here: :func:`ort_session`,
 an ONNX Runtime session with chosen threads, device and graph optimization, for anyone who times
 the exported model.
+
+Why this module is long (~500 lines): the export, its checks (input shapes, NaN, a collapsed
+model) and the comparison in ONNX Runtime belong to one call and share its inputs.
 """
 
 from __future__ import annotations
