@@ -44,7 +44,8 @@ from ..methods.trained_rank import TRP
 from ..methods.trp_config import TRPConfig
 from .files import ModelSpec, read_checkpoint
 from .loaders import SKIPPED_IMAGES, ProgressFactory, evaluate, holdout_split, make_loader, resolve_device, screen_datasets
-from .rundir import RunLock, append_metrics, check_writable, disk_error, read_metrics, remove_leftovers
+from .rundir import (TRAINED_RANKS, RunLock, append_metrics, check_writable, disk_error, read_metrics,
+                     remove_leftovers, write_trained_ranks)
 
 __all__ = ["Trainer", "make_target"]
 
@@ -314,6 +315,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+            (self.run_dir / TRAINED_RANKS).unlink(missing_ok=True)  # written again when training ends
             if self.skipped_images:
                 listing = self.run_dir / SKIPPED_IMAGES
                 with atomic_write(listing) as tmp:
@@ -349,9 +351,22 @@ class Trainer:
                 return row
         if main:
             save(self.final_model(), self.model_path, metadata=self.spec.metadata())
+            self._record_trained_ranks()
         if self.env.distributed:
             distributed.barrier()
         return row
+
+    def _record_trained_ranks(self) -> None:
+        """A target run's last projected ranks (and a latency target's fixed calibration) in ``trained_ranks.json``.
+
+        The run's default split uses them (:func:`trp.app.workflow.decompose_source`): the ranks
+        trained toward are the ranks split at, with or without ``checkpoint.pt``.
+        """
+        criterion = self.config.target_criterion
+        if self.pruner is None or self.pruner.target is None or criterion is None or not self.pruner.ranks:
+            return
+        calibration = self.pruner.state_dict().get("calibration")
+        write_trained_ranks(self.run_dir, criterion, self.config.scheme, self.pruner.ranks, calibration)
 
     def _autocast(self) -> torch.autocast:
         """The forward pass's autocast region for ``config.precision`` (disabled for fp32)."""
