@@ -56,10 +56,10 @@ def _split_ranks(record: dict, trained: dict[str, int]) -> None:
 def test_the_default_split_is_at_the_ranks_trained_toward(latency_run, tmp_path: Path) -> None:
     trainer, results, run = latency_run
     trained = dict(trainer.pruner.ranks)
-    saved = json.loads((run / "trained_ranks.json").read_text())
-    assert saved["criterion"] == "latency:1.5" and saved["ranks"] == trained and saved["scheme"] == "channel"
     (result,) = results
     _split_ranks(result.record, trained)
+    saved = json.loads((run / "trained_ranks.json").read_text())
+    assert saved["criterion"] == "latency:1.5" and saved["ranks"] == trained and saved["scheme"] == "channel"
     assert result.record["criterion"] == "latency:1.5"
     assert result.record["ranks_from"] == str(run / "trained_ranks.json")
     # `trp decompose RUN` (no criterion, or the run's own target) after the checkpoint is gone: the same ranks.
