@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 LOCK_NAME = "run.lock"
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "trained_ranks.json")
 
 
 class RunInUse(ValueError):

@@ -3,7 +3,9 @@
 A run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl``
 (one JSON object per epoch), ``checkpoint.pt`` (written atomically after every epoch;
 loads with ``torch.load(weights_only=True)``) and, when training ends, ``model.safetensors``
-(:func:`trp.save` format, with the metadata needed to rebuild the model), and with
+(:func:`trp.save` format, with the metadata needed to rebuild the model); a run toward a target
+also records the ranks of its last projection in ``trained_ranks.json`` (its default split uses
+them, :func:`trp.app.rundir.write_trained_ranks`), and with
 ``skip_corrupt`` the image files left out (``skipped_images.txt``, :func:`screen_datasets`). Each epoch
 reseeds the random generators from ``(seed, epoch)``, so a run resumed from its last
 checkpoint ends exactly where an uninterrupted run would (on CPU).

@@ -7,6 +7,10 @@ format) and ``decomposed-<scheme>-<criterion>.json``, a summary that ``trp table
 collects: top-1/top-5 before and after, MACs (convs only and all), parameters,
 MAC reductions, and the fine-tuned accuracy when ``finetune`` epochs were run (the fine-tune
 run directory sits beside it as ``finetune-<scheme>-<criterion>/``).
+
+A run trained toward a target and split with that target (its default) is split at the ranks it
+trained toward (``trained_ranks.json``, else the finished run's ``checkpoint.pt``), not allocated
+again; the summary names where they came from (``ranks_from``).
 """
 
 from __future__ import annotations
