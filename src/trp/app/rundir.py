@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import write_error
-from ..limits import parse_json, read_json_lines
-from ..deploy.io import remove_stale_temporaries
+from ..errors import FileError
+from ..limits import parse_json, read_json, read_json_lines
+from ..deploy.io import atomic_write, remove_stale_temporaries
 
 __all__ = [
     "LOCK_NAME",
@@ -32,10 +33,13 @@ __all__ = [
     "remove_leftovers",
     "check_writable",
     "disk_error",
+    "TRAINED_RANKS",
+    "write_trained_ranks",
+    "read_trained_ranks",
 ]
 
 LOCK_NAME = "run.lock"
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.safetensors", "config.json", "trained_ranks.json")
 
 
 class RunInUse(ValueError):
@@ -186,3 +190,48 @@ def check_writable(folder: Path, need_bytes: int = 0, what: str = "output folder
 def disk_error(err: OSError, where: Optional[Path] = None) -> ValueError:
     """A one-line :class:`~trp.errors.WriteError` for a failed write (full disk, permissions)."""
     return write_error(err, where)
+
+
+# -- the ranks a target run trained toward --------------------------------------------
+TRAINED_RANKS = "trained_ranks.json"
+_TRAINED_KIND = "trp-trained-ranks"
+
+
+def write_trained_ranks(run_dir: Path, criterion: str, scheme: str, ranks: dict[str, int],
+                        calibration: Optional[dict[str, float]] = None) -> Path:
+    """Record (atomically) the ranks of a target run's last projection in ``run_dir/trained_ranks.json``.
+
+    The run's default split reads them back (:func:`read_trained_ranks`): the model is split at
+    exactly the ranks it was trained toward, even after ``checkpoint.pt`` (the TRP state) is gone,
+    and a latency target is not profiled and calibrated a second time.
+    """
+    record: dict[str, Any] = {"kind": _TRAINED_KIND, "version": 1, "criterion": criterion, "scheme": scheme,
+                              "ranks": {str(k): int(v) for k, v in ranks.items()}}
+    if calibration is not None:  # the TRP's fixed time model of a measured target (for the record)
+        record["calibration"] = {str(k): float(v) for k, v in calibration.items()}
+    path = Path(run_dir) / TRAINED_RANKS
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def read_trained_ranks(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The record :func:`write_trained_ranks` wrote in ``run_dir`` (None when there is none).
+
+    A file that is not such a record raises :class:`~trp.errors.FileError` (one line, naming it).
+    """
+    path = Path(run_dir) / TRAINED_RANKS
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    fix = "delete it to split with the run's target again, or train the run again"
+    if not isinstance(data, dict) or data.get("kind") != _TRAINED_KIND:
+        raise FileError(f"{path} is not a trp trained-ranks record: the file is corrupt; {fix}")
+    ranks, criterion, scheme = data.get("ranks"), data.get("criterion"), data.get("scheme")
+    if not isinstance(criterion, str) or not isinstance(scheme, str) or not isinstance(ranks, dict) or not ranks:
+        raise FileError(f"{path} lacks its criterion, scheme or ranks: the file is corrupt; {fix}")
+    for name, r in ranks.items():
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 2**31:
+            raise FileError(f"{path}: the rank of layer {name!r} is {r!r}, not an integer >= 1: "
+                            f"the file is corrupt; {fix}")
+    return data

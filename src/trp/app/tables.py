@@ -80,6 +80,8 @@ def result_lines(result: Any) -> list[Any]:
     before = rec["dense"]["top1"] if rec["dense"] else None
     after = rec["decomposed"]["top1"] if rec["decomposed"] else None
     out: list[Any] = [layer_table(result.report), summary_table(result.summary, before, after)]
+    if rec.get("ranks_from"):
+        out.append(f"criterion: {rec['criterion']} (the ranks trained toward, from {rec['ranks_from']})")
     fidelity = result.report.fidelity
     if fidelity is not None:
         out.append(("[bold red]WARNING: [/bold red]" if not fidelity.ok else "")

@@ -3,7 +3,9 @@
 A run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl``
 (one JSON object per epoch), ``checkpoint.pt`` (written atomically after every epoch;
 loads with ``torch.load(weights_only=True)``) and, when training ends, ``model.safetensors``
-(:func:`trp.save` format, with the metadata needed to rebuild the model), and with
+(:func:`trp.save` format, with the metadata needed to rebuild the model); a run toward a target
+also records the ranks of its last projection in ``trained_ranks.json`` (its default split uses
+them, :func:`trp.app.rundir.write_trained_ranks`), and with
 ``skip_corrupt`` the image files left out (``skipped_images.txt``, :func:`screen_datasets`). Each epoch
 reseeds the random generators from ``(seed, epoch)``, so a run resumed from its last
 checkpoint ends exactly where an uninterrupted run would (on CPU).
@@ -44,7 +46,8 @@ from ..methods.trained_rank import TRP
 from ..methods.trp_config import TRPConfig
 from .files import ModelSpec, read_checkpoint
 from .loaders import SKIPPED_IMAGES, ProgressFactory, evaluate, holdout_split, make_loader, resolve_device, screen_datasets
-from .rundir import RunLock, append_metrics, check_writable, disk_error, read_metrics, remove_leftovers
+from .rundir import (TRAINED_RANKS, RunLock, append_metrics, check_writable, disk_error, read_metrics,
+                     remove_leftovers, write_trained_ranks)
 
 __all__ = ["Trainer", "make_target"]
 
@@ -314,6 +317,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+            (self.run_dir / TRAINED_RANKS).unlink(missing_ok=True)  # written again when training ends
             if self.skipped_images:
                 listing = self.run_dir / SKIPPED_IMAGES
                 with atomic_write(listing) as tmp:
@@ -349,9 +353,22 @@ class Trainer:
                 return row
         if main:
             save(self.final_model(), self.model_path, metadata=self.spec.metadata())
+            self._record_trained_ranks()
         if self.env.distributed:
             distributed.barrier()
         return row
+
+    def _record_trained_ranks(self) -> None:
+        """A target run's last projected ranks (and a latency target's fixed calibration) in ``trained_ranks.json``.
+
+        The run's default split uses them (:func:`trp.app.workflow.decompose_source`): the ranks
+        trained toward are the ranks split at, with or without ``checkpoint.pt``.
+        """
+        criterion = self.config.target_criterion
+        if self.pruner is None or self.pruner.target is None or criterion is None or not self.pruner.ranks:
+            return
+        calibration = self.pruner.state_dict().get("calibration")
+        write_trained_ranks(self.run_dir, criterion, self.config.scheme, self.pruner.ranks, calibration)
 
     def _autocast(self) -> torch.autocast:
         """The forward pass's autocast region for ``config.precision`` (disabled for fp32)."""

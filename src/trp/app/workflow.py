@@ -7,6 +7,10 @@ format) and ``decomposed-<scheme>-<criterion>.json``, a summary that ``trp table
 collects: top-1/top-5 before and after, MACs (convs only and all), parameters,
 MAC reductions, and the fine-tuned accuracy when ``finetune`` epochs were run (the fine-tune
 run directory sits beside it as ``finetune-<scheme>-<criterion>/``).
+
+A run trained toward a target and split with that target (its default) is split at the ranks it
+trained toward (``trained_ranks.json``, else the finished run's ``checkpoint.pt``), not allocated
+again; the summary names where they came from (``ranks_from``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .loaders import ProgressFactory, holdout_split, make_loader, resolve_device
 from .loaders import evaluate as evaluate_model
 from .trainer import Trainer
 from ..data import DATASET_INFO, get_datasets
+from ..core.allocation import LayerRanks
 from ..core.criteria import parse_criterion
 from ..deploy import target_latency  # noqa: F401  (registers the latency:X criterion)
 from ..core.decompose import Decomposition, decompose_with_report
@@ -33,7 +38,7 @@ from ..deploy.batchnorm import recalibrate_batchnorm
 from ..deploy.io import atomic_write, save
 from .config import DecomposeStep
 from .report import CompressionSummary, summarize
-from .rundir import check_writable
+from .rundir import TRAINED_RANKS, check_writable, read_trained_ranks
 
 __all__ = ["DecomposeResult", "load_source", "decompose_source", "finetune_model", "test_loader", "search_criterion"]
 
@@ -150,6 +155,9 @@ def decompose_source(
         crit = parse_criterion(step.criterion)
         if isinstance(crit, target_latency.TargetLatency) and crit.progress is None:
             crit.progress = progress  # profiling layer i of n, calibration round j
+    trained = _trained_ranks(source, step, config, crit)
+    if trained is not None:  # the run's own target: split at the ranks trained toward, not re-allocated
+        crit = LayerRanks(trained[1])
     calibration = None
     if step.calibrate:  # N training images (then a few more held out for the fidelity figure)
         calibration = _calibration_images(spec, config, data_dir, step.calibrate, dev)
@@ -161,7 +169,9 @@ def decompose_source(
     out = Path(out) if out is not None else base_dir / f"{step.stem}.safetensors"
     record: dict[str, Any] = {
         "kind": SUMMARY_KIND, "version": 1, "source": str(source), "model_file": str(out),
-        "scheme": step.scheme, "criterion": step.criterion if step.criterion.startswith("search:") else crit.spec(),
+        "scheme": step.scheme,
+        "criterion": (step.criterion if step.criterion.startswith("search:")
+                      else trained[0] if trained is not None else crit.spec()),
         "dense": None, "decomposed": None,
         "macs_before": summary.macs_before, "macs_after": summary.macs_after,
         "conv_macs_before": summary.conv_macs_before, "conv_macs_after": summary.conv_macs_after,
@@ -172,6 +182,8 @@ def decompose_source(
         "calibrate": step.calibrate,
         "fidelity": report.fidelity.to_dict() if report.fidelity is not None else None,
     }
+    if trained is not None:
+        record["ranks_from"] = trained[2]  # the ranks of the run's last projection (trained toward)
     if evaluate:
         loader = test_loader(spec, data_dir, config.seed if config else 0)
         record["dense"] = _acc(evaluate_model(model, loader, dev))
@@ -180,7 +192,7 @@ def decompose_source(
         train_loader = make_loader(_train_split(spec, config, data_dir), 128, True, seed=config.seed if config else 0)
         used = recalibrate_batchnorm(report.model, train_loader, step.recalibrate_bn, dev)
         record["bn_recalibrated"] = {"batches": used, **_acc(evaluate_model(report.model, loader, dev))}
-    meta = {**spec.metadata(), "scheme": step.scheme, "criterion": crit.spec()}
+    meta = {**spec.metadata(), "scheme": step.scheme, "criterion": trained[0] if trained is not None else crit.spec()}
     save(report.model, out, metadata=meta)
     if step.finetune:
         ft_dir = out.parent / out.stem.replace("decomposed-", "finetune-", 1)
@@ -218,6 +230,37 @@ def decompose_run(
             on_step(step)
         yield decompose_source(run_dir, step, data_dir=data_dir or config.data_dir, evaluate=True,
                                device=device or config.device, progress=progress, on_epoch=on_epoch)
+
+
+def _trained_ranks(source: Path, step: DecomposeStep, config: Optional[TrainConfig],
+                   crit: Any) -> Optional[tuple[str, dict[str, int], str]]:
+    """``(target, ranks, where)`` when ``step`` splits a target run with its own target, else None.
+
+    The ranks are those of the run's last projection: ``trained_ranks.json`` (written when the run
+    finished), else the TRP state in the finished run's ``checkpoint.pt``. A run toward a latency
+    target is then not profiled and calibrated again, which could land on other ranks.
+    """
+    if config is None or config.target_criterion is None or step.scheme != config.scheme:
+        return None
+    target = config.target_criterion
+    if step.criterion != target and getattr(crit, "spec", lambda: None)() != target:
+        return None
+    run_dir = source if source.is_dir() else source.parent
+    if not source.is_dir() and source.name not in ("model.safetensors", "checkpoint.pt"):
+        return None
+    record = read_trained_ranks(run_dir)
+    if record is not None:
+        if record["criterion"] != target or record["scheme"] != config.scheme:
+            return None  # from an earlier run in this folder
+        return target, {str(k): int(v) for k, v in record["ranks"].items()}, str(run_dir / TRAINED_RANKS)
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.exists():
+        return None
+    state = read_checkpoint(checkpoint, "cpu")
+    trp_state = state.get("trp") or {}
+    if int(state.get("epoch", -1)) != config.epochs or trp_state.get("target") != target or not trp_state.get("ranks"):
+        return None
+    return target, {str(k): int(v) for k, v in trp_state["ranks"].items()}, str(checkpoint)
 
 
 def search_criterion(model: nn.Module, spec: ModelSpec, config: Optional[TrainConfig], scheme: str,
