@@ -229,7 +229,8 @@ def decompose_with_report(
     # The copy shares the dense parameters until the end (a layer split meanwhile never needs its own
     # copy of the dense weight: memory); whatever still shares them then is cloned (_unshare).
     new = copy.deepcopy(dense_model, {id(p): p for p in dense_model.parameters()})
-    dense_storages = {p.untyped_storage().data_ptr() for p in dense_model.parameters() if p.numel()}
+    dense_storages = {p.untyped_storage().data_ptr() for p in dense_model.parameters()
+                      if not nn.parameter.is_lazy(p) and p.numel()}
     calib = read_batches(new, calibration, calibration_samples) if calibration is not None else None
     if calib is not None and input_shape is None and example_inputs is None:
         example_inputs = _as_example(calib.fit[0], 8)  # MACs and the exactness check run on real inputs
@@ -481,7 +482,8 @@ def _unshare(model: nn.Module, storages: set[int]) -> None:
     with torch.no_grad():
         for module in model.modules():
             for key, p in list(module._parameters.items()):
-                if p is None or not p.numel() or p.untyped_storage().data_ptr() not in storages:
+                if p is None or nn.parameter.is_lazy(p) or not p.numel() \
+                        or p.untyped_storage().data_ptr() not in storages:
                     continue
                 if id(p) not in clones:
                     clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
