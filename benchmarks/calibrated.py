@@ -11,6 +11,8 @@ data never used for calibration:
   layer's own output energy, the prototype's allocation) — ``--weightings`` chooses;
 - ``calibrated+bn`` (CNNs): the calibrated split with its BatchNorm statistics re-estimated on
   the calibration images (train-mode passes, cumulative averages);
+- ``calibrated-sequential`` (``--sequential``, MiniLM): the same ranks, each layer re-calibrated in
+  forward order on the inputs of the already-split layers before it (``calibration_sequential=True``);
 - with ``--latency``: ``TargetLatency(1.5)`` (ONNX Runtime, batch 1), plain and calibrated; needs an
   idle machine.
 
@@ -101,7 +103,7 @@ def _is_encoder_linear(name: str, module: nn.Module) -> bool:
 
 
 def minilm_study(reductions: Sequence[float], samples: int, n_eval: int, weightings: Sequence[str],
-                 latency: bool, log: Callable[[str], None]) -> tuple[list[Row], dict]:
+                 latency: bool, log: Callable[[str], None], sequential: bool = False) -> tuple[list[Row], dict]:
     from trp.models.pretrained import minilm_l6_v2
 
     model, tokenizer = minilm_l6_v2()
@@ -138,14 +140,20 @@ def minilm_study(reductions: Sequence[float], samples: int, n_eval: int, weighti
             "held_out": f"{len(held)} other fortunes", "layers": "the 36 encoder Linears",
             "reduction": "of the encoder Linear MACs (whole-model reduction in the JSON)",
             "dense_macs": whole, "encoder_linear_macs": linear}
-    methods = [("plain", None)] + [("calibrated" if w == "sensitivity" else f"calibrated-{w}", w) for w in weightings]
+    methods = [("plain", None, False)] + [("calibrated" if w == "sensitivity" else f"calibrated-{w}", w, False)
+                                          for w in weightings]
+    if sequential:
+        methods += [(("calibrated" if w == "sensitivity" else f"calibrated-{w}") + "-sequential", w, True)
+                    for w in weightings]
     for x in reductions:
         target = whole / (fixed + linear / x)  # the whole-model reduction that cuts the encoder Linears by x
-        for method, weighting in methods:
+        for method, weighting, seq in methods:
             start = time.perf_counter()
             kw: dict[str, Any] = {}
             if weighting is not None:
                 kw = dict(calibration=calib, calibration_samples=samples, calibration_weighting=weighting)
+                if seq:
+                    kw["calibration_sequential"] = True
             rep = _quiet(lambda: trp.decompose_with_report(model, criterion=trp.TargetSpeedup(target),
                                                            layers=_is_encoder_linear, example_inputs=probe, **kw))
             lin_red, whole_red = _measured(rep, whole)
@@ -342,6 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--eval", type=int, default=256, help="held-out sentences (MiniLM)")
     parser.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=list(WEIGHTINGS),
                         help="MiniLM: rank allocations compared (calibration_weighting)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="MiniLM: also each weighting with calibration_sequential=True")
     parser.add_argument("--model-file", type=Path, help="resnet20: the normally trained model (a trp.save file)")
     parser.add_argument("--trp-model-file", type=Path, help="resnet20: a TRP-trained model to compare")
     parser.add_argument("--arch", default="resnet20", help="resnet20: the architecture the files were saved from")
@@ -358,7 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     log = lambda s: print(s, flush=True)  # noqa: E731
     for name in args.models:
         if name == "minilm":
-            r, d = minilm_study(args.reductions, args.calibrate, args.eval, args.weightings, args.latency, log)
+            r, d = minilm_study(args.reductions, args.calibrate, args.eval, args.weightings, args.latency, log,
+                                args.sequential)
             models["all-MiniLM-L6-v2"] = d
         elif name == "mobilenet_v2":
             r, d = mobilenet_study(args.reductions, args.calibrate, args.latency, log)

@@ -294,3 +294,16 @@ def test_calibrated_spectra_are_compared_across_layers_by_scale():
     assert ranks == {"big": 3, "small": 1}  # the same spectra, compared by their weighted values
     plain = [LayerSpectrum(s.name, s.sigma, 100, s.macs) for s in (big, small)]
     assert trp.TargetSpeedup(200 / 40).allocate(plain, 0) == {"big": 2, "small": 2}  # fractions of own energy
+
+
+def test_sequential_keeps_ranks_and_result_shares_no_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    data = [torch.randn(32, 16) for _ in range(4)]
+    plain = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(2.0), layers="all", calibration=data)
+    seq = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(2.0), layers="all", calibration=data,
+                                    calibration_sequential=True)
+    assert [(r.name, r.rank, r.status) for r in seq.layers] == [(r.name, r.rank, r.status) for r in plain.layers]
+    dense = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for rep in (plain, seq):  # layers left dense got their own copy: training the result leaves the input alone
+        assert not any(p.untyped_storage().data_ptr() in dense for p in rep.model.parameters())

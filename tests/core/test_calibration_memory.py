@@ -3,6 +3,8 @@
 Each case runs in a fresh process that reads its own resident memory (``/proc/self/status``):
 the peak (VmHWM, reset after the layer and the tokens are built) minus the resident memory
 before ``trp.decompose``. Only the m×m statistic of the smaller side is kept, never the activations.
+Afterwards the split is checked against the closed form (``U`` spans the top eigenvectors of the
+centred output moment on the calibration tokens, first layer ``Uᵀ W``, bias shift).
 """
 
 from __future__ import annotations
@@ -37,8 +39,38 @@ SCRIPT = textwrap.dedent('''
         rep = trp.decompose_with_report(model, criterion=trp.FixedRank(256), layers="all", calibration=batches,
                                         calibration_samples=tokens)
     seconds = time.perf_counter() - start
+    extra = status("VmHWM:") - before
     assert rep.factorized and rep.fidelity is not None
-    print(json.dumps({"extra": status("VmHWM:") - before, "seconds": seconds}))
+
+    # The split against the closed form (float64, after the measurement): second.weight = U (orthonormal),
+    # first.weight = U^T W, U spans the top-256 eigenvectors of the centred output moment
+    # S = W Xc^T Xc W^T on the 10,000 calibration tokens, and the bias takes (I - U U^T) W mean(x).
+    low = rep.model[0]
+    u, first = low.second.weight.double(), low.first.weight.double()
+    w, b = layer.weight.double(), layer.bias.double()
+    x = torch.cat(batches[:tokens // chunk]).double()
+    mu = x.mean(0)
+    xc = x - mu
+    del x
+    sig = lambda z: w @ (xc.T @ (xc @ (w.T @ z)))
+    rel = lambda a, ref: float((a - ref).norm() / ref.norm())
+    eye = torch.eye(u.shape[1], dtype=torch.float64)
+    assert float((u.T @ u - eye).abs().max()) < 1e-4
+    assert rel(first, u.T @ w) < 1e-5
+    su = sig(u)
+    h = u.T @ su
+    assert rel(su, u @ h) < 1e-4, rel(su, u @ h)  # invariant subspace of S
+    kept_min = float(torch.linalg.eigvalsh(h).min())
+    z = torch.randn(w.shape[0], 8, dtype=torch.float64)
+    for _ in range(12):  # subspace iteration in the complement: nothing there above the kept eigenvalues
+        z = z - u @ (u.T @ z)
+        z = torch.linalg.qr(sig(z))[0]
+    z = torch.linalg.qr(z - u @ (u.T @ z))[0]
+    rest_max = float(torch.linalg.eigvalsh(z.T @ sig(z)).max())
+    assert rest_max <= kept_min * (1 + 1e-6), (rest_max, kept_min)
+    wmu = w @ mu
+    assert rel(low.second.bias.double() - b, wmu - u @ (u.T @ wmu)) < 1e-4
+    print(json.dumps({"extra": extra, "seconds": seconds, "kept_min": kept_min, "rest_max": rest_max}))
 ''')
 
 

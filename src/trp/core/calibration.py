@@ -57,6 +57,7 @@ __all__ = [
     "read_batches",
     "refuse_scheme",
     "collect_statistics",
+    "forward_groups",
     "calibrated_factors",
     "layer_dims",
     "layer_factors",
@@ -260,19 +261,29 @@ class _Collector:
             self.positions += cols.shape[-1]
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layers of interest have run."""
+
+
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches: Sequence[ModelInputs],
-                       side: str = "auto") -> dict[str, "Statistics"]:
+                       side: str = "auto", stop_after: Optional[nn.Module] = None) -> dict[str, "Statistics"]:
     """Each layer's :class:`Statistics` on ``batches``: summed second moment ``(g, d, d)`` and sum ``(g, d)``.
 
     ``side`` is ``"auto"`` (the smaller of input and output), ``"input"`` or ``"output"``. The
     model runs in eval mode without gradients; positions a batch's integer ``attention_mask``
     keyword marks as padding (0) are left out of Linear layers' statistics; under an initialised ``torch.distributed`` group
-    the statistics are summed over ranks.
+    the statistics are summed over ranks. With ``stop_after`` (a module), each forward pass ends
+    as soon as that module has run (nothing after it is needed: sequential calibration).
     """
     if side not in ("auto", "input", "output"):
         raise ValueError(f"side must be 'auto', 'input' or 'output', got {side!r}")
     collectors = {name: _Collector(m, side) for name, m in modules.items()}
     handles = [m.register_forward_hook(collectors[n]) for n, m in modules.items()]
+    if stop_after is not None:
+        def stop(*_: Any) -> None:
+            raise _Stop
+
+        handles.append(stop_after.register_forward_hook(stop))
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -281,7 +292,10 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches:
                 mask = _padding_mask(inputs)
                 for c in collectors.values():
                     c.mask = mask
-                inputs(model)
+                try:
+                    inputs(model)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()
@@ -294,6 +308,44 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches:
             for t in (c.stat, c.total, c.positions):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {name: Statistics(c.side, c.stat, c.total, float(c.positions)) for name, c in collectors.items()}
+
+
+def forward_groups(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelInputs) -> list[list[str]]:
+    """The layers in the order a forward pass first calls them, grouped where consecutive layers read
+    the same input tensor (e.g. an attention's query, key and value projections): the units of
+    sequential calibration. Layers the pass does not reach come last, one group each."""
+    order: list[str] = []
+    seen_input: dict[str, int] = {}
+    keep: list[Tensor] = []  # the inputs stay referenced during the pass: their ids are not reused
+    handles = []
+    for name, m in modules.items():
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
+            if name not in seen_input:
+                order.append(name)
+                x = args[0] if args else None
+                seen_input[name] = id(x) if isinstance(x, Tensor) else -len(order)
+                if isinstance(x, Tensor):
+                    keep.append(x)
+        handles.append(m.register_forward_hook(hook))
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            inputs(model)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    del keep
+    groups: list[list[str]] = []
+    for name in order:
+        if groups and seen_input[groups[-1][-1]] == seen_input[name]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    groups += [[n] for n in modules if n not in seen_input]
+    return groups
 
 
 @dataclass
@@ -315,13 +367,20 @@ def _padding_mask(inputs: ModelInputs) -> Optional[Tensor]:
     return None
 
 
-def _sym_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD float64 matrix.
+def _sym_eigh(a: Tensor, descending: bool = True) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD float64 matrix, **overwriting** ``a``.
 
-    Only the lower triangle is read (no symmetrised copy: the statistics are symmetric sums)."""
-    vals, vecs = torch.linalg.eigh(a)
-    vecs = vecs.flip(-1)  # the ascending copy is freed here
-    return vals.flip(-1).clamp_min(0), vecs
+    Only the lower triangle is read (no symmetrised copy: the statistics are symmetric sums). The
+    eigenvectors are computed in ``a``'s memory (no copy of it; the caller hands ``a`` over), in
+    descending order of the eigenvalues unless ``descending=False`` (ascending, no reordering copy)."""
+    vals = torch.empty(a.shape[:-1], dtype=a.dtype, device=a.device)
+    # a is symmetric: its transpose is the same matrix in LAPACK's column-major layout, so eigh
+    # writes the eigenvectors there with no copy (a row-major out= would add a temporary)
+    vals, vecs = torch.linalg.eigh(a.mT, out=(vals, a.mT))
+    if descending:
+        vecs = vecs.flip(-1)  # the ascending copy is freed here
+        vals = vals.flip(-1)
+    return vals.clamp_min(0), vecs
 
 
 class CalibratedFactors:
@@ -387,7 +446,7 @@ def calibrated_factors(matrix: Tensor, side: str, stat: Tensor, mean: Optional[T
     """The calibrated decomposition of a matrix view ``(m, n)`` / ``(g, m, n)`` from its layer's statistic.
 
     ``stat`` is ``Σ_y`` (``side="output"``, ``(g, m, m)``) or ``X Xᵀ`` (``side="input"``, ``(g, n, n)``),
-    summed over the calibration positions. With ``mean`` (the mean output ``(g, m)`` or input
+    summed over the calibration positions; it is overwritten (its memory holds eigenvectors). With ``mean`` (the mean output ``(g, m)`` or input
     ``(g, n)`` column), ``stat`` must be centred (``Σ (c − μ)(c − μ)ᵀ``): for a layer with a bias,
     the best rank-``k`` split plus a free bias fits the centred moment and moves the mean of what
     it discards, ``(I − U_k U_kᵀ) W μ_x``, into the bias (:meth:`CalibratedFactors.bias_shift`).
@@ -405,14 +464,14 @@ def calibrated_factors(matrix: Tensor, side: str, stat: Tensor, mean: Optional[T
         lam, u = _sym_eigh(stat)
         return CalibratedFactors(matrix.detach(), lam[:, :r].contiguous(), u, side, mean_output)
     # input side: T = V D^½, G = (W T)ᵀ (W T), eigh(G) = Q Λ Qᵀ; keep T Q
-    d, t = _sym_eigh(stat)
-    del stat  # the caller hands the statistic over (layer_factors does)
+    d, t = _sym_eigh(stat, descending=False)  # in the statistic's memory: the caller hands it over
+    del stat
     t.mul_(d.sqrt()[:, None, :])
     del d
     gram = torch.zeros(g, n, n, dtype=torch.float64, device=t.device)
     for r0 in range(0, m, _ROWS):
         wt = mat[:, r0:r0 + _ROWS].double() @ t
-        gram += wt.mT @ wt
+        gram.baddbmm_(wt.mT, wt)  # in place: no n×n temporary
         del wt
     lam, q = _sym_eigh(gram)
     del gram

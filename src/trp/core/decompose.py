@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
 from .equivalents import check_standard, standard_form
-from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, layer_factors, output_gains,
+from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, forward_groups, layer_factors,
+                          output_gains,
                           read_batches, refuse_scheme)
 from .fidelity import Fidelity, compare_outputs, measure_fidelity, warn_fidelity
 from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
@@ -203,6 +204,7 @@ def decompose_with_report(
     calibration: Optional[Iterable[Any]] = None,
     calibration_samples: int = DEFAULT_SAMPLES,
     calibration_weighting: str = "sensitivity",
+    calibration_sequential: bool = False,
 ) -> Decomposition:
     """Like :func:`decompose`, also returning what happened to each selected layer.
 
@@ -224,7 +226,11 @@ def decompose_with_report(
         raise ValueError(f"calibration_weighting must be one of {', '.join(_WEIGHTINGS)}, got {calibration_weighting!r}")
     inputs_given(input_shape, example_inputs)
     dense_model = unwrap(model)
-    new = copy.deepcopy(dense_model)
+    # The copy shares the dense parameters until the end (a layer split meanwhile never needs its own
+    # copy of the dense weight: memory); whatever still shares them then is cloned (_unshare).
+    new = copy.deepcopy(dense_model, {id(p): p for p in dense_model.parameters()})
+    dense_storages = {p.untyped_storage().data_ptr() for p in dense_model.parameters()
+                      if not nn.parameter.is_lazy(p) and p.numel()}
     calib = read_batches(new, calibration, calibration_samples) if calibration is not None else None
     if calib is not None and input_shape is None and example_inputs is None:
         example_inputs = _as_example(calib.fit[0], 8)  # MACs and the exactness check run on real inputs
@@ -372,7 +378,28 @@ def decompose_with_report(
 
     # Pass 3: factorize where MACs drop.
     split: dict[str, tuple] = {}  # name: (dense layer, truncated weight, report entry[, bias of the split])
+    group_of: dict[str, list[str]] = {}
+    if calibration_sequential and calibrated:
+        # Sequential: ranks stay as allocated; each layer (group of layers reading the same input) is
+        # re-calibrated, in forward order, on the inputs the already-split layers before it produce.
+        groups = forward_groups(new, dict(targets), calib.fit[0])
+        rank_of = {n: i for i, g in enumerate(groups) for n in g}
+        entries.sort(key=lambda e: rank_of.get(e[0], len(groups)))
+        group_of = {n: g for g in groups for n in g}
+    refit: set[str] = set()
     for name, module, sch, svd, out_hw, in_hw in entries:
+        if name in group_of and name not in refit:
+            group = [n for n in group_of[name] if n in calibrated and n in ranks]
+            refit.update(group_of[name])
+            mods = {n: new.get_submodule(n) for n in group}
+            if mods:
+                stats = collect_statistics(new, mods, calib.fit, stop_after=mods[group[-1]])
+                for n, m in mods.items():
+                    calibrated[n] = layer_factors(scheme_for(m, scheme).to_matrix(effective_weight(m).detach()),
+                                                  stats.pop(n), centred=m.bias is not None)
+                del stats
+        if name in calibrated:
+            svd = calibrated[name]
         cal = svd if isinstance(svd, CalibratedFactors) else None
         u, s, vh = svd if svd is not None and cal is None else (None, None, None)
         max_rank = sch.max_rank(module)
@@ -414,6 +441,9 @@ def decompose_with_report(
             entry.macs_after = before
         report.layers.append(entry)
 
+    if group_of:  # the report in the model's order, as without sequential calibration
+        order = {n: i for i, (n, _) in enumerate(targets)}
+        report.layers.sort(key=lambda r: order.get(r.name, -1))
     calibrated.clear()
     entries.clear()
     keep = {a for a in converted.originals
@@ -441,7 +471,23 @@ def decompose_with_report(
             stacklevel=2,
         )
     warn_fidelity(report.fidelity, report.calibrated)
+    _unshare(new, dense_storages)
     return report
+
+
+def _unshare(model: nn.Module, storages: set[int]) -> None:
+    """Give ``model`` its own copy of every parameter whose memory is in ``storages`` (the input model's),
+    keeping parameters tied where they were tied."""
+    clones: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for module in model.modules():
+            for key, p in list(module._parameters.items()):
+                if p is None or nn.parameter.is_lazy(p) or not p.numel() \
+                        or p.untyped_storage().data_ptr() not in storages:
+                    continue
+                if id(p) not in clones:
+                    clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                module._parameters[key] = clones[id(p)]
 
 
 def _fast_path_attention(new: nn.Module, converted, report: "Decomposition") -> set[str]:
@@ -630,6 +676,7 @@ def decompose(
     calibration: Optional[Iterable[Any]] = None,
     calibration_samples: int = DEFAULT_SAMPLES,
     calibration_weighting: str = "sensitivity",
+    calibration_sequential: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
 
@@ -661,11 +708,16 @@ def decompose(
     are used for the statistics; further batches (or the last one) are held out, and the split
     model's fidelity to the dense one on them is reported (a :class:`~trp.core.fidelity.FidelityWarning`
     when it collapsed or lost most of its fidelity; likewise on ``example_inputs`` without calibration).
+    With ``calibration_sequential=True`` the ranks are chosen as above, then each layer (or group of
+    layers reading the same input, e.g. query/key/value) is re-calibrated in forward order on the
+    inputs the already-split layers before it produce (one partial forward pass of the
+    calibration data per group: costlier, for models of benchmark size).
     """
     return decompose_with_report(model, scheme, criterion, layers, input_shape, exclude=exclude,
                                  example_inputs=example_inputs, round_to=round_to, calibration=calibration,
                                  calibration_samples=calibration_samples,
-                                 calibration_weighting=calibration_weighting).model
+                                 calibration_weighting=calibration_weighting,
+                                 calibration_sequential=calibration_sequential).model
 
 
 def _layer_costs(sch, module: nn.Module, out_hw, in_hw, counted: Optional[MacCount], name: str, inputs):
