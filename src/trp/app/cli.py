@@ -117,7 +117,7 @@ def _fail(err: BaseException) -> None:
     from ..errors import Error, is_write_failure, one_line, write_error
 
     if isinstance(err, Error):
-        pass
+        pass  # already one line naming the problem and the fix
     elif isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
         err = write_error(err)
     elif isinstance(err, RuntimeError) and is_write_failure(err):

@@ -173,10 +173,8 @@ def load_factory_file(path: Path, meta: dict[str, str], device: torch.device | s
         spec = FactorySpec(recorded.factory, _ACTIVE.input_shape or recorded.input_shape,
                            _ACTIVE.data or recorded.data)
     elif FACTORY_KEY in meta and not _ACTIVE.data:
-        try:
-            spec = FactorySpec(spec.factory, spec.input_shape, FactorySpec.from_metadata(meta, path).data)
-        except ValueError:
-            pass
+        # the file's recorded data spec (the factory given on the command line wins); a corrupt one is refused
+        spec = FactorySpec(spec.factory, spec.input_shape, FactorySpec.from_metadata(meta, path).data)
     model = spec.build()
     return load_weights(path, model).to(device), spec
 
