@@ -52,3 +52,23 @@ def test_config_decompose_entry_takes_calibrate() -> None:
     assert step.calibrate == 256 and step.stem.endswith("-cal256")
     with pytest.raises(ValueError, match="calibrate must be"):
         DecomposeStep.from_dict({"criterion": "speedup:2", "calibrate": -1}, "channel")
+
+
+def test_calibrated_split_repeats_exactly_whatever_the_global_rng(run: Path, tmp_path: Path) -> None:
+    """Two calibrated splits of one run are identical: calibration images are not randomly cropped or flipped,
+    and the BatchNorm re-estimation is seeded (the training data of this run are augmented)."""
+    import torch
+    from safetensors.torch import load_file
+
+    outs = []
+    for i, seed in enumerate((1, 2)):
+        torch.manual_seed(seed)  # a caller's RNG state must not leak into the split
+        out = tmp_path / f"split{i}.safetensors"
+        result = invoke("decompose", run, "--scheme", "channel", "--criterion", "speedup:1.5", "--calibrate", "60",
+                        "--recalibrate-bn", "2", "--device", "cpu", "--no-progress", "--out", out)
+        assert result.exit_code == 0, result.output
+        outs.append((load_file(str(out)), json.loads(out.with_suffix(".json").read_text())))
+    (w0, s0), (w1, s1) = outs
+    assert s0["ranks"] == s1["ranks"] and s0["fidelity"] == s1["fidelity"]
+    assert s0["bn_recalibrated"] == s1["bn_recalibrated"]
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)

@@ -143,6 +143,8 @@ def decompose_source(
     target = Path(out) if out is not None else (source if source.is_dir() else source.parent) / f"{step.stem}.safetensors"
     check_writable(target.parent, what="output folder")  # before the long work, not after it
     model, spec, config = load_source(source, dev)
+    # The BatchNorm re-estimation and the fine-tune draw random crops: seeded, so a step repeats exactly.
+    torch.manual_seed(config.seed if config else 0)
     data_dir = data_dir or (config.data_dir if config else None)
     if layers is None and config is not None:
         layers = config.layers
@@ -274,23 +276,28 @@ def search_criterion(model: nn.Module, spec: ModelSpec, config: Optional[TrainCo
             "the iterative rank search (search:X) scores ranks on held-out data: train the run with "
             "`holdout: N` (N training examples kept out of training) in its config"
         )
-    _, held = holdout_split(_full_train_set(spec, config, data_dir), config.holdout)
+    _, held = holdout_split(_full_train_set(spec, config, data_dir, augment=False), config.holdout)  # fixed images
     loader = make_loader(held, 256, False)
     return iterative_rank_search(model, scheme, loader, target, spec.input_shape, layers=layers, device=device,
                                  exclude=exclude)
 
 
-def _full_train_set(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str]):
+def _full_train_set(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str], augment: bool = True):
     image_size = spec.input_size[0] if spec.data == "imagenet" else None
     train_set, _, _ = get_datasets(spec.data, data_dir, seed=config.seed if config else 0, image_size=image_size,
-                                   hflip=config.hflip if config else False)
+                                   hflip=config.hflip if config else False, augment=augment)
     return train_set
 
 
 def _calibration_images(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str],
                         n: int, device: torch.device):
-    """Batches of the run's training images (shuffled with the run's seed): ``n`` to calibrate, then held-out ones."""
-    loader = make_loader(_train_split(spec, config, data_dir), 64, True, seed=config.seed if config else 0)
+    """Batches of the run's training images (shuffled with the run's seed): ``n`` to calibrate, then held-out ones.
+
+    The images are not augmented (no random crops or flips), so two calibrations of one run see the
+    same images and split alike.
+    """
+    loader = make_loader(_train_split(spec, config, data_dir, augment=False), 64, True,
+                         seed=config.seed if config else 0)
     held = min(128, max(8, n // 4))
     seen = 0
     for batch in loader:
@@ -301,9 +308,9 @@ def _calibration_images(spec: ModelSpec, config: Optional[TrainConfig], data_dir
             return
 
 
-def _train_split(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str]):
-    """The examples the run trained on (its held-out part excluded)."""
-    return holdout_split(_full_train_set(spec, config, data_dir), config.holdout if config else 0)[0]
+def _train_split(spec: ModelSpec, config: Optional[TrainConfig], data_dir: Optional[str], augment: bool = True):
+    """The examples the run trained on (its held-out part excluded); augmented as in training unless ``augment=False``."""
+    return holdout_split(_full_train_set(spec, config, data_dir, augment), config.holdout if config else 0)[0]
 
 
 def _svd_progress(progress: Optional[ProgressFactory]) -> Optional[Callable[[str, int, int], None]]:

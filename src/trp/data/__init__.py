@@ -98,7 +98,8 @@ def list_datasets() -> list[str]:
 
 
 def get_datasets(
-    name: str, data_dir: str | None = None, seed: int = 0, image_size: int | None = None, hflip: bool = False
+    name: str, data_dir: str | None = None, seed: int = 0, image_size: int | None = None, hflip: bool = False,
+    augment: bool = True,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """``(train, test, info)`` for a dataset name; CIFAR needs ``data_dir``, MNIST-5k uses ``seed``.
 
@@ -109,6 +110,8 @@ def get_datasets(
     ImageNet reads ``data_dir/{train,val}/<class>/<image>.JPEG`` (see :func:`imagenet`); its
     ``info.num_classes`` is the number of class folders found, not the static 1000, and
     ``image_size`` (default 224) sets its crop (resizing to ``image_size · 256/224`` first).
+    ``augment=False`` gives the training split with the test split's preprocessing (no random
+    crops or flips): the same images every time, e.g. to calibrate a split on.
     """
     if name not in DATASET_INFO:
         raise ValueError(f"unknown dataset {name!r}; available datasets: {', '.join(list_datasets())}")
@@ -117,7 +120,8 @@ def get_datasets(
         train, test = mnist5k(seed=seed)
         return train, test, info
     if name == "fashion-mnist":
-        return fashion_mnist(data_dir, train=True, hflip=hflip), fashion_mnist(data_dir, train=False), info
+        return (fashion_mnist(data_dir, train=True, augment=augment, hflip=hflip), fashion_mnist(data_dir, train=False),
+                info)
     if name == "imagenet":
         if data_dir is None:
             raise ValueError(
@@ -127,7 +131,8 @@ def get_datasets(
             )
         crop = image_size or 224
         sizes = {"crop_size": crop, "resize_size": round(crop * 256 / 224)}
-        train_set, val_set = imagenet(data_dir, train=True, **sizes), imagenet(data_dir, train=False, **sizes)
+        train_set = imagenet(data_dir, train=True, augment=augment, **sizes)
+        val_set = imagenet(data_dir, train=False, **sizes)
         info = replace(info, num_classes=len(train_set.classes), input_size=(crop, crop))
         return train_set, val_set, info
     if data_dir is None:
@@ -136,4 +141,4 @@ def get_datasets(
             f"{cifar_layout(name)} (download the python version by hand from {CIFAR_URL} "
             "and extract it there)"
         )
-    return cifar(name, data_dir, train=True), cifar(name, data_dir, train=False), info
+    return cifar(name, data_dir, train=True, augment=augment), cifar(name, data_dir, train=False), info

@@ -204,16 +204,20 @@ def imagenet(
     *,
     crop_size: int = 224,
     resize_size: int = 256,
+    augment: bool | None = None,
 ) -> ImageFolder:
     """The ``train`` or ``val`` split of a local ImageFolder tree, with standard preprocessing.
 
     Items are ``(float32 tensor (3, crop_size, crop_size), int label)``; class indices
-    follow the sorted class folder names. When both splits exist their class folders must
+    follow the sorted class folder names. ``augment`` (default: ``train``) picks the training
+    preprocessing (random resized crop and flip) over the evaluation one. When both splits exist their class folders must
     match, so that labels mean the same in both. Missing folders, a split without class
     folders and a class folder without images raise ``FileNotFoundError``; differing
     class folders raise ``ValueError``.
     """
-    transform = imagenet_transform(train, crop_size, resize_size)
+    if augment is None:
+        augment = train
+    transform = imagenet_transform(augment, crop_size, resize_size)
     root = Path(data_dir).expanduser()
     layout = imagenet_layout(str(data_dir))
     if not root.is_dir():
@@ -247,5 +251,5 @@ def imagenet(
             f"with image files ({', '.join(IMG_EXTENSIONS)}). Remove empty class folders "
             "from both splits or add their images."
         )
-    dataset.augment = train  # type: ignore[attr-defined]
+    dataset.augment = augment  # type: ignore[attr-defined]
     return dataset
