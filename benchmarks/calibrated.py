@@ -9,8 +9,9 @@ data never used for calibration:
 - ``calibrated-absolute`` / ``calibrated-normalized``: the same split with the other two ways of
   comparing layers when allocating ranks (unweighted discarded eigenvalue mass; fractions of each
   layer's own output energy, the prototype's allocation) — ``--weightings`` chooses;
-- ``calibrated+bn`` (CNNs): the calibrated split with its BatchNorm statistics re-estimated on
-  the calibration images (train-mode passes, cumulative averages);
+- ``calibrated`` (CNNs) re-estimates the BatchNorm statistics on the calibration images, as
+  ``trp.decompose`` does by default with calibration data; ``calibrated, trained BN statistics``
+  is the same split with ``calibration_batchnorm=False``;
 - ``calibrated-sequential`` (``--sequential``, MiniLM): the same ranks, each layer re-calibrated in
   forward order on the inputs of the already-split layers before it (``calibration_sequential=True``);
 - with ``--latency``: ``TargetLatency(1.5)`` (ONNX Runtime, batch 1), plain and calibrated; needs an
@@ -79,22 +80,6 @@ def _quiet(fn: Callable[[], Any]) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # layers left dense, fidelity warnings: scored here anyway
         return fn()
-
-
-def reestimate_batchnorm(model: nn.Module, batches: Sequence[Tensor]) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average), then eval."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m, m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    for m, mom in saved:
-        m.momentum = mom
-    return model.eval()
 
 
 # -- all-MiniLM-L6-v2 ---------------------------------------------------------------------------------
@@ -189,15 +174,23 @@ def _measured(rep: "trp.Decomposition", whole: int) -> tuple[float, float]:
 # -- CNNs -----------------------------------------------------------------------------------------------
 def cnn_study(name: str, model: nn.Module, calib: list[Tensor], evaluate: Callable[[nn.Module], float],
               metric: str, probe: Tensor, reductions: Sequence[float], samples: int, log: Callable[[str], None],
-              extra_models: Sequence[tuple[str, nn.Module]] = (), latency: bool = False) -> list[Row]:
+              extra_models: Sequence[tuple[str, nn.Module]] = (), latency: bool = False,
+              sequential: bool = False) -> list[Row]:
     model = model.eval()
     dense = trp.count_macs(model, example_inputs=probe)
     rows = [Row(name, "original", 1.0, 1.0, 1.0, evaluate(model), metric, 0.0)]
     log(f"  {name} original {metric} {rows[0].score:.4f}")
     for x in reductions:
-        for method in ("plain", "calibrated", "calibrated+bn"):
+        methods = ["plain", "calibrated, trained BN statistics", "calibrated"]
+        if sequential:
+            methods += ["calibrated-sequential"]
+        for method in methods:
             start = time.perf_counter()
-            kw = {} if method == "plain" else dict(calibration=calib, calibration_samples=samples)
+            kw: dict[str, Any] = {} if method == "plain" else dict(calibration=calib, calibration_samples=samples)
+            if "sequential" in method:
+                kw["calibration_sequential"] = True
+            if "trained BN" in method:
+                kw["calibration_batchnorm"] = False
             try:
                 rep = _quiet(lambda: trp.decompose_with_report(model, criterion=trp.TargetSpeedup(x),
                                                                example_inputs=probe, **kw))
@@ -205,12 +198,10 @@ def cnn_study(name: str, model: nn.Module, calib: list[Tensor], evaluate: Callab
                 log(f"  {name} {method} x{x}: {err}")
                 continue
             split = rep.model
-            if method == "calibrated+bn":
-                split = reestimate_batchnorm(split, calib)
             red = dense / trp.count_macs(split, example_inputs=probe)
             rows.append(Row(name, method, x, red, red, evaluate(split), metric, time.perf_counter() - start,
                             {"fidelity": rep.fidelity.to_dict() if rep.fidelity else None}))
-            log(f"  {name} {method:>14} x{x:<5} MAC reduction {red:.3f}  {metric} {rows[-1].score:.4f} "
+            log(f"  {name} {method:>34} x{x:<5} MAC reduction {red:.3f}  {metric} {rows[-1].score:.4f} "
                 f"({rows[-1].seconds:.0f}s)")
         for label, other in extra_models:  # e.g. the TRP-trained model, split plainly at the same reduction
             rep = _quiet(lambda: trp.decompose_with_report(other, criterion=trp.TargetSpeedup(x), example_inputs=probe))
@@ -241,7 +232,7 @@ def _latency_rows(name: str, model: nn.Module, input_shape: Optional[tuple], cal
     return rows
 
 
-def mobilenet_study(reductions, samples, latency, log) -> tuple[list[Row], dict]:
+def mobilenet_study(reductions, samples, latency, log, sequential: bool = False) -> tuple[list[Row], dict]:
     from trp.models.pretrained import mobilenet_v2_imagenet
 
     model = mobilenet_v2_imagenet().eval()
@@ -262,13 +253,14 @@ def mobilenet_study(reductions, samples, latency, log) -> tuple[list[Row], dict]
         return float((got == ref).float().mean())
 
     rows = cnn_study("MobileNetV2 (ImageNet)", model, calib, agreement, "top1_agreement", held[:1], reductions,
-                     samples, log, latency=latency)
+                     samples, log, latency=latency, sequential=sequential)
     return rows, {"calibration": f"{len(train)} crops of {len(_pre.TRAIN_PHOTOS)} photographs",
                   "held_out": f"{len(held)} crops of {len(_pre.EVAL_PHOTOS)} other photographs"}
 
 
 def resnet20_study(model_file: Path, trp_file: Optional[Path], data_dir: Optional[str], reductions, samples,
-                   latency, log, arch: str = "resnet20", limit: Optional[int] = None) -> tuple[list[Row], dict]:
+                   latency, log, arch: str = "resnet20", limit: Optional[int] = None,
+                   sequential: bool = False) -> tuple[list[Row], dict]:
     from trp.data.fashion_mnist import fashion_mnist
 
     def build(path: Path) -> nn.Module:
@@ -293,7 +285,7 @@ def resnet20_study(model_file: Path, trp_file: Optional[Path], data_dir: Optiona
 
     extra = [("trp-trained plain", build(trp_file))] if trp_file else []
     rows = cnn_study(f"Fashion-MNIST {arch}", model, calib, accuracy, "top1_accuracy", xs[:1], reductions, samples,
-                     log, extra, latency)
+                     log, extra, latency, sequential)
     return rows, {"model_file": str(model_file), "trp_model_file": str(trp_file) if trp_file else None,
                   "calibration": f"{len(images)} training images", "test": f"{n_test} test images"}
 
@@ -351,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=list(WEIGHTINGS),
                         help="MiniLM: rank allocations compared (calibration_weighting)")
     parser.add_argument("--sequential", action="store_true",
-                        help="MiniLM: also each weighting with calibration_sequential=True")
+                        help="also each weighting (MiniLM) / the calibrated split (CNNs) with calibration_sequential=True")
     parser.add_argument("--model-file", type=Path, help="resnet20: the normally trained model (a trp.save file)")
     parser.add_argument("--trp-model-file", type=Path, help="resnet20: a TRP-trained model to compare")
     parser.add_argument("--arch", default="resnet20", help="resnet20: the architecture the files were saved from")
@@ -372,13 +364,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 args.sequential)
             models["all-MiniLM-L6-v2"] = d
         elif name == "mobilenet_v2":
-            r, d = mobilenet_study(args.reductions, args.calibrate, args.latency, log)
+            r, d = mobilenet_study(args.reductions, args.calibrate, args.latency, log, args.sequential)
             models["MobileNetV2 (ImageNet)"] = d
         else:
             if args.model_file is None:
                 parser.error("--models resnet20 needs --model-file (a trp.save file of the trained model)")
             r, d = resnet20_study(args.model_file, args.trp_model_file, args.data_dir, args.reductions,
-                                  args.calibrate, args.latency, log, args.arch, args.test_limit)
+                                  args.calibrate, args.latency, log, args.arch, args.test_limit, args.sequential)
             models[f"Fashion-MNIST {args.arch}"] = d
         rows += r
     result = {"command": "python benchmarks/calibrated.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -18,8 +18,8 @@ BATCH = 8
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 24),
-                         nn.ReLU(), nn.Linear(24, 4))
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                         nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
 
 
 def _batches() -> list[torch.Tensor]:
@@ -29,7 +29,7 @@ def _batches() -> list[torch.Tensor]:
 
 
 def _split(calibration, samples: int, criterion=None) -> nn.Module:
-    return trp.decompose(_model(), criterion=criterion or trp.TargetSpeedup(1.6), layers="all", exclude=["6"],
+    return trp.decompose(_model(), criterion=criterion or trp.TargetSpeedup(1.6), layers="all", exclude=["7"],
                          calibration=calibration, calibration_samples=samples)
 
 
@@ -65,3 +65,7 @@ def test_two_ranks_sum_statistics_and_split_alike(tmp_path: Path) -> None:
         w_ref = reference[f"{name}.second.weight"] @ reference[f"{name}.first.weight"]
         torch.testing.assert_close(w_dist, w_ref, rtol=1e-4, atol=1e-5)
     assert any(k.endswith("first.weight") for k in r0)
+    # BatchNorm statistics re-estimated on each rank's share, averaged: those of one process on all batches.
+    for key in ("3.running_mean", "3.running_var"):
+        torch.testing.assert_close(r0[key], reference[key], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(r0[key], _model().state_dict()[key])

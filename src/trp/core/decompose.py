@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import SplitMultiheadAttention, convert_attention, restore_attention
 from .equivalents import check_standard, standard_form
+from .bn_stats import reestimate_batchnorm
 from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, forward_groups, layer_factors,
                           output_gains,
                           read_batches, refuse_scheme)
@@ -205,6 +206,7 @@ def decompose_with_report(
     calibration_samples: int = DEFAULT_SAMPLES,
     calibration_weighting: str = "sensitivity",
     calibration_sequential: bool = False,
+    calibration_batchnorm: bool = True,
 ) -> Decomposition:
     """Like :func:`decompose`, also returning what happened to each selected layer.
 
@@ -453,6 +455,12 @@ def decompose_with_report(
     check_output = None
     if check_inputs is not None:
         check_output = _check(new, split, layer_inputs, dense_output, check_inputs, train_runs)
+    if calib is not None and calibration_batchnorm and report.factorized:
+        changed = reestimate_batchnorm(new, calib.fit)
+        if changed:
+            report.notes.append(
+                f"running statistics of {changed} BatchNorm layer(s) re-estimated on the {calib.samples} calibration "
+                "samples (forward passes, no weight changed; calibration_batchnorm=False keeps the trained ones)")
     if inputs is not None:
         report.macs_after = mac_breakdown(new, inputs)
     if calib is not None:
@@ -677,6 +685,7 @@ def decompose(
     calibration_samples: int = DEFAULT_SAMPLES,
     calibration_weighting: str = "sensitivity",
     calibration_sequential: bool = False,
+    calibration_batchnorm: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` with each selected layer whose MACs would drop split in two.
 
@@ -712,12 +721,17 @@ def decompose(
     layers reading the same input, e.g. query/key/value) is re-calibrated in forward order on the
     inputs the already-split layers before it produce (one partial forward pass of the
     calibration data per group: costlier, for models of benchmark size).
+    With calibration data, every BatchNorm's running mean and variance are then re-estimated on
+    it (:mod:`trp.core.bn_stats`: forward passes only, no weight changes), since the split layers'
+    outputs lose some variance and mean; ``calibration_batchnorm=False`` keeps the trained
+    statistics. The report's notes say when this happened.
     """
     return decompose_with_report(model, scheme, criterion, layers, input_shape, exclude=exclude,
                                  example_inputs=example_inputs, round_to=round_to, calibration=calibration,
                                  calibration_samples=calibration_samples,
                                  calibration_weighting=calibration_weighting,
-                                 calibration_sequential=calibration_sequential).model
+                                 calibration_sequential=calibration_sequential,
+                                 calibration_batchnorm=calibration_batchnorm).model
 
 
 def _layer_costs(sch, module: nn.Module, out_hw, in_hw, counted: Optional[MacCount], name: str, inputs):
