@@ -39,6 +39,8 @@ def test_decompose_calibrate_prints_fidelity_and_records_it(run: Path) -> None:
     summary = json.loads((run / "decomposed-channel-rank2-cal40.json").read_text())
     assert summary["calibrate"] == 40 and summary["fidelity"]["held_out"]
     assert summary["fidelity"]["metric"] == "top-1 agreement"
+    # the run's model has BatchNorms: their statistics are re-estimated on the calibration images, and said so
+    assert any("BatchNorm" in n for n in summary["notes"]) and "note: running statistics of" in result.output
 
 
 def test_calibrate_refuses_the_spatial_scheme(run: Path) -> None:

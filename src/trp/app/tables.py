@@ -82,6 +82,7 @@ def result_lines(result: Any) -> list[Any]:
     out: list[Any] = [layer_table(result.report), summary_table(result.summary, before, after)]
     if rec.get("ranks_from"):
         out.append(f"criterion: {rec['criterion']} (the ranks trained toward, from {rec['ranks_from']})")
+    out += [f"note: {note}" for note in result.report.notes]
     fidelity = result.report.fidelity
     if fidelity is not None:
         out.append(("[bold red]WARNING: [/bold red]" if not fidelity.ok else "")

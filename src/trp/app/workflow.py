@@ -183,6 +183,7 @@ def decompose_source(
         "finetune": None,
         "calibrate": step.calibrate,
         "fidelity": report.fidelity.to_dict() if report.fidelity is not None else None,
+        "notes": list(report.notes),
     }
     if trained is not None:
         record["ranks_from"] = trained[2]  # the ranks of the run's last projection (trained toward)
