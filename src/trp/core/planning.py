@@ -110,7 +110,7 @@ def _discarded(calibrated: dict[str, CalibratedFactors], ranks: dict[str, int], 
 
 def _as_example(inputs: ModelInputs, n: int) -> Any:
     """The first ``n`` samples of a batch in a form ``example_inputs`` takes."""
-    from .calibration import _slice
+    from .inputs import first_samples as _slice
 
     part = _slice(inputs, min(n, inputs.batch_size))
     if part.kwargs and not part.args:
