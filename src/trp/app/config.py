@@ -44,7 +44,7 @@ from .schema import (_SOURCE, Flag, Integer, Number, Text, _milestones, _Schema,
 __all__ = [
     "METHODS", "OPTIMIZERS", "PRECISIONS", "DEFAULT_WEIGHT_DECAY", "RESUMABLE", "DecomposeStep", "TrainConfig",
     "load_config", "read_config_file", "resume_config", "parse_milestones", "parse_layers", "parse_patterns",
-    "train_config", "MAX_BATCH", "MAX_SEED",
+    "train_config", "MAX_BATCH", "MAX_SEED", "resume_run_config", "command_steps",
 ]
 
 # The named layer selections of trp.core.layers.NAMED_SELECTIONS (a test pins the two together).
@@ -319,6 +319,30 @@ def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     if "epochs" in changes and saved.milestones is None:
         changes["milestones"] = saved.resolved_milestones()  # the schedule stays the saved run's
     return dataclasses.replace(saved, **changes)
+
+
+def resume_run_config(run_dir: Path, given: dict[str, Any], out: Optional[str],
+                      config_file: Optional[Path]) -> TrainConfig:
+    """The saved config of the run ``run_dir`` continues (``--resume``); the options ``given`` with it
+    (and ``--out`` / ``--config``) are checked against it (:func:`resume_config`)."""
+    if config_file is not None:
+        raise ValueError("--resume continues a run with its saved config.json: drop --config")
+    if out is not None and Path(out).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"--resume {run_dir} writes to that run directory: drop --out {out}")
+    return resume_config(load_config(run_dir), given)
+
+
+def command_steps(source: Path, scheme: Optional[str], criterion: Optional[str], finetune: int = 0,
+                  finetune_lr: float = 0.01, recalibrate_bn: int = 0, calibrate: int = 0) -> list[DecomposeStep]:
+    """The decompositions ``trp decompose SOURCE`` runs: the given criterion, else a run's config ``decompose``
+    entries (when nothing else is given), else its target, else ``value:0.05``."""
+    config = load_config(source) if Path(source).is_dir() else None
+    default_scheme = scheme or (config.scheme if config else "channel")
+    if (criterion is None and config is not None and config.decompose and scheme is None and not finetune
+            and not recalibrate_bn and not calibrate):
+        return [DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
+    default = config.default_criterion() if config else "value:0.05"
+    return [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr, recalibrate_bn, calibrate)]
 
 
 def load_config(run_dir: Path) -> TrainConfig:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -54,6 +53,39 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.def
 
 def _cfg(config: dict, key: str) -> Any:
     return config.get(key, _DEFAULTS.get(key))
+
+
+def write_table(rows: Sequence["ResultRow"], out: Path, text: str, notes: Sequence[str], seeds: str) -> Path:
+    """Write ``trp table --out OUT``: OUT.md (the table, its notes, the seed table) and OUT.csv; the .md path."""
+    md = Path(out).with_suffix(".md")
+    with atomic_write(md) as tmp:
+        tmp.write_text(text + "\n\n" + "".join(f"- {n}\n" for n in notes)
+                       + (f"\nRows trained with several seeds:\n\n{seeds}\n" if seeds else ""))
+    write_csv(rows, Path(out).with_suffix(".csv"))
+    return md
+
+
+def sweep_curves(run_dirs: Sequence[Path], rows: Sequence["ResultRow"]) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """The curves of every ``sweep-*.json`` in the runs and a marker per fine-tuned row, for ``trp table --plot``."""
+    from .sweep import load_sweep
+
+    curves: dict[str, Any] = {}
+    markers: dict[str, tuple] = {}
+    for run_dir in run_dirs:
+        for path in sorted(Path(run_dir).glob("sweep-*.json")):
+            meta, pts = load_sweep(path)
+            curves[str(meta.get("label", path.stem)) + f" [{meta.get('criterion_kind', '')}]"] = pts
+    for r in rows:
+        if r.finetuned and r.top1 is not None and r.conv_mac_reduction:
+            markers[f"{r.label}, fine-tuned"] = (r.conv_mac_reduction, r.top1)
+    if not curves:
+        raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
+    return curves, markers
+
+
+def run_label(config: TrainConfig) -> str:
+    """The method label of a run's config (e.g. ``TRP+Nu``)."""
+    return method_label(dataclasses.asdict(config))
 
 
 def method_label(config: dict, decomposed_scheme: Optional[str] = None) -> str:

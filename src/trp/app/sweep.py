@@ -136,6 +136,20 @@ def default_criteria(kind: str, n: int = 8) -> list[Criterion]:
     return unique
 
 
+SPEEDUP_GRID = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)  # the MAC reductions of a whole-model sweep
+
+
+def sweep_criteria(kind: str, points: int) -> list[Any]:
+    """The criteria of ``trp sweep --kind KIND``: whole-model targets over :data:`SPEEDUP_GRID`, else a grid."""
+    from ..core.allocation import Global, TargetSpeedup
+
+    if kind == "speedup":
+        return [TargetSpeedup(x) for x in SPEEDUP_GRID]
+    if kind == "global":
+        return [Global(speedup=x) for x in SPEEDUP_GRID]
+    return default_criteria(kind, points)
+
+
 def save_sweep(points: Sequence[SweepPoint], path: PathLike, meta: Optional[dict] = None) -> Path:
     """Write ``{"kind": "trp-sweep", "version": 1, **meta, "points": [...]}`` to ``path`` atomically."""
     meta = dict(meta or {})
