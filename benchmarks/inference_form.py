@@ -28,13 +28,13 @@ def models(names):
     for name in names:
         if name == "resnet20-spatial":
             dense, shape = resnet20(), (3, 32, 32)
-            yield name, dense, trp.decompose(dense, "spatial", trp.TargetSpeedup(5.0), input_shape=(1, *shape)), shape
+            yield name, dense, trp.decompose(dense, "spatial", trp.TargetMACs(5.0), input_shape=(1, *shape)), shape
         elif name == "resnet20-channel":
             dense, shape = resnet20(), (3, 32, 32)
-            yield name, dense, trp.decompose(dense, "channel", trp.TargetSpeedup(2.0), input_shape=(1, *shape)), shape
+            yield name, dense, trp.decompose(dense, "channel", trp.TargetMACs(2.0), input_shape=(1, *shape)), shape
         elif name == "resnet18-spatial":
             dense, shape = create_model("resnet18"), (3, 224, 224)
-            yield name, dense, trp.decompose(dense, "spatial", trp.TargetSpeedup(2.0), input_shape=(1, *shape)), shape
+            yield name, dense, trp.decompose(dense, "spatial", trp.TargetMACs(2.0), input_shape=(1, *shape)), shape
         else:
             raise SystemExit(f"unknown model {name}")
 

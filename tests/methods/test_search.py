@@ -68,7 +68,7 @@ def test_search_beats_uniform_ranks_on_held_out_loss() -> None:
 
 def test_search_errors() -> None:
     model, loader = _task()
-    with pytest.raises(ValueError, match="target_speedup"):
+    with pytest.raises(ValueError, match="mac_reduction"):
         iterative_rank_search(model, "channel", loader, 1.0, (1, 16))
     with pytest.raises(ValueError, match="shrink"):
         iterative_rank_search(model, "channel", loader, 2.0, (1, 16), shrink=1.5)

@@ -126,6 +126,30 @@ def _decompose_entries(v: Any) -> Any:
     return entries
 
 
+#: config keys renamed (old -> new): a file or saved run with the old key is read as the new one, with a
+#: DeprecationWarning (once); ``target_speedup`` held a MAC reduction, not measured time.
+RENAMED_KEYS = {"target_speedup": "target_macs"}
+
+
+def renamed_keys(data: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """``data`` with each deprecated key of :data:`RENAMED_KEYS` replaced by its new name (warning once)."""
+    if not isinstance(data, dict) or not any(old in data for old in RENAMED_KEYS):
+        return data
+    from ..core._util import warn_deprecated
+
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        if data.get(new) is not None and value is not None and data[new] != value:
+            raise ConfigError(f"{source + ': ' if source else ''}{old} is the deprecated name of {new}: give {new} only")
+        if data.get(new) is None:
+            data[new] = value
+        warn_deprecated(f"the config key {old!r}", repr(new), stacklevel=4)
+    return data
+
+
 @dataclass(frozen=True)
 class DecomposeStep(_Schema):
     """One decomposition to run: scheme, criterion string, fine-tune epochs (0: none) and lr, batches to
@@ -147,8 +171,11 @@ class DecomposeStep(_Schema):
         _validated(type(self), dataclasses.asdict(self), "")
 
     def _check(self) -> None:
-        from ..core.criteria import parse_criterion
+        from ..core.criteria import canonical_criterion, parse_criterion
         from ..deploy import target_latency  # noqa: F401  (registers latency:X)
+
+        # speedup:X / global-speedup:X (deprecated) are macs:X / global-macs:X, and so are their file stems
+        object.__setattr__(self, "criterion", canonical_criterion(self.criterion))
 
         if self.criterion.startswith("search:"):
             try:
@@ -200,8 +227,9 @@ class TrainConfig(_Schema):
     steps_per_epoch: Optional[Integer(1, 10**9)] = None  # type: ignore[valid-type]  # stop each epoch early
     holdout: Integer(0, 10**9) = 0  # type: ignore[valid-type]  # last training examples kept out (holdout_split)
     hflip: Flag = False  # Fashion-MNIST: add random horizontal flips to the augmentation
-    # trp: project toward this whole-model MAC reduction (TargetSpeedup) / measured latency reduction
-    target_speedup: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
+    # trp: project toward this whole-model MAC reduction (TargetMACs) / measured latency reduction
+    # (target_macs was target_speedup before issue 21: the old key is read as it, with a DeprecationWarning)
+    target_macs: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
     target_latency: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
     target_warmup: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # energy-driven epochs before the target's
     # decompositions to run after training (DecomposeStep entries)
@@ -219,7 +247,7 @@ class TrainConfig(_Schema):
         """A config from a mapping; unknown keys or values of the wrong type raise ConfigError naming them."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source} must hold a mapping of TrainConfig keys (model, data, method, ...)")
-        return _validated(cls, data, source)
+        return _validated(cls, renamed_keys(data, source), source)
 
     def _check(self) -> None:
         from ..data import DATASET_INFO
@@ -236,13 +264,13 @@ class TrainConfig(_Schema):
             raise ValueError(f"factor must be an integer >= 2 for method 'lorita', got {self.factor!r}")
         if self.method == "finetune" and not self.init_from:
             raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
-        if self.target_speedup is not None and self.target_latency is not None:
-            raise ValueError("give either target_speedup or target_latency, not both")
-        for key in ("target_speedup", "target_latency"):
+        if self.target_macs is not None and self.target_latency is not None:
+            raise ValueError("give either target_macs or target_latency, not both")
+        for key in ("target_macs", "target_latency"):
             if getattr(self, key) is not None and self.method != "trp":
                 raise ValueError(f"{key} sets the ranks of TRP's projections: use it with method 'trp', not {self.method!r}")
         if self.target_warmup and self.target_criterion is None:
-            raise ValueError("target_warmup counts epochs before a target takes over: set target_speedup or target_latency")
+            raise ValueError("target_warmup counts epochs before a target takes over: set target_macs or target_latency")
 
     def validate(self) -> None:
         """Check the config again (it is checked when built; this re-checks values changed since)."""
@@ -251,8 +279,8 @@ class TrainConfig(_Schema):
     @property
     def target_criterion(self) -> Optional[str]:
         """The whole-model criterion a target run trains toward, as a criterion string (None: no target)."""
-        if self.target_speedup is not None:
-            return f"speedup:{self.target_speedup:g}"
+        if self.target_macs is not None:
+            return f"macs:{self.target_macs:g}"
         if self.target_latency is not None:
             return f"latency:{self.target_latency:g}"
         return None
@@ -301,7 +329,7 @@ def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     option that contradicts it raises ValueError naming every such option.
     """
     conflicts, changes = [], {}
-    for name, value in given.items():
+    for name, value in renamed_keys(given, "--resume").items():
         value = _field_value(name, value, "--resume")
         old = getattr(saved, name)
         if value == old:
@@ -355,6 +383,7 @@ def load_config(run_dir: Path) -> TrainConfig:
     data = read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of TrainConfig keys; the file is corrupt")
+    data = renamed_keys(data, str(path))
     data.setdefault("layers", "paper")  # runs from before `layers` existed used the reference selection
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict({k: v for k, v in data.items() if k in known}, source=str(path))
@@ -391,13 +420,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"{path}: key {_shown(bad[0])} is not a name; known keys: "
                           f"{', '.join(sorted(f.name for f in dataclasses.fields(TrainConfig)))}")
-    return data
+    return renamed_keys(data, str(path))
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The mapping in a YAML (or JSON) config file, e.g. one of ``configs/``, checked by the schema and
     with its values coerced (only the file's own keys)."""
-    data = _read_yaml(path)
+    data = _read_yaml(path)  # deprecated keys renamed
     config = TrainConfig.from_dict(data, source=str(path))
     return {key: getattr(config, key) for key in data}
 

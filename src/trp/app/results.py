@@ -74,7 +74,8 @@ def sweep_curves(run_dirs: Sequence[Path], rows: Sequence["ResultRow"]) -> tuple
     for run_dir in run_dirs:
         for path in sorted(Path(run_dir).glob("sweep-*.json")):
             meta, pts = load_sweep(path)
-            curves[str(meta.get("label", path.stem)) + f" [{meta.get('criterion_kind', '')}]"] = pts
+            kind = {"speedup": "macs"}.get(str(meta.get("criterion_kind", "")), meta.get("criterion_kind", ""))
+            curves[str(meta.get("label", path.stem)) + f" [{kind}]"] = pts
     for r in rows:
         if r.finetuned and r.top1 is not None and r.conv_mac_reduction:
             markers[f"{r.label}, fine-tuned"] = (r.conv_mac_reduction, r.top1)
@@ -109,8 +110,9 @@ def method_label(config: dict, decomposed_scheme: Optional[str] = None) -> str:
         return "Nu only" if decomposed_scheme is None else f"Nu only + {decomposed_scheme}"
     if method == "trp":
         label = SCHEME_LABELS.get(scheme, f"TRP-{scheme}") + ("+Nu" if nuclear > 0 else "")
-        if _cfg(config, "target_speedup"):
-            label += f" → {float(_cfg(config, 'target_speedup')):g}× MACs"
+        target_macs = _cfg(config, "target_macs") or _cfg(config, "target_speedup")  # the key before issue 21
+        if target_macs:
+            label += f" → {float(target_macs):g}× MACs"
         elif _cfg(config, "target_latency"):
             label += f" → {float(_cfg(config, 'target_latency')):g}× latency"
         if decomposed_scheme is not None and decomposed_scheme != scheme:
@@ -190,6 +192,17 @@ def _read_summary(path: Path) -> dict:
     return data
 
 
+# Criterion kinds renamed in issue 21 (a MAC reduction is not a speedup): summaries written before
+# read with the new spelling, so that old and new results group together.
+_OLD_KINDS = {"speedup": "macs", "global-speedup": "global-macs"}
+
+
+def new_criterion(text: str) -> str:
+    """A criterion string in its current spelling (``speedup:3`` -> ``macs:3``; others unchanged)."""
+    kind, sep, rest = text.partition(":")
+    return f"{_OLD_KINDS[kind]}:{rest}" if sep and kind in _OLD_KINDS else text
+
+
 def _new_or_old(record: dict, key: str, old_key: str) -> Any:
     """``record[key]``, or ``record[old_key]`` in files written before the key was renamed."""
     return record[key] if key in record else record.get(old_key)
@@ -257,7 +270,7 @@ def collect(run_dirs: Sequence[PathLike]) -> list[ResultRow]:
             if not isinstance(scheme, str) or not s.get("criterion"):
                 raise ValueError(f"{path} lacks \"scheme\" or \"criterion\": the summary is incomplete; decompose again")
             common = dict(
-                base, label=method_label(config, scheme), scheme=scheme, criterion=str(s["criterion"]),
+                base, label=method_label(config, scheme), scheme=scheme, criterion=new_criterion(str(s["criterion"])),
                 macs=_int(s.get("macs_after")), conv_macs=_int(s.get("conv_macs_after")),
                 params=_int(s.get("params_after")), mac_reduction=_num(_new_or_old(s, "mac_reduction", "speedup")),
                 conv_mac_reduction=_num(_new_or_old(s, "conv_mac_reduction", "conv_speedup")),

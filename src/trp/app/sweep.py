@@ -136,17 +136,22 @@ def default_criteria(kind: str, n: int = 8) -> list[Criterion]:
     return unique
 
 
-SPEEDUP_GRID = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)  # the MAC reductions of a whole-model sweep
+MAC_GRID = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)  # the MAC reductions of a whole-model sweep
 
 
 def sweep_criteria(kind: str, points: int) -> list[Any]:
-    """The criteria of ``trp sweep --kind KIND``: whole-model targets over :data:`SPEEDUP_GRID`, else a grid."""
-    from ..core.allocation import Global, TargetSpeedup
+    """The criteria of ``trp sweep --kind KIND``: whole-model targets over :data:`MAC_GRID` (``macs``: TargetMACs,
+    ``global``: Global), else a grid of that criterion. ``speedup`` is the deprecated name of ``macs``."""
+    from ..core._util import warn_deprecated
+    from ..core.allocation import Global, TargetMACs
 
     if kind == "speedup":
-        return [TargetSpeedup(x) for x in SPEEDUP_GRID]
+        warn_deprecated("trp sweep --kind speedup", "--kind macs")
+        kind = "macs"
+    if kind == "macs":
+        return [TargetMACs(x) for x in MAC_GRID]
     if kind == "global":
-        return [Global(speedup=x) for x in SPEEDUP_GRID]
+        return [Global(mac_reduction=x) for x in MAC_GRID]
     return default_criteria(kind, points)
 
 

@@ -100,7 +100,7 @@ def decompose_with_report(
     if round_to > 1 and isinstance(criterion, WholeModelCriterion):
         raise ValueError(
             f"round_to applies to per-layer criteria; a whole-model criterion keeps its budget only when it "
-            f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetSpeedup(x, round_to={round_to}))"
+            f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetMACs(x, round_to={round_to}))"
         )
     if calibration_weighting not in _WEIGHTINGS:
         raise ValueError(f"calibration_weighting must be one of {', '.join(_WEIGHTINGS)}, got {calibration_weighting!r}")
@@ -380,7 +380,7 @@ def decompose(
     ``scheme`` is ``"channel"``, ``"spatial"`` or ``"decouple"`` for convs; Linear layers are split
     ``in→r→out`` under any scheme. ``criterion`` (default ``Energy(0.9)``) picks each
     layer's rank from its spectrum, or, for a whole-model criterion such as
-    ``TargetSpeedup(3.0)`` (:mod:`trp.core.allocation`), all ranks at once. ``layers`` is None
+    ``TargetMACs(3.0)`` (:mod:`trp.core.allocation`), all ranks at once. ``layers`` is None
     (every layer but the first conv and the last linear), ``"paper"``, ``"all"``, a list of module
     names or glob patterns, or a predicate ``(name, module) -> bool``; ``exclude`` holds glob
     patterns of layers to leave dense (see :mod:`trp.core.layers`). ``input_shape`` makes the

@@ -6,7 +6,7 @@ looks at the top of one spectrum, grown until it decides the rank; Energy's tota
 
 :func:`allocate_leading`: whole-model ranks.
 A whole-model criterion that says which leading values decide its ranks
-(:meth:`~trp.core.allocation.WholeModelCriterion.leading_needed`: :class:`TargetSpeedup`,
+(:meth:`~trp.core.allocation.WholeModelCriterion.leading_needed`: :class:`TargetMACs`,
 :class:`Global`, :class:`LayerRanks`; others get full SVDs)
 sees, for a large layer, its top ``q`` singular values followed by equal values carrying the
 rest of the layer's energy: the energy is ``||W||_F²`` (no SVD needed), so the known values'

@@ -1,6 +1,6 @@
 """``TargetLatency(x)``: ranks chosen from measured layer latencies so the model runs ``x`` times faster.
 
-The whole-model counterpart of :class:`trp.TargetSpeedup` for time instead of MACs. From a
+The whole-model counterpart of :class:`trp.TargetMACs` for time instead of MACs. From a
 :class:`~trp.deploy.profile.LatencyTable` (measured by :func:`trp.profile_layers`, or here
 when none is given) each layer has options: dense, or split at a measured rank whose split
 is measured faster than the dense layer and has fewer MACs. Starting from every layer's

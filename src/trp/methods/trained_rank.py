@@ -13,7 +13,7 @@ Use it inside any training loop (SPEC §1.3)::
     compact = pruner.decompose(trp.Value(0.05))
 
 ``criterion`` takes what :func:`trp.decompose` takes: a per-layer criterion (``Energy(0.9)``, the
-default; ``Value``, ``Ratio``, ``FixedRank``) or a whole-model one (``TargetSpeedup(3)``,
+default; ``Value``, ``Ratio``, ``FixedRank``) or a whole-model one (``TargetMACs(3)``,
 ``TargetLatency(2)``, ``Global``, ``LayerRanks``), which then needs ``input_shape`` (or
 ``example_inputs``) for its MAC counts. The settings and their defaults live in
 :class:`trp.TRPConfig` (``TRP.from_config(model, cfg)``). The old ``energy=e`` and ``target=t``
@@ -85,7 +85,7 @@ from torch import Tensor, nn
 from ..core import svd as svd_module
 from ..core._util import check_int, check_number
 from ..core.allocation import pooled_spectrum
-from ..core.criteria import Energy, Value
+from ..core.criteria import Energy, Value, current_spelling
 from ..core.decompose import RankCriterion, decompose
 from ..core.inputs import ExampleInputs
 from ..core.layers import LayerSelector, skipped_inline
@@ -204,7 +204,7 @@ class TRP(TargetRanks):
             self._init_target(targets, period, input_shape, example_inputs, warmup)
         elif warmup:
             raise ValueError("warmup counts the iterations before the target takes over: it needs target=a "
-                             "whole-model criterion (criterion=trp.TargetSpeedup(x), ...)")
+                             "whole-model criterion (criterion=trp.TargetMACs(x), ...)")
 
     @classmethod
     def from_config(cls, model: nn.Module, config: TRPConfig, **overrides: Any) -> "TRP":
@@ -218,7 +218,7 @@ class TRP(TargetRanks):
 
     @property
     def whole(self) -> bool:
-        """Whether the criterion chooses every layer's rank at once (a target such as ``TargetSpeedup``)."""
+        """Whether the criterion chooses every layer's rank at once (a target such as ``TargetMACs``)."""
         return is_whole_model(self.criterion)
 
     @property
@@ -303,6 +303,8 @@ class TRP(TargetRanks):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (also the state of TRP before ``criterion=``)."""
         saved = state.get("target")
+        if isinstance(saved, str):  # a state saved before issue 21 spells macs:X as speedup:X
+            saved = current_spelling(saved)
         if "target" in state and saved != self._target_spec():
             raise ValueError(
                 f"TRP state was trained toward target {saved!r}, but this TRP has target "

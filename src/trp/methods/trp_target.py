@@ -204,7 +204,7 @@ class TargetRanks:
     def allocate(self, spectra: dict[str, Tensor]) -> dict[str, int]:
         """The whole-model criterion's rank for every layer, from each layer's singular values (``(k,)`` or batched)."""
         if not self.whole:
-            raise ValueError("this TRP has a per-layer criterion: build it with criterion=trp.TargetSpeedup(x)")
+            raise ValueError("this TRP has a per-layer criterion: build it with criterion=trp.TargetMACs(x)")
         layers = [LayerSpectrum(n, spectra[n], dense, macs) for n, (dense, macs) in self._costs.items()]
         given = self.criterion.allocate(layers, self._fixed_macs)
         return self._checked_ranks(given, {n: int(spectra[n].shape[-1]) for n in self.layer_names})

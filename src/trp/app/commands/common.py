@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -28,14 +29,8 @@ class _LazyModule:
 
 
 engine: Any = _LazyModule("trp.app.engine")
-
-
 workflow: Any = _LazyModule("trp.app.workflow")
-
-
 tables: Any = _LazyModule("trp.app.tables")
-
-
 distributed: Any = _LazyModule("trp.integrations.distributed")
 
 
@@ -119,3 +114,22 @@ def _print_bench(record: dict[str, Any], title: str) -> None:
     console.print(tables.bench_table(record, title))
     console.print(tables.bench_note(record))
 
+
+def deprecated_option(old: str, new: str) -> None:
+    """Say once, on stderr, that the option or value ``old`` is deprecated in favour of ``new`` (it still works)."""
+    from ...core._util import WARNED, warn_deprecated
+
+    if old not in WARNED:
+        click.echo(f"Warning: {old} is deprecated: use {new} (the same MAC reduction; 'speedup' now means "
+                   "measured time only)", err=True)
+    warn_deprecated(old, new)
+
+
+def mac_option(old: Optional[float], new: Optional[float], old_flag: str, new_flag: str) -> Optional[float]:
+    """The value of ``new_flag``, or of its deprecated name ``old_flag`` (said once); both: UsageError."""
+    if old is None:
+        return new
+    if new is not None:
+        raise click.UsageError(f"give {new_flag} only ({old_flag} is its deprecated name)")
+    deprecated_option(old_flag, new_flag)
+    return old

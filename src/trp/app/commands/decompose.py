@@ -11,7 +11,10 @@ import click
 from ..config import DecomposeStep, command_steps, parse_layers, parse_patterns
 from ..factory import factory_options
 from .common import (EXCLUDE_HELP, LAYERS_HELP, SCHEMES, _decomposing, _epoch_line, _print_bench, _print_result, console,
-                     progress_bars, workflow)
+                     deprecated_option, mac_option, progress_bars, workflow)
+
+# The deprecated criterion kinds, as trp.core.criteria.OLD_KINDS (not imported here: --help needs no torch).
+OLD_KINDS = {"speedup": "macs", "global-speedup": "global-macs"}
 
 
 def run_decompositions(source: Path, steps: list[DecomposeStep], out: Optional[Path], data_dir: Optional[str],
@@ -44,9 +47,10 @@ def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: the run's scheme, else channel]")
 @click.option("--criterion", default=None, help="Per layer: energy:E, value:T, ratio:P, rank:K; whole model: "
-              "speedup:X, global:P, global-speedup:X (speedup = MAC reduction), latency:X[:RUNTIME[:BATCH]] "
+              "macs:X (a MAC reduction), global:P, global-macs:X, latency:X[:RUNTIME[:BATCH]] "
               "(measured time, see `trp profile`) [default: the run config's decompose entries, else its target, else value:0.05].")
-@click.option("--target-speedup", type=float, default=None, help="Same as --criterion speedup:X: a whole-model MAC reduction of X (not measured time).")
+@click.option("--target-macs", type=float, default=None, help="Same as --criterion macs:X: a whole-model MAC reduction of X (not measured time).")
+@click.option("--target-speedup", type=float, default=None, hidden=True, help="Deprecated name of --target-macs.")
 @click.option("--finetune", type=int, default=0, show_default=True, help="Fine-tune the compact model for this many epochs.")
 @click.option("--finetune-lr", type=float, default=0.01, show_default=True)
 @click.option("--recalibrate-bn", type=int, default=0, show_default=True,
@@ -63,16 +67,20 @@ def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -
 @click.option("--bench/--no-bench", default=False, show_default=True,
               help="Also measure the split model's speedup (eager and ONNX Runtime, batch 1 and 64; takes a while).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str], target_speedup: Optional[float],
-                  finetune: int, finetune_lr: float, recalibrate_bn: int, calibrate: int, out: Optional[Path],
+def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str], target_macs: Optional[float],
+                  target_speedup: Optional[float], finetune: int, finetune_lr: float, recalibrate_bn: int, calibrate: int, out: Optional[Path],
                   data_dir: Optional[str], no_eval: bool,
                   layers: Optional[str], exclude: Optional[str], device: str, bench: bool,
                   no_progress: bool) -> None:
     """Split a trained model's layers into thin layers and report what it bought."""
-    if criterion and target_speedup:
-        raise ValueError("give either --criterion or --target-speedup, not both")
-    if target_speedup is not None:
-        criterion = f"speedup:{target_speedup:g}"
+    target_macs = mac_option(target_speedup, target_macs, "--target-speedup", "--target-macs")
+    if criterion and target_macs:
+        raise ValueError("give either --criterion or --target-macs, not both")
+    if target_macs is not None:
+        criterion = f"macs:{target_macs:g}"
+    kind = (criterion or "").partition(":")[0].strip().lower()
+    if kind in OLD_KINDS:
+        deprecated_option(f"--criterion {kind}:X", f"--criterion {OLD_KINDS[kind]}:X")
     steps = command_steps(source, scheme, criterion, finetune, finetune_lr, recalibrate_bn, calibrate)
     run_decompositions(source, steps, out, data_dir, not no_eval, device, no_progress, parse_layers(layers),
                        parse_patterns(exclude) if exclude is not None else None, bench)

@@ -9,14 +9,15 @@ from typing import Any, Optional
 import click
 
 from ..config import parse_layers, parse_patterns
-from .common import EXCLUDE_HELP, LAYERS_HELP, SCHEMES, console, engine, workflow
+from .common import EXCLUDE_HELP, LAYERS_HELP, SCHEMES, console, deprecated_option, engine, workflow
 
 
 @click.command(name="sweep")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: each run's scheme]")
-@click.option("--kind", type=click.Choice(["speedup", "global", "energy", "value", "ratio"]), default="speedup",
-              show_default=True, help="speedup/global: whole-model criteria at 1.5x..6x MAC reduction; else a grid of that criterion.")
+@click.option("--kind", type=click.Choice(["macs", "global", "energy", "value", "ratio", "speedup"]), default="macs",
+              show_default=True, help="macs/global: whole-model criteria (TargetMACs, Global) at 1.5x..6x MAC reduction; "
+              "else a grid of that criterion (speedup: deprecated name of macs).")
 @click.option("--points", type=int, default=8, show_default=True, help="Grid size for energy/value/ratio.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a MAC-reduction-vs-top-1 PNG of all runs here.")
 @click.option("--title", default="", help="Plot title.")
@@ -31,6 +32,9 @@ def sweep_cmd(run_dirs: tuple[Path, ...], scheme: Optional[str], kind: str, poin
     from ..results import run_label
     from ..sweep import save_sweep, sweep, sweep_criteria
 
+    if kind == "speedup":
+        deprecated_option("--kind speedup", "--kind macs")
+        kind = "macs"
     curves: dict[str, Any] = {}
     dev = engine.resolve_device(device)
     criteria = sweep_criteria(kind, points)

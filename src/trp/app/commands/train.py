@@ -14,7 +14,7 @@ import click
 from ...methods.trp_config import DEFAULTS as TRP_DEFAULTS
 from ..config import METHODS, OPTIMIZERS, PRECISIONS, parse_milestones, resume_run_config, train_config
 from .common import (EXCLUDE_HELP, LAYERS_HELP, SCHEMES, _decomposing, _epoch_line, _print_result, console, count_macs,
-                     count_params, distributed, engine, progress_bars, tables, workflow)
+                     count_params, distributed, engine, mac_option, progress_bars, tables, workflow)
 
 
 @click.command()
@@ -40,8 +40,9 @@ from .common import (EXCLUDE_HELP, LAYERS_HELP, SCHEMES, _decomposing, _epoch_li
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--factor", type=int, default=2, show_default=True, help="lorita: linear maps per layer (N).")
-@click.option("--target-speedup", type=float, default=None, help="TRP: project toward this whole-model MAC "
-              "reduction (ranks from TargetSpeedup at every projection; the run splits with it).")
+@click.option("--target-macs", type=float, default=None, help="TRP: project toward this whole-model MAC "
+              "reduction (ranks from TargetMACs at every projection; the run splits with it).")
+@click.option("--target-speedup", type=float, default=None, hidden=True, help="Deprecated name of --target-macs.")
 @click.option("--target-latency", type=float, default=None, help="TRP: project toward this measured latency "
               "reduction (trp.TargetLatency).")
 @click.option("--target-warmup", type=int, default=0, show_default=True, help="TRP with a target: energy-driven "
@@ -93,11 +94,16 @@ def train(resume: Optional[str], out: Optional[str], no_progress: bool, mileston
         sys.exit(distributed.relaunch(nproc, ["train", *_given_options(ctx, skip={"nproc"})]))
     try:
         opts["milestones"] = parse_milestones(milestones) if milestones else None
+        old_target = opts.pop("target_speedup")
+        given = _given(ctx, opts)
+        if old_target is not None:
+            opts["target_macs"] = mac_option(old_target, opts["target_macs"], "--target-speedup", "--target-macs")
+            given.add("target_macs")
         if resume:
             run_dir = Path(resume)
-            config = resume_run_config(run_dir, {name: opts[name] for name in _given(ctx, opts)}, out, config_file)
+            config = resume_run_config(run_dir, {name: opts[name] for name in given}, out, config_file)
         else:
-            config = train_config(config_file, opts, _given(ctx, opts))
+            config = train_config(config_file, opts, given)
             default_name = (f"{config_file.parent.name}/{config_file.stem}" if config_file
                             else f"{config.model}-{config.data}-{config.method}-{config.scheme}")
             run_dir = Path(out or f"runs/{default_name}")
