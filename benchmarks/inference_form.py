@@ -103,7 +103,7 @@ def main() -> None:
                 ms = timed(variants, x, args.repeats, args.warmup)
                 print(f"\n{name}, batch {batch}, {args.threads} thread(s), MAC reduction {macs:.2f}x "
                       f"(median of {args.repeats}; shared machine: noisy)")
-                print(f"| runtime | dense ms | split ms | measured speedup |\n|---|---|---|---|")
+                print("| runtime | dense ms | split ms | measured speedup |\n|---|---|---|---|")
                 for runtime in dict.fromkeys(k.split("|")[0] for k in ms):
                     d, s = ms[f"{runtime}|dense"], ms[f"{runtime}|split"]
                     print(f"| {runtime} | {d:.2f} | {s:.2f} | {d / s:.2f}x |")

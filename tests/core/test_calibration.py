@@ -109,7 +109,6 @@ def test_conv_matches_closed_form(dims, c_per, n_per, groups, kh, kw, sh, sw, ph
     with torch.no_grad():
         y = conv._conv_forward(fit, conv.weight, None)  # bias-free outputs (B, N, *positions)
         w = conv.weight
-        n = w.shape[0]
         want_w = torch.empty_like(w)
         bias = conv.bias.detach().clone()
         for gi in range(groups):
@@ -149,7 +148,7 @@ def test_input_and_output_statistics_agree(side):
 
 
 def test_hf_conv1d_and_attention_projections():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)

@@ -3,9 +3,10 @@
 :func:`collect` reads run directories written by ``trp train`` (``config.json``,
 ``metrics.jsonl``) and the ``decomposed-*.json`` summaries ``trp decompose`` writes next
 to them, and returns one :class:`ResultRow` per model: the dense one, each decomposition
-and each fine-tuned decomposition; :func:`seed_table` averages rows that differ only in seed. Rows carry the published number for the same method
-(:mod:`trp.app.paper`) where there is one. :func:`markdown_table`, :func:`write_csv` and
-:func:`tradeoff_notes` turn rows into tables and plain sentences.
+and each fine-tuned decomposition; :func:`seed_table` averages rows that differ only in seed.
+Rows carry the published number for the same method (:mod:`trp.app.paper`) where there is one.
+:func:`markdown_table`, :func:`write_csv` and :func:`tradeoff_notes` turn rows into tables and
+plain sentences.
 """
 
 from __future__ import annotations

@@ -261,7 +261,8 @@ def _trained_ranks(source: Path, step: DecomposeStep, config: Optional[TrainConf
         return None
     state = read_checkpoint(checkpoint, "cpu")
     trp_state = state.get("trp") or {}
-    if int(state.get("epoch", -1)) != config.epochs or current_spelling(str(trp_state.get("target"))) != target or not trp_state.get("ranks"):
+    if (int(state.get("epoch", -1)) != config.epochs or current_spelling(str(trp_state.get("target"))) != target
+            or not trp_state.get("ranks")):
         return None
     return target, {str(k): int(v) for k, v in trp_state["ranks"].items()}, str(checkpoint)
 

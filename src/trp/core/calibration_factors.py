@@ -115,10 +115,11 @@ def calibrated_factors(matrix: Tensor, side: str, stat: Tensor, mean: Optional[T
     """The calibrated decomposition of a matrix view ``(m, n)`` / ``(g, m, n)`` from its layer's statistic.
 
     ``stat`` is ``Σ_y`` (``side="output"``, ``(g, m, m)``) or ``X Xᵀ`` (``side="input"``, ``(g, n, n)``),
-    summed over the calibration positions; it is overwritten (its memory holds eigenvectors). With ``mean`` (the mean output ``(g, m)`` or input
-    ``(g, n)`` column), ``stat`` must be centred (``Σ (c − μ)(c − μ)ᵀ``): for a layer with a bias,
-    the best rank-``k`` split plus a free bias fits the centred moment and moves the mean of what
-    it discards, ``(I − U_k U_kᵀ) W μ_x``, into the bias (:meth:`CalibratedFactors.bias_shift`).
+    summed over the calibration positions; it is overwritten (its memory holds eigenvectors). With
+    ``mean`` (the mean output ``(g, m)`` or input ``(g, n)`` column), ``stat`` must be centred
+    (``Σ (c − μ)(c − μ)ᵀ``): for a layer with a bias, the best rank-``k`` split plus a free bias fits
+    the centred moment and moves the mean of what it discards, ``(I − U_k U_kᵀ) W μ_x``, into the
+    bias (:meth:`CalibratedFactors.bias_shift`).
     """
     mat = matrix.detach().reshape(-1, *matrix.shape[-2:])
     g, m, n = mat.shape

@@ -7,8 +7,9 @@ fraction of the time (measured with torch 2.14 on a shared 2-core CPU: ResNet-20
 5 s, MobileNetV2 0.5 s against 13 s), and needs no onnxscript. Its deprecation notice is silenced.
 ``exporter="auto"`` (the default) falls back to the dynamo exporter where the TorchScript one
 fails (e.g. AlexNet's ``adaptive_avg_pool2d`` to a size that does not divide its input), and the
-result says so; ``exporter="torchscript"`` or ``"dynamo"`` uses only that one. In eval mode torch.onnx itself fuses a Conv followed
-by BatchNorm; :func:`trp.fold_batchnorm` (on by default) also folds BatchNorm after a Linear.
+result says so; ``exporter="torchscript"`` or ``"dynamo"`` uses only that one. In eval mode
+torch.onnx itself fuses a Conv followed by BatchNorm; :func:`trp.fold_batchnorm` (on by default) also
+folds BatchNorm after a Linear.
 Either exporter sees the model through a thin wrapper taking tensors positionally and returning
 a flat tuple of tensors, so models called with keyword inputs (Hugging Face token ids and masks)
 and returning nested outputs (a ModelOutput) export like any other. Also here: :func:`ort_session`,

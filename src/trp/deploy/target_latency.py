@@ -209,7 +209,8 @@ class TargetLatency(WholeModelCriterion):
             raise ValueError(f"TargetLatency: the table times the {self.table.scheme} split, but the {scheme} scheme "
                              "was asked: profile the model with that scheme")
         self._folded = _inference_form(model)
-        if not self._given_table and not (self._fixed is not None and self.table is not None):  # profiled for each model it is used on (from the disk cache when known)
+        # profiled for each model it is used on (from the disk cache when known)
+        if not self._given_table and not (self._fixed is not None and self.table is not None):
             self.table = profile_layers(self._folded, self._inputs(model, input_shape), scheme, self.runtime,
                                         layers=layers,
                                         threads=self.threads, repeats=self.repeats, warmup=self.warmup,

@@ -48,8 +48,10 @@ def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -
 @click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default=None, help="[default: the run's scheme, else channel]")
 @click.option("--criterion", default=None, help="Per layer: energy:E, value:T, ratio:P, rank:K; whole model: "
               "macs:X (a MAC reduction), global:P, global-macs:X, latency:X[:RUNTIME[:BATCH]] "
-              "(measured time, see `trp profile`) [default: the run config's decompose entries, else its target, else value:0.05].")
-@click.option("--target-macs", type=float, default=None, help="Same as --criterion macs:X: a whole-model MAC reduction of X (not measured time).")
+              "(measured time, see `trp profile`) [default: the run config's decompose entries, else its target, "
+              "else value:0.05].")
+@click.option("--target-macs", type=float, default=None,
+              help="Same as --criterion macs:X: a whole-model MAC reduction of X (not measured time).")
 @click.option("--target-speedup", type=float, default=None, hidden=True, help="Deprecated name of --target-macs.")
 @click.option("--finetune", type=int, default=0, show_default=True, help="Fine-tune the compact model for this many epochs.")
 @click.option("--finetune-lr", type=float, default=0.01, show_default=True)
@@ -68,7 +70,8 @@ def _bench_result(source: Path, result: workflow.DecomposeResult, device: str) -
               help="Also measure the split model's speedup (eager and ONNX Runtime, batch 1 and 64; takes a while).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str], target_macs: Optional[float],
-                  target_speedup: Optional[float], finetune: int, finetune_lr: float, recalibrate_bn: int, calibrate: int, out: Optional[Path],
+                  target_speedup: Optional[float], finetune: int, finetune_lr: float, recalibrate_bn: int, calibrate: int,
+                  out: Optional[Path],
                   data_dir: Optional[str], no_eval: bool,
                   layers: Optional[str], exclude: Optional[str], device: str, bench: bool,
                   no_progress: bool) -> None:
@@ -90,7 +93,8 @@ def decompose_cmd(source: Path, scheme: Optional[str], criterion: Optional[str],
 @click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--epochs", type=int, required=True, help="Fine-tuning epochs.")
 @click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory [default: finetune-<file stem> beside it].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory [default: finetune-<file stem> beside it].")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (CIFAR, ImageNet).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

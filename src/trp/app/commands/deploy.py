@@ -110,7 +110,8 @@ _RUNTIME_HELP = "Comma-separated runtimes: eager, compile, onnxruntime."
 @click.option("--threads", type=int, default=None, help="Intra-op threads [default: the runtime's default].")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per model and setting.")
 @click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON file [default: bench-<stem>.json beside PATH].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file [default: bench-<stem>.json beside PATH].")
 def bench_cmd(path: Path, dense: Optional[Path], runtimes: str, batches: str, threads: Optional[int], repeats: int,
               warmup: int, out: Optional[Path]) -> None:
     """Measure how much faster a split model file runs than its dense original (MAC reduction beside it)."""

@@ -19,7 +19,8 @@ from .common import EXCLUDE_HELP, LAYERS_HELP, SCHEMES, console, deprecated_opti
               show_default=True, help="macs/global: whole-model criteria (TargetMACs, Global) at 1.5x..6x MAC reduction; "
               "else a grid of that criterion (speedup: deprecated name of macs).")
 @click.option("--points", type=int, default=8, show_default=True, help="Grid size for energy/value/ratio.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a MAC-reduction-vs-top-1 PNG of all runs here.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save a MAC-reduction-vs-top-1 PNG of all runs here.")
 @click.option("--title", default="", help="Plot title.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (CIFAR, ImageNet).")
 @click.option("--layers", default=None, help=LAYERS_HELP + " [default: each run's selection]")

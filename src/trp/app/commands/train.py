@@ -35,7 +35,8 @@ from .common import (EXCLUDE_HELP, LAYERS_HELP, SCHEMES, _decomposing, _epoch_li
 @click.option("--weight-decay", type=float, default=None, help="[default: 1e-4; 1e-3 for lorita]")
 @click.option("--energy", type=float, default=TRP_DEFAULTS.energy, show_default=True, help="TRP projection energy e.")
 @click.option("--period", type=int, default=TRP_DEFAULTS.period, show_default=True, help="Project every PERIOD iterations.")
-@click.option("--nuclear-weight", type=float, default=TRP_DEFAULTS.nuclear_weight, show_default=True, help="λ of the nuclear norm (0: none).")
+@click.option("--nuclear-weight", type=float, default=TRP_DEFAULTS.nuclear_weight, show_default=True,
+              help="λ of the nuclear norm (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
@@ -65,7 +66,8 @@ from .common import (EXCLUDE_HELP, LAYERS_HELP, SCHEMES, _decomposing, _epoch_li
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML config (see configs/); options given on the command line override it.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/MODEL-DATA-METHOD-SCHEME].")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False), help="Continue this run directory from its last checkpoint.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False),
+              help="Continue this run directory from its last checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes to train on (data parallel): launches torchrun; or run `torchrun --nproc_per_node N "
