@@ -3,7 +3,7 @@
 For each model and MAC reduction, the split is scored against the ORIGINAL model on held-out
 data never used for calibration:
 
-- ``plain``: ``trp.decompose(model, criterion=TargetSpeedup(x))`` (truncated SVD of each weight);
+- ``plain``: ``trp.decompose(model, criterion=TargetMACs(x))`` (truncated SVD of each weight);
 - ``calibrated``: the same with ``calibration=`` batches of real training inputs (ranks weighted
   by each layer's measured effect on the output, ``calibration_weighting="sensitivity"``);
 - ``calibrated-absolute`` / ``calibrated-normalized``: the same split with the other two ways of
@@ -139,7 +139,7 @@ def minilm_study(reductions: Sequence[float], samples: int, n_eval: int, weighti
                 kw = dict(calibration=calib, calibration_samples=samples, calibration_weighting=weighting)
                 if seq:
                     kw["calibration_sequential"] = True
-            rep = _quiet(lambda: trp.decompose_with_report(model, criterion=trp.TargetSpeedup(target),
+            rep = _quiet(lambda: trp.decompose_with_report(model, criterion=trp.TargetMACs(target),
                                                            layers=_is_encoder_linear, example_inputs=probe, **kw))
             lin_red, whole_red = _measured(rep, whole)
             sc = score(rep.model)
@@ -192,7 +192,7 @@ def cnn_study(name: str, model: nn.Module, calib: list[Tensor], evaluate: Callab
             if "trained BN" in method:
                 kw["calibration_batchnorm"] = False
             try:
-                rep = _quiet(lambda: trp.decompose_with_report(model, criterion=trp.TargetSpeedup(x),
+                rep = _quiet(lambda: trp.decompose_with_report(model, criterion=trp.TargetMACs(x),
                                                                example_inputs=probe, **kw))
             except ValueError as err:
                 log(f"  {name} {method} x{x}: {err}")
@@ -204,7 +204,7 @@ def cnn_study(name: str, model: nn.Module, calib: list[Tensor], evaluate: Callab
             log(f"  {name} {method:>34} x{x:<5} MAC reduction {red:.3f}  {metric} {rows[-1].score:.4f} "
                 f"({rows[-1].seconds:.0f}s)")
         for label, other in extra_models:  # e.g. the TRP-trained model, split plainly at the same reduction
-            rep = _quiet(lambda: trp.decompose_with_report(other, criterion=trp.TargetSpeedup(x), example_inputs=probe))
+            rep = _quiet(lambda: trp.decompose_with_report(other, criterion=trp.TargetMACs(x), example_inputs=probe))
             red = trp.count_macs(other, example_inputs=probe) / trp.count_macs(rep.model, example_inputs=probe)
             rows.append(Row(name, label, x, red, red, evaluate(rep.model), metric, 0.0))
             log(f"  {name} {label:>14} x{x:<5} MAC reduction {red:.3f}  {metric} {rows[-1].score:.4f}")

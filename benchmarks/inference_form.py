@@ -28,13 +28,13 @@ def models(names):
     for name in names:
         if name == "resnet20-spatial":
             dense, shape = resnet20(), (3, 32, 32)
-            yield name, dense, trp.decompose(dense, "spatial", trp.TargetSpeedup(5.0), input_shape=(1, *shape)), shape
+            yield name, dense, trp.decompose(dense, "spatial", trp.TargetMACs(5.0), input_shape=(1, *shape)), shape
         elif name == "resnet20-channel":
             dense, shape = resnet20(), (3, 32, 32)
-            yield name, dense, trp.decompose(dense, "channel", trp.TargetSpeedup(2.0), input_shape=(1, *shape)), shape
+            yield name, dense, trp.decompose(dense, "channel", trp.TargetMACs(2.0), input_shape=(1, *shape)), shape
         elif name == "resnet18-spatial":
             dense, shape = create_model("resnet18"), (3, 224, 224)
-            yield name, dense, trp.decompose(dense, "spatial", trp.TargetSpeedup(2.0), input_shape=(1, *shape)), shape
+            yield name, dense, trp.decompose(dense, "spatial", trp.TargetMACs(2.0), input_shape=(1, *shape)), shape
         else:
             raise SystemExit(f"unknown model {name}")
 
@@ -103,7 +103,7 @@ def main() -> None:
                 ms = timed(variants, x, args.repeats, args.warmup)
                 print(f"\n{name}, batch {batch}, {args.threads} thread(s), MAC reduction {macs:.2f}x "
                       f"(median of {args.repeats}; shared machine: noisy)")
-                print(f"| runtime | dense ms | split ms | measured speedup |\n|---|---|---|---|")
+                print("| runtime | dense ms | split ms | measured speedup |\n|---|---|---|---|")
                 for runtime in dict.fromkeys(k.split("|")[0] for k in ms):
                     d, s = ms[f"{runtime}|dense"], ms[f"{runtime}|split"]
                     print(f"| {runtime} | {d:.2f} | {s:.2f} | {d / s:.2f}x |")

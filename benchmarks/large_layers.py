@@ -8,7 +8,7 @@ Every case runs in its own process, so its peak memory (max RSS) is its own. The
 decaying rank-512 part plus 1% noise, like a layer after TRP training (a randomly initialised
 layer has a flat spectrum: Energy(0.9) would need most of it, and the full SVD is used).
 
-Criteria: FixedRank(256), Energy(0.9), TargetSpeedup(4) (a MAC reduction of 4 for the layer).
+Criteria: FixedRank(256), Energy(0.9), TargetMACs(4) (a MAC reduction of 4 for the layer).
 The script checks that both paths choose the same rank and reports the split's relative error
 against the dense layer. Writes benchmarks/results/large_layers.{json,md}
 (``--quick``: large_layers-quick.*; a partial run with --layers/--only/--skip-full-large:
@@ -18,7 +18,7 @@ Expected times, float32 on a 2-core shared CPU (noisy; an idle or larger machine
 - ``--quick`` (Linear(1536, 4128) and Linear(2500, 2500), both paths): about 1-3 minutes in all.
 - Linear(4096, 11008), after: seconds per criterion (see results); before: the full SVD,
   roughly 0.5-2 minutes per criterion.
-- Linear(20000, 20000), after: a few minutes per criterion (TargetSpeedup(4) needs ~2500
+- Linear(20000, 20000), after: a few minutes per criterion (TargetMACs(4) needs ~2500
   triplets, the most); before: the full SVD, 25+ minutes per criterion and ~10 GB of memory
   (issue 11). Use ``--skip-full-large`` to leave out the before column of this layer.
 
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CRITERIA = ("rank:256", "energy:0.9", "speedup:4")
+CRITERIA = ("rank:256", "energy:0.9", "macs:4")
 LAYERS = {"full": [(4096, 11008), (20000, 20000)], "quick": [(1536, 4128), (2500, 2500)]}
 
 
@@ -51,7 +51,7 @@ def _criterion(spec: str):
 
     kind, value = spec.split(":")
     return {"rank": lambda: trp.FixedRank(int(value)), "energy": lambda: trp.Energy(float(value)),
-            "speedup": lambda: trp.TargetSpeedup(float(value))}[kind]()
+            "macs": lambda: trp.TargetMACs(float(value))}[kind]()
 
 
 def _weight(n_out: int, n_in: int, seed: int = 0) -> torch.Tensor:

@@ -4,9 +4,9 @@ For every run directory given (trained with `trp train --config configs/lorita/.
 trained model is decomposed at whole-model MAC reductions of 2x, 3x and 4x with each rank
 selection mode, and evaluated on the test split:
 
-- ``energy/MAC``: :class:`trp.TargetSpeedup` (the most spectral energy per MAC, trp's own);
+- ``energy/MAC``: :class:`trp.TargetMACs` (the most spectral energy per MAC, trp's own);
 - ``local``: the same kept fraction in every layer (:class:`trp.Ratio`, bisected to the target);
-- ``global``: LoRITa's pooled normalized singular values (:class:`trp.Global` with ``speedup``);
+- ``global``: LoRITa's pooled normalized singular values (:class:`trp.Global` with ``mac_reduction``);
 - ``iterative``: the per-layer search scored on the run's held-out training images
   (:func:`trp.methods.search.iterative_rank_search`).
 
@@ -51,11 +51,11 @@ def ratio_for_mac_reduction(model, scheme, target, shape):
 
 def criterion_for(mode, model, scheme, target, shape, held_loader):
     if mode == "energy/MAC":
-        return trp.TargetSpeedup(target)
+        return trp.TargetMACs(target)
     if mode == "local":
         return ratio_for_mac_reduction(model, scheme, target, shape)
     if mode == "global":
-        return trp.Global(speedup=target)
+        return trp.Global(mac_reduction=target)
     return iterative_rank_search(model, scheme, held_loader, target, shape)
 
 
@@ -132,9 +132,9 @@ def main() -> None:
                       f"{time.perf_counter() - start:.1f}s)", flush=True)
         points = []
         for x in curve_targets:
-            compact = trp.decompose(model, config.scheme, trp.TargetSpeedup(x), input_shape=shape)
+            compact = trp.decompose(model, config.scheme, trp.TargetMACs(x), input_shape=shape)
             s = trp.app.report.summarize(model, compact, shape)
-            points.append(SweepPoint(f"speedup:{x:g}", engine.evaluate(compact, test, "cpu")["top1"], None,
+            points.append(SweepPoint(f"macs:{x:g}", engine.evaluate(compact, test, "cpu")["top1"], None,
                                      s.macs_after, s.conv_macs_after, s.params_after, s.mac_reduction, s.conv_mac_reduction))
         row["curve"] = [dataclasses.asdict(p) for p in points]
         curves.setdefault(spec.model, {})[f"{run.name}: {label}"] = points
@@ -151,7 +151,7 @@ def plot_curves(curves: dict, out: Path) -> None:
     """One PNG per model: top-1 against whole-model MAC reduction, one curve per run."""
     for model_name, model_curves in curves.items():
         png = out.parent / f"{out.name}-{model_name}.png"
-        plot_tradeoff(model_curves, png, title=f"{model_name} on MNIST-5k: top-1 vs MAC reduction (TargetSpeedup)",
+        plot_tradeoff(model_curves, png, title=f"{model_name} on MNIST-5k: top-1 vs MAC reduction (TargetMACs)",
                       x="mac_reduction")
         print(f"plot: {png}")
 

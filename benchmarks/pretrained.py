@@ -3,8 +3,8 @@
 For each model and each whole-model MAC reduction (full count, ``trp.count_macs``), three
 ways to get a split model, each scored against the ORIGINAL model's outputs on held-out data:
 
-- ``split``: post-training split, ``trp.decompose(model, criterion=trp.TargetSpeedup(x))``;
-- ``trp+distill``: ``trp.TRP(copy, criterion=trp.TargetSpeedup(x), period=P, nuclear_weight=0)``
+- ``split``: post-training split, ``trp.decompose(model, criterion=trp.TargetMACs(x))``;
+- ``trp+distill``: ``trp.TRP(copy, criterion=trp.TargetMACs(x), period=P, nuclear_weight=0)``
   trained for a few steps by distillation from the original, projected at the target's ranks
   once more at the end, then split at the same target;
 - ``split+distill``: the post-training split, then the split model trained the same steps with
@@ -130,7 +130,7 @@ def distill(student: nn.Module, task: Task, targets: Tensor, steps: int, pruner:
 def _quiet_decompose(model: nn.Module, target: float, probe: Tensor) -> nn.Module:
     with warnings.catch_warnings():  # depthwise convs left dense are reported, expectedly
         warnings.simplefilter("ignore", UserWarning)
-        return trp.decompose(model, criterion=trp.TargetSpeedup(target), example_inputs=probe)
+        return trp.decompose(model, criterion=trp.TargetMACs(target), example_inputs=probe)
 
 
 def run_task(task: Task, reductions: Sequence[float] = REDUCTIONS, steps: int = 100,
@@ -161,7 +161,7 @@ def run_task(task: Task, reductions: Sequence[float] = REDUCTIONS, steps: int = 
                 student = copy.deepcopy(teacher)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
-                    pruner = trp.TRP(student, criterion=trp.TargetSpeedup(target), example_inputs=probe,
+                    pruner = trp.TRP(student, criterion=trp.TargetMACs(target), example_inputs=probe,
                                      period=task.period, nuclear_weight=0.0)
                 distill(student, task, train_targets, steps, pruner)
                 pruner.project(final=True)

@@ -94,7 +94,7 @@ train() {
 jobs_list=()
 for m in $MODELS; do
   for seed in 0 1; do
-    jobs_list+=("configs/fashion/$m-baseline.yaml $seed" "configs/fashion/$m-trp2-nu-speedup3.yaml $seed")
+    jobs_list+=("configs/fashion/$m-baseline.yaml $seed" "configs/fashion/$m-trp2-nu-macs3.yaml $seed")
   done
   [ "$HAVE_LATENCY" = 1 ] && jobs_list+=("configs/fashion/$m-trp2-nu-latency2.yaml 0")
   for c in trp1-nu trp2-nu lorita2; do jobs_list+=("configs/fashion/$m-$c.yaml 0"); done
@@ -106,9 +106,10 @@ for job in "${jobs_list[@]}"; do
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
 
-# reduction RUN CRITERION: the all-MAC reduction the run's decomposition with CRITERION reached.
+# reduction SUMMARY: the all-MAC reduction a decomposition summary records (key mac_reduction; summaries
+# written before issue 21 call it speedup: both are read).
 reduction() {
-  "$PY" -c "import json,sys; print(round(json.load(open(sys.argv[1]))['speedup'], 2))" "$1"
+  "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(round(d.get('mac_reduction', d.get('speedup')), 2))" "$1"
 }
 
 # The baseline split to the MAC reduction of each TRP row, in that row's scheme: no fine-tuning,
@@ -125,8 +126,9 @@ for m in $MODELS; do
         echo "$summary: the TRP split reduces MACs by only ${x}x; no baseline split to match" >&2
         continue
       fi
-      [ -f "$base/decomposed-$2-speedup$x.json" ] && continue
-      "$TRP" decompose "$base" --scheme "$2" --criterion "speedup:$x" --recalibrate-bn "$BN_BATCHES" \
+      # macs:X is the criterion's name (speedup:X before issue 21: scripts/migrate_results.py renames those files)
+      { [ -f "$base/decomposed-$2-macs$x.json" ] || [ -f "$base/decomposed-$2-speedup$x.json" ]; } && continue
+      "$TRP" decompose "$base" --scheme "$2" --criterion "macs:$x" --recalibrate-bn "$BN_BATCHES" \
         --finetune "$FT_EPOCHS" "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
     done
     # The target rows' comparison at 2x measured latency (the 3x MACs one is in the baseline's config).
@@ -141,10 +143,12 @@ rm -f "$RUNS"/*/finetune-*/checkpoint.pt  # finished fine-tunes: their models ar
 
 # Accuracy at matched MAC reductions 1.5x..6x for every run (the plot's curves).
 for run in "$RUNS"/*-s0; do
-  compgen -G "$run/sweep-*-speedup.json" >/dev/null || "$TRP" sweep "$run" --kind speedup "${DATA[@]}" >>"$run/sweep.log" 2>&1
+  compgen -G "$run/sweep-*-macs.json" >/dev/null || compgen -G "$run/sweep-*-speedup.json" >/dev/null \
+    || "$TRP" sweep "$run" --kind macs "${DATA[@]}" >>"$run/sweep.log" 2>&1
 done
 for run in "$RUNS"/*-baseline-s0; do  # the baseline with the other scheme too (its config's scheme is spatial)
-  [ -f "$run/sweep-channel-speedup.json" ] || "$TRP" sweep "$run" --scheme channel --kind speedup "${DATA[@]}" >>"$run/sweep.log" 2>&1
+  [ -f "$run/sweep-channel-macs.json" ] || [ -f "$run/sweep-channel-speedup.json" ] \
+    || "$TRP" sweep "$run" --scheme channel --kind macs "${DATA[@]}" >>"$run/sweep.log" 2>&1
 done
 
 # Measured speedup (ONNX Runtime, batch 1 and 64) of every split model, where this trp has `trp bench`.

@@ -13,11 +13,11 @@ for f in configs/mnist5k/*.yaml; do
   run="runs/mnist5k/$(basename "$f" .yaml)"
   [ -f "$run/model.safetensors" ] || $TRP train --config "$f" --out "$run" --no-progress
 done
-# Accuracy at matched whole-model MAC reductions (TargetSpeedup 1.5x..6x), each run with its own scheme,
+# Accuracy at matched whole-model MAC reductions (TargetMACs 1.5x..6x), each run with its own scheme,
 # and the baseline also with the channel and decouple schemes.
-$TRP sweep runs/mnist5k/resnet20-* --kind speedup
-$TRP sweep runs/mnist5k/resnet20-baseline --scheme channel --kind speedup
-$TRP sweep runs/mnist5k/resnet20-baseline --scheme decouple --kind speedup
+$TRP sweep runs/mnist5k/resnet20-* --kind macs
+$TRP sweep runs/mnist5k/resnet20-baseline --scheme channel --kind macs
+$TRP sweep runs/mnist5k/resnet20-baseline --scheme decouple --kind macs
 mkdir -p docs/img
 $TRP table runs/mnist5k/resnet20-* --out docs/mnist5k-table --plot docs/img/mnist5k-tradeoff.png \
   --title "ResNet-20 on MNIST-5k: top-1 vs conv-MAC reduction"

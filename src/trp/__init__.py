@@ -28,7 +28,8 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "Ratio": ("trp.core.criteria", "Ratio"),
     "FixedRank": ("trp.core.criteria", "FixedRank"),
     "parse_criterion": ("trp.core.criteria", "parse_criterion"),
-    "TargetSpeedup": ("trp.core.allocation", "TargetSpeedup"),
+    "TargetMACs": ("trp.core.allocation", "TargetMACs"),
+    "TargetSpeedup": ("trp.core.allocation", "TargetSpeedup"),  # deprecated name of TargetMACs (warns once)
     "Global": ("trp.core.allocation", "Global"),
     "LayerRanks": ("trp.core.allocation", "LayerRanks"),
     "WholeModelCriterion": ("trp.core.allocation", "WholeModelCriterion"),
@@ -90,7 +91,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from . import data, models
     from .errors import Error
-    from .core.allocation import Global, LayerRanks, TargetSpeedup, WholeModelCriterion
+    from .core.allocation import Global, LayerRanks, TargetMACs, WholeModelCriterion
+    from .core.allocation import TargetMACs as TargetSpeedup
     from .core.counting import MacCount, count_macs, count_params, layer_macs, mac_breakdown
     from .core.criteria import Criterion, Energy, FixedRank, Ratio, Value, parse_criterion
     from .core.decompose import Decomposition, LayerReport, decompose, decompose_with_report

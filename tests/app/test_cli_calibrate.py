@@ -50,10 +50,10 @@ def test_calibrate_refuses_the_spatial_scheme(run: Path) -> None:
 
 
 def test_config_decompose_entry_takes_calibrate() -> None:
-    step = DecomposeStep.from_dict({"criterion": "speedup:2", "calibrate": 256}, "channel")
+    step = DecomposeStep.from_dict({"criterion": "macs:2", "calibrate": 256}, "channel")
     assert step.calibrate == 256 and step.stem.endswith("-cal256")
     with pytest.raises(ValueError, match="calibrate must be"):
-        DecomposeStep.from_dict({"criterion": "speedup:2", "calibrate": -1}, "channel")
+        DecomposeStep.from_dict({"criterion": "macs:2", "calibrate": -1}, "channel")
 
 
 def test_calibrated_split_repeats_exactly_whatever_the_global_rng(run: Path, tmp_path: Path) -> None:
@@ -66,7 +66,7 @@ def test_calibrated_split_repeats_exactly_whatever_the_global_rng(run: Path, tmp
     for i, seed in enumerate((1, 2)):
         torch.manual_seed(seed)  # a caller's RNG state must not leak into the split
         out = tmp_path / f"split{i}.safetensors"
-        result = invoke("decompose", run, "--scheme", "channel", "--criterion", "speedup:1.5", "--calibrate", "60",
+        result = invoke("decompose", run, "--scheme", "channel", "--criterion", "macs:1.5", "--calibrate", "60",
                         "--recalibrate-bn", "2", "--device", "cpu", "--no-progress", "--out", out)
         assert result.exit_code == 0, result.output
         outs.append((load_file(str(out)), json.loads(out.with_suffix(".json").read_text())))

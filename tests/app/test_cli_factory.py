@@ -89,7 +89,7 @@ def test_decompose_export_bench_with_model_factory(user_package, tmp_path):
 def test_bench_and_export_on_a_trp_save_file_of_an_outside_model(user_package, tmp_path):
     factory = f"{user_package}:build"
     dense = __import__(user_package).build().eval()
-    split = trp.decompose(dense, "channel", trp.TargetSpeedup(2.0), input_shape=(1, 3, 32, 32))
+    split = trp.decompose(dense, "channel", trp.TargetMACs(2.0), input_shape=(1, 3, 32, 32))
     path = tmp_path / "mine.safetensors"
     trp.save(split, path, factory=factory, input_shape=(1, 3, 32, 32))
     # the user's own factory given explicitly: no trust flag needed

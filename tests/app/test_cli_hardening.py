@@ -65,7 +65,7 @@ def test_resume_accepts_same_values_and_extends_epochs(run2: tuple[Path, Path], 
     result = _run("train", "--resume", run, "--epochs", "3", "--lr", "0.05", "--method", "baseline",
                   "--device", "cpu", "--workers", "0", "--no-progress")
     assert result.exit_code == 0, result.output
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 3 and config["milestones"] == milestones  # the schedule stays the run's

@@ -1,5 +1,5 @@
 """The command line end to end on fake CIFAR-10: train --config (with decompose entries),
-decompose --target-speedup, sweep, table; and clean errors."""
+decompose --target-macs, sweep, table; and clean errors."""
 
 from __future__ import annotations
 
@@ -74,10 +74,10 @@ def test_train_config_runs_its_decompose_entries(runs: dict[str, Path]) -> None:
 
 def test_decompose_target_speedup_prints_speedup(runs: dict[str, Path], tmp_path: Path) -> None:
     run = _copy(runs["trp"], tmp_path)
-    result = invoke("decompose", run, "--target-speedup", "1.5", "--device", "cpu", "--no-progress")
+    result = invoke("decompose", run, "--target-macs", "1.5", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
-    record = json.loads((run / "decomposed-channel-speedup1.5.json").read_text())
-    assert record["criterion"] == "speedup:1.5" and 1.5 <= record["mac_reduction"] <= 1.15 * 1.5
+    record = json.loads((run / "decomposed-channel-macs1.5.json").read_text())
+    assert record["criterion"] == "macs:1.5" and 1.5 <= record["mac_reduction"] <= 1.15 * 1.5
     printed = re.search(r"all MACs.*?([\d.]+)x", result.output)
     assert printed and printed.group(1) == f"{record['mac_reduction']:.2f}"
     printed_conv = re.search(r"conv MACs.*?([\d.]+)x", result.output)
@@ -159,8 +159,8 @@ def test_table_collects_runs_with_labels_and_paper_column(runs: dict[str, Path],
         (["table", "{baseline}", "--plot", "{tmp}/q.png"], "no sweep-*.json"),
         (["table", "{tmp}/missing"], "does not exist"),
         (["sweep", "{tmp}"], "is not a run directory"),
-        (["decompose", "{baseline}", "--criterion", "energy:0.9", "--target-speedup", "2"], "not both"),
-        (["decompose", "{baseline}", "--target-speedup", "50", "--no-eval"], "cannot be reached"),
+        (["decompose", "{baseline}", "--criterion", "energy:0.9", "--target-macs", "2"], "not both"),
+        (["decompose", "{baseline}", "--target-macs", "50", "--no-eval"], "cannot be reached"),
     ],
 )
 def test_errors_are_clean(runs: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:

@@ -21,7 +21,7 @@ def _config(root: Path, **kw) -> TrainConfig:
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in rows:  # timings differ between runs
         for k in ("epoch_seconds", "trp_seconds"):
             r.pop(k)

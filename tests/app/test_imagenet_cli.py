@@ -37,13 +37,13 @@ def test_imagenet_resnet18_trp_from_local_weights(imagefolder_root: Path, tmp_pa
     summary = json.loads((run / "decomposed-channel-value0.05.json").read_text())
     assert summary["scheme"] == "channel" and summary["dense"]["top1"] == rows[0]["test_top1"]
     # A whole-model target on the same run.
-    result = invoke("decompose", run, "--target-speedup", 2, "--device", "cpu", "--no-progress")
+    result = invoke("decompose", run, "--target-macs", 2, "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
-    summary = json.loads((run / "decomposed-channel-speedup2.json").read_text())
+    summary = json.loads((run / "decomposed-channel-macs2.json").read_text())
     assert 2.0 <= summary["mac_reduction"] <= 2.3
-    model, spec = trp.app.engine.load_model_file(run / "decomposed-channel-speedup2.safetensors")
+    model, spec = trp.app.engine.load_model_file(run / "decomposed-channel-macs2.safetensors")
     assert spec.num_classes == 3 and spec.input_size == (64, 64)
-    result = invoke("evaluate", run / "decomposed-channel-speedup2.safetensors", "--device", "cpu")
+    result = invoke("evaluate", run / "decomposed-channel-macs2.safetensors", "--device", "cpu")
     assert result.exit_code == 0 and "top-5" in result.output
 
 

@@ -44,7 +44,7 @@ def test_fp16_gradients_are_unscaled_when_trp_adds_its_subgradient(tmp_path: Pat
 def test_mixed_precision_trains_resumes_exactly_and_keeps_fp32_weights(tmp_path: Path, precision: str) -> None:
     cfg = TrainConfig(**SETTINGS, precision=precision)
     full = train(cfg, tmp_path / "full")
-    part = train(cfg, tmp_path / "part", stop_after=1)
+    train(cfg, tmp_path / "part", stop_after=1)
     if precision == "fp16":
         assert "scaler" in torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     resumed = train(cfg, tmp_path / "part", resume=True)

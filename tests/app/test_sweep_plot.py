@@ -157,9 +157,9 @@ def test_sweep_reports_and_skips_unreachable_targets() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 2, (16,))), batch_size=8)
     skipped = []
-    points = sweep(model, "channel", [trp.TargetSpeedup(1.2), trp.TargetSpeedup(100.0)], loader, (1, 8), "cpu",
+    points = sweep(model, "channel", [trp.TargetMACs(1.2), trp.TargetMACs(100.0)], loader, (1, 8), "cpu",
                    on_error=lambda c, e: skipped.append((c.spec(), str(e))))
-    assert [p.criterion for p in points] == ["speedup:1.2"]
-    assert skipped and skipped[0][0] == "speedup:100" and "cannot be reached" in skipped[0][1]
+    assert [p.criterion for p in points] == ["macs:1.2"]
+    assert skipped and skipped[0][0] == "macs:100" and "cannot be reached" in skipped[0][1]
     with pytest.raises(ValueError, match="cannot be reached"):
-        sweep(model, "channel", [trp.TargetSpeedup(100.0)], loader, (1, 8), "cpu")
+        sweep(model, "channel", [trp.TargetMACs(100.0)], loader, (1, 8), "cpu")

@@ -18,7 +18,7 @@ from trp.app.results import collect, method_label
 
 def _config(root: Path, **kw) -> TrainConfig:
     base = dict(model="resnet20", data="fashion-mnist", data_dir=str(root), method="trp", scheme="channel",
-                epochs=2, batch_size=8, lr=0.05, period=2, seed=1, device="cpu", target_speedup=3.0)
+                epochs=2, batch_size=8, lr=0.05, period=2, seed=1, device="cpu", target_macs=3.0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -27,28 +27,28 @@ def test_cli_target_run_lands_on_the_target_and_splits_losslessly(fashion_root: 
     run = tmp_path / "run"
     result = CliRunner().invoke(main, [
         "train", "--model", "resnet20", "--data", "fashion-mnist", "--data-dir", str(fashion_root),
-        "--method", "trp", "--target-speedup", "3", "--epochs", "2", "--batch-size", "8", "--period", "2",
+        "--method", "trp", "--target-macs", "3", "--epochs", "2", "--batch-size", "8", "--period", "2",
         "--device", "cpu", "--out", str(run), "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["target_speedup"] == 3.0
+    assert json.loads((run / "config.json").read_text())["target_macs"] == 3.0
     # With no decompose entries, the run is split with its own target.
-    summary = json.loads((run / "decomposed-channel-speedup3.json").read_text())
-    assert summary["criterion"] == "speedup:3"
+    summary = json.loads((run / "decomposed-channel-macs3.json").read_text())
+    assert summary["criterion"] == "macs:3"
     assert 3.0 <= summary["mac_reduction"] <= 3.0 * 1.03
     # The run ends projected at the allocated ranks: the split computes the trained function.
     dense, spec = load_model_file(run / "model.safetensors")
-    compact, _ = load_model_file(run / "decomposed-channel-speedup3.safetensors")
+    compact, _ = load_model_file(run / "decomposed-channel-macs3.safetensors")
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(compact.eval()(x), dense.eval()(x), rtol=1e-4, atol=1e-4)
     assert summary["dense"]["top1"] == summary["decomposed"]["top1"]
     state = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert state["trp"]["target"] == "speedup:3"
+    assert state["trp"]["target"] == "macs:3"
     # `trp decompose RUN` without a criterion uses the target too.
     out = tmp_path / "again.safetensors"
     result = CliRunner().invoke(main, ["decompose", str(run), "--no-eval", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert json.loads(out.with_suffix(".json").read_text())["criterion"] == "speedup:3"
+    assert json.loads(out.with_suffix(".json").read_text())["criterion"] == "macs:3"
     labels = {r.label for r in collect([run])}
     assert "TRP1+Nu → 3× MACs" in labels
 
@@ -76,9 +76,9 @@ def test_warmup_epochs_become_iterations(fashion_root: Path, tmp_path: Path) -> 
     [
         (dict(method="baseline"), "use it with method 'trp'"),
         (dict(target_latency=2.0), "not both"),
-        (dict(target_speedup=1.0), "reduction factor > 1"),
+        (dict(target_macs=1.0), "reduction factor > 1"),
         (dict(target_warmup=-1), "target_warmup"),
-        (dict(target_speedup=None, target_warmup=2), "set target_speedup or target_latency"),
+        (dict(target_macs=None, target_warmup=2), "set target_macs or target_latency"),
     ],
 )
 def test_bad_target_config(fashion_root: Path, kw: dict, pattern: str) -> None:
@@ -90,7 +90,7 @@ def test_target_latency_is_wired_to_trp_target_latency(fashion_root: Path, tmp_p
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
 
-    class FakeLatency(trp.TargetSpeedup):
+    class FakeLatency(trp.TargetMACs):
         def __init__(self, x: float, table=None) -> None:
             super().__init__(x)
             seen["table"] = table
@@ -102,15 +102,18 @@ def test_target_latency_is_wired_to_trp_target_latency(fashion_root: Path, tmp_p
             return f"latency:{self.x:g}"
 
     monkeypatch.setattr("trp.deploy.target_latency.TargetLatency", FakeLatency)
-    trainer = Trainer(_config(fashion_root, target_speedup=None, target_latency=2.0, scheme="spatial"), tmp_path / "lat")
+    trainer = Trainer(_config(fashion_root, target_macs=None, target_latency=2.0, scheme="spatial"), tmp_path / "lat")
     assert isinstance(trainer.pruner.target, FakeLatency) and trainer.pruner.target.x == 2.0
     assert seen == {"table": None}  # profiled at the first allocation, not before
     trainer.run()
     assert seen["profile"] == ((1, 1, 28, 28), "spatial", tuple(trainer.pruner.layer_names))
     assert trainer.model_path.exists()
-    assert trainer.checkpoint_path.exists() and torch.load(trainer.checkpoint_path, weights_only=True)["trp"]["target"] == "latency:2"
+    assert trainer.checkpoint_path.exists()
+    assert torch.load(trainer.checkpoint_path, weights_only=True)["trp"]["target"] == "latency:2"
 
 
 def test_labels_of_target_runs() -> None:
-    assert method_label({"method": "trp", "scheme": "spatial", "nuclear_weight": 3e-4, "target_speedup": 3.0}) == "TRP2+Nu → 3× MACs"
+    # target_macs, or target_speedup in a run written before issue 21
+    for key in ("target_macs", "target_speedup"):
+        assert method_label({"method": "trp", "scheme": "spatial", "nuclear_weight": 3e-4, key: 3.0}) == "TRP2+Nu → 3× MACs"
     assert method_label({"method": "trp", "scheme": "channel", "nuclear_weight": 0, "target_latency": 2.0}) == "TRP1 → 2× latency"

@@ -19,7 +19,7 @@ from trp.app.config import TrainConfig
 from trp.app.engine import train
 
 
-class DriftingLatency(trp.TargetSpeedup):
+class DriftingLatency(trp.TargetMACs):
     """A latency target whose every fresh calibration lands on another reduction (the first: X itself)."""
 
     built = 0
@@ -79,10 +79,10 @@ def test_another_criterion_is_allocated_as_before(latency_run, tmp_path: Path) -
     _, _, run = latency_run
     out = tmp_path / "other.safetensors"
     res = CliRunner().invoke(main, ["decompose", str(run), "--no-eval", "--out", str(out), "--device", "cpu",
-                                    "--no-progress", "--criterion", "speedup:2"])
+                                    "--no-progress", "--criterion", "macs:2"])
     assert res.exit_code == 0, res.output
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["criterion"] == "speedup:2" and "ranks_from" not in record
+    assert record["criterion"] == "macs:2" and "ranks_from" not in record
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"kind": "trp-trained-ranks", "criterion": "latency:1.5", '

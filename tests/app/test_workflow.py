@@ -1,5 +1,5 @@
 """trp.app.workflow (decompose a run, write the compact model and its summary, fine-tune) and
-the whole-model criteria of trp.core.allocation (TargetSpeedup, Global, LayerRanks)."""
+the whole-model criteria of trp.core.allocation (TargetMACs, Global, LayerRanks)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _low_rank(model: nn.Module) -> dict[str, int]:
     [
         ("energy:0.9", "decomposed-channel-energy0.9"),
         ("value:0.05", "decomposed-channel-value0.05"),
-        ("speedup:1.5", "decomposed-channel-speedup1.5"),
+        ("macs:1.5", "decomposed-channel-macs1.5"),
     ],
 )
 def test_decompose_source_writes_model_and_consistent_summary(
@@ -97,7 +97,7 @@ def test_decompose_source_writes_model_and_consistent_summary(
     assert record["conv_mac_reduction"] == pytest.approx(record["conv_macs_before"] / record["conv_macs_after"])
     assert record["ranks"] == _low_rank(compact) and record["ranks"]
     assert record["macs_after"] < record["macs_before"]
-    if criterion.startswith("speedup:"):
+    if criterion.startswith("macs:"):
         assert 1.5 <= record["mac_reduction"] <= 1.15 * 1.5
 
     # The accuracies are those of the files, evaluated on the test split.
@@ -212,9 +212,9 @@ def test_decompose_source_missing_source(tmp_path: Path) -> None:
 
 
 def test_decompose_step_from_dict() -> None:
-    step = DecomposeStep.from_dict({"criterion": "speedup:1.8:convs", "finetune": 3}, "spatial")
-    assert step == DecomposeStep("spatial", "speedup:1.8:convs", 3, 0.01)
-    assert step.stem == "decomposed-spatial-speedup1.8convs"
+    step = DecomposeStep.from_dict({"criterion": "macs:1.8:convs", "finetune": 3}, "spatial")
+    assert step == DecomposeStep("spatial", "macs:1.8:convs", 3, 0.01)
+    assert step.stem == "decomposed-spatial-macs1.8convs"
     with pytest.raises(ValueError, match="unknown key.*critrion"):
         DecomposeStep.from_dict({"critrion": "energy:0.9"}, "channel")
     with pytest.raises(ValueError, match="needs a criterion"):
@@ -245,7 +245,7 @@ STEEP = [10.0, 1.0, 0.1, 0.01]  # energy shares .990 .0099 ...
 )
 def test_target_speedup_allocates_exact_ranks(x: float, fixed: int, expected: dict[str, int]) -> None:
     layers = [_layer("flat", FLAT, 10), _layer("steep", STEEP, 10)]
-    ranks = trp.TargetSpeedup(x).allocate(layers, fixed)
+    ranks = trp.TargetMACs(x).allocate(layers, fixed)
     assert ranks == expected
     total = fixed + sum(layer.cost(ranks[layer.name]) for layer in layers)
     assert total <= (fixed + 80) / x
@@ -253,16 +253,16 @@ def test_target_speedup_allocates_exact_ranks(x: float, fixed: int, expected: di
 
 def test_target_speedup_prefers_the_cheaper_layer() -> None:
     layers = [_layer("costly", FLAT, 10), _layer("cheap", FLAT, 1)]
-    assert trp.TargetSpeedup(2.0).allocate(layers, 0) == {"costly": 1, "cheap": 4}
+    assert trp.TargetMACs(2.0).allocate(layers, 0) == {"costly": 1, "cheap": 4}
 
 
 def test_target_speedup_unreachable_and_bad_x() -> None:
     layers = [_layer("a", FLAT, 10), _layer("b", STEEP, 10)]
-    with pytest.raises(ValueError, match=r"TargetSpeedup\(5\) cannot be reached.*only 4\.00x"):
-        trp.TargetSpeedup(5.0).allocate(layers, 0)
+    with pytest.raises(ValueError, match=r"TargetMACs\(5\) cannot be reached.*only 4\.00x"):
+        trp.TargetMACs(5.0).allocate(layers, 0)
     for bad in (1.0, 0.5, float("inf"), True, "2"):
         with pytest.raises(ValueError, match="x must be a number > 1"):
-            trp.TargetSpeedup(bad)
+            trp.TargetMACs(bad)
 
 
 def test_global_drop_pools_normalized_values() -> None:
@@ -276,12 +276,12 @@ def test_global_drop_pools_normalized_values() -> None:
 
 def test_global_speedup_drops_fewest_values_that_fit() -> None:
     layers = [_layer("a", [4.0, 2.0, 1.0, 0.5], 10), _layer("b", STEEP, 10)]
-    assert trp.Global(speedup=2.0).allocate(layers, 0) == {"a": 3, "b": 1}  # 40 MACs
-    assert trp.Global(speedup=1.6).allocate(layers, 0) == {"a": 4, "b": 1}  # 50 MACs
-    with pytest.raises(ValueError, match=r"Global\(speedup=5\) cannot be reached"):
-        trp.Global(speedup=5.0).allocate(layers, 0)
+    assert trp.Global(mac_reduction=2.0).allocate(layers, 0) == {"a": 3, "b": 1}  # 40 MACs
+    assert trp.Global(mac_reduction=1.6).allocate(layers, 0) == {"a": 4, "b": 1}  # 50 MACs
+    with pytest.raises(ValueError, match=r"Global\(mac_reduction=5\) cannot be reached"):
+        trp.Global(mac_reduction=5.0).allocate(layers, 0)
     with pytest.raises(ValueError, match="exactly one of drop"):
-        trp.Global(drop=0.5, speedup=2.0)
+        trp.Global(drop=0.5, mac_reduction=2.0)
     with pytest.raises(ValueError, match=r"drop must lie in \[0, 1\)"):
         trp.Global(drop=1.0)
 
@@ -321,15 +321,15 @@ def test_convs_only_leaves_linears_out_of_the_budget() -> None:
     )
     shape = (1, 3, 8, 8)
     conv_before, all_before = trp.count_macs(model, shape, convs_only=True), trp.count_macs(model, shape)
-    convs = trp.decompose(model, "channel", trp.parse_criterion("speedup:2:convs"), input_shape=shape)
+    convs = trp.decompose(model, "channel", trp.parse_criterion("macs:2:convs"), input_shape=shape)
     assert conv_before / trp.count_macs(convs, shape, convs_only=True) >= 2.0
     assert isinstance(convs[6], nn.Linear)  # the hidden linear is outside the budget: dense
     assert all_before / trp.count_macs(convs, shape) < 2.0
-    whole = trp.decompose(model, "channel", trp.parse_criterion("speedup:2"), input_shape=shape)
+    whole = trp.decompose(model, "channel", trp.parse_criterion("macs:2"), input_shape=shape)
     assert all_before / trp.count_macs(whole, shape) >= 2.0
     assert isinstance(whole[6], trp.LowRank)
-    with pytest.raises(ValueError, match="scope after the speedup must be 'convs'"):
-        trp.parse_criterion("speedup:2:gpus")
+    with pytest.raises(ValueError, match="scope after the MAC reduction must be 'convs'"):
+        trp.parse_criterion("macs:2:gpus")
 
 
 # -- whole-model criteria on torchvision ResNet-18 at 224×224 -----------------------------------
@@ -371,21 +371,21 @@ def _speedups(dense: tuple[nn.Module, int, int], compact: nn.Module) -> tuple[fl
 def test_target_speedup_on_resnet18_hits_the_target(resnet18, scheme: str) -> None:
     model = resnet18[0]
     for x in (2.0, 3.0):
-        report = trp.decompose_with_report(model, scheme, trp.TargetSpeedup(x), input_shape=R18_SHAPE)
+        report = trp.decompose_with_report(model, scheme, trp.TargetMACs(x), input_shape=R18_SHAPE)
         speedup, _ = _speedups(resnet18, report.model)
         assert x <= speedup <= 1.15 * x, (scheme, x, speedup)
         assert report.factorized and all(r.scheme == scheme for r in report.factorized)
-    with pytest.raises(ValueError, match=r"TargetSpeedup\(50\) cannot be reached"):
-        trp.decompose(model, scheme, trp.TargetSpeedup(50), input_shape=R18_SHAPE)
+    with pytest.raises(ValueError, match=r"TargetMACs\(50\) cannot be reached"):
+        trp.decompose(model, scheme, trp.TargetMACs(50), input_shape=R18_SHAPE)
 
 
 def test_global_and_convs_only_on_resnet18(resnet18) -> None:
     model = resnet18[0]
-    compact = trp.decompose(model, "channel", trp.Global(speedup=2.0), input_shape=R18_SHAPE)
+    compact = trp.decompose(model, "channel", trp.Global(mac_reduction=2.0), input_shape=R18_SHAPE)
     speedup, _ = _speedups(resnet18, compact)
     assert 2.0 <= speedup <= 2.3
 
-    _, conv_mac_reduction = _speedups(resnet18, trp.decompose(model, "channel", trp.parse_criterion("speedup:2:convs"),
+    _, conv_mac_reduction = _speedups(resnet18, trp.decompose(model, "channel", trp.parse_criterion("macs:2:convs"),
                                                         input_shape=R18_SHAPE))
     assert 2.0 <= conv_mac_reduction <= 2.3
 
@@ -397,13 +397,13 @@ def test_global_and_convs_only_on_resnet18(resnet18) -> None:
     assert speedup > 1.0
 
     with pytest.raises(ValueError, match="counts the model's MACs: pass input_shape"):
-        trp.decompose(model, "channel", trp.TargetSpeedup(2.0))
+        trp.decompose(model, "channel", trp.TargetMACs(2.0))
 
 
 def test_batchnorm_recalibration_is_recorded_and_saved(trained_run: tuple[Path, Path], run: Path) -> None:
     from trp.app.results import collect
 
-    result = decompose_source(run, DecomposeStep("channel", "speedup:2", recalibrate_bn=5), device="cpu")
+    result = decompose_source(run, DecomposeStep("channel", "macs:2", recalibrate_bn=5), device="cpu")
     bn = result.record["bn_recalibrated"]
     n_batches = len(engine.make_loader(trp.data.get_datasets("cifar10", str(trained_run[0]))[0], 128, True))
     assert bn["batches"] == min(5, n_batches) and 0 <= bn["top1"] <= 100
@@ -420,7 +420,7 @@ def test_batchnorm_recalibration_is_recorded_and_saved(trained_run: tuple[Path, 
         decompose_source(run, DecomposeStep("channel", "energy:0.9", recalibrate_bn=1), evaluate=False, device="cpu")
 
 
-@pytest.mark.parametrize("criterion", [trp.TargetSpeedup(2.0), trp.TargetSpeedup(3.0), trp.Global(speedup=2.0)])
+@pytest.mark.parametrize("criterion", [trp.TargetMACs(2.0), trp.TargetMACs(3.0), trp.Global(mac_reduction=2.0)])
 def test_whole_model_targets_are_met_on_exactly_low_rank_weights(criterion) -> None:
     """Weights of rank 2 (as after TRP): the tail singular values are all zero, i.e. tied; the
     criteria must still land just past the target, not at the low-rank model's much larger speedup."""
@@ -432,5 +432,5 @@ def test_whole_model_targets_are_met_on_exactly_low_rank_weights(criterion) -> N
     shape = (1, 64)
     compact = trp.decompose(model, "channel", criterion, input_shape=shape)
     speedup = trp.count_macs(model, shape) / trp.count_macs(compact, shape)
-    target = criterion.x if isinstance(criterion, trp.TargetSpeedup) else criterion.speedup
+    target = criterion.x if isinstance(criterion, trp.TargetMACs) else criterion.mac_reduction
     assert target <= speedup <= 1.15 * target

@@ -33,7 +33,7 @@ def SafeEncoder(model: Encoder) -> nn.Module:
                                         for layer in model.body.layers], model.head)
 
 
-@pytest.mark.parametrize("criterion", [trp.TargetSpeedup(1.5), trp.Global(speedup=1.5)])
+@pytest.mark.parametrize("criterion", [trp.TargetMACs(1.5), trp.Global(mac_reduction=1.5)])
 def test_target_reached_by_full_count(criterion) -> None:
     torch.manual_seed(0)
     model = Encoder().eval()
@@ -51,9 +51,9 @@ def test_target_reached_by_full_count(criterion) -> None:
 
 def test_unreachable_target_says_why() -> None:
     model = Encoder().eval()
-    with pytest.raises(ValueError, match=r"TargetSpeedup\(20\) cannot be reached.*% of the model's .* MACs are "
+    with pytest.raises(ValueError, match=r"TargetMACs\(20\) cannot be reached.*% of the model's .* MACs are "
                                          r"outside the selected layers.*attention"):
-        trp.decompose(model, criterion=trp.TargetSpeedup(20), layers=SAFE, input_shape=(1, 24, 8))
+        trp.decompose(model, criterion=trp.TargetMACs(20), layers=SAFE, input_shape=(1, 24, 8))
 
 
 def test_batch_and_repeated_calls_scale_layer_costs() -> None:
@@ -71,8 +71,8 @@ def test_batch_and_repeated_calls_scale_layer_costs() -> None:
 
     torch.manual_seed(0)
     model = Twice()
-    one = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.6), input_shape=(1, 48))
-    many = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.6), example_inputs=torch.randn(5, 48))
+    one = trp.decompose_with_report(model, criterion=trp.TargetMACs(1.6), input_shape=(1, 48))
+    many = trp.decompose_with_report(model, criterion=trp.TargetMACs(1.6), example_inputs=torch.randn(5, 48))
     assert [(r.name, r.rank) for r in one.layers] == [(r.name, r.rank) for r in many.layers]
     for report, shape in ((one, (1, 48)), (many, (5, 48))):
         assert trp.count_macs(model, shape) / trp.count_macs(report.model, shape) >= 1.6
@@ -87,7 +87,7 @@ def test_convs_only_budget_unchanged_on_plain_cnn() -> None:
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 32), nn.Linear(32, 10)).eval()
     shape = (1, 3, 16, 16)
     assert trp.count_macs(model, shape) == sum(trp.layer_macs(model, shape).values())
-    new = trp.decompose(model, criterion=trp.TargetSpeedup(2, convs_only=True), input_shape=shape)
+    new = trp.decompose(model, criterion=trp.TargetMACs(2, convs_only=True), input_shape=shape)
     assert trp.count_macs(model, shape, convs_only=True) / trp.count_macs(new, shape, convs_only=True) >= 2
     assert torch.isfinite(new(torch.randn(2, 3, 16, 16))).all()
 
@@ -98,8 +98,8 @@ def test_example_inputs_through_decompose_and_fit() -> None:
     torch.manual_seed(0)
     model = Encoder().eval()
     x = torch.randn(2, 24, 8)
-    by_shape = trp.decompose(model, criterion=trp.TargetSpeedup(1.4), layers=SAFE, input_shape=(2, 24, 8))
-    by_inputs = trp.decompose(model, criterion=trp.TargetSpeedup(1.4), layers=SAFE, example_inputs=(x,))
+    by_shape = trp.decompose(model, criterion=trp.TargetMACs(1.4), layers=SAFE, input_shape=(2, 24, 8))
+    by_inputs = trp.decompose(model, criterion=trp.TargetMACs(1.4), layers=SAFE, example_inputs=(x,))
     assert trp.core.decompose.recipe_of(by_shape) == trp.core.decompose.recipe_of(by_inputs)
     safe = SafeEncoder(model)
     budget = trp.count_macs(safe, example_inputs=x) // 2
@@ -123,5 +123,5 @@ def test_layer_that_does_not_run_costs_nothing() -> None:
 
     torch.manual_seed(0)
     model = WithAux().eval()
-    report = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.5), input_shape=(3, 64))
+    report = trp.decompose_with_report(model, criterion=trp.TargetMACs(1.5), input_shape=(3, 64))
     assert trp.count_macs(model, (3, 64)) / trp.count_macs(report.model, (3, 64)) >= 1.5

@@ -109,7 +109,6 @@ def test_conv_matches_closed_form(dims, c_per, n_per, groups, kh, kw, sh, sw, ph
     with torch.no_grad():
         y = conv._conv_forward(fit, conv.weight, None)  # bias-free outputs (B, N, *positions)
         w = conv.weight
-        n = w.shape[0]
         want_w = torch.empty_like(w)
         bias = conv.bias.detach().clone()
         for gi in range(groups):
@@ -149,7 +148,7 @@ def test_input_and_output_statistics_agree(side):
 
 
 def test_hf_conv1d_and_attention_projections():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -253,7 +252,7 @@ def test_whole_model_criteria_with_calibration():
     batches = [x[i:i + 50] for i in range(0, 200, 50)]
     dense = trp.count_macs(model, input_shape=(8, 16))
     for weighting in ("sensitivity", "absolute", "normalized"):
-        for crit in (trp.TargetSpeedup(1.5), trp.Global(speedup=1.5)):
+        for crit in (trp.TargetMACs(1.5), trp.Global(mac_reduction=1.5)):
             rep = trp.decompose_with_report(model, criterion=crit, layers="all", exclude=["5"], calibration=batches,
                                             calibration_weighting=weighting)
             assert trp.count_macs(rep.model, input_shape=(8, 16)) <= dense / 1.5 * 1.001
@@ -290,18 +289,18 @@ def test_calibrated_spectra_are_compared_across_layers_by_scale():
 
     big = LayerSpectrum("big", torch.tensor([10.0, 1.0, 1.0]), 100, lambda r: 10 * r, scale=1.0)
     small = LayerSpectrum("small", torch.tensor([10.0, 1.0, 1.0]), 100, lambda r: 10 * r, scale=1e-4)
-    ranks = trp.TargetSpeedup(200 / 40).allocate([big, small], 0)  # room for two ranks beyond rank 1 each
+    ranks = trp.TargetMACs(200 / 40).allocate([big, small], 0)  # room for two ranks beyond rank 1 each
     assert ranks == {"big": 3, "small": 1}  # the same spectra, compared by their weighted values
     plain = [LayerSpectrum(s.name, s.sigma, 100, s.macs) for s in (big, small)]
-    assert trp.TargetSpeedup(200 / 40).allocate(plain, 0) == {"big": 2, "small": 2}  # fractions of own energy
+    assert trp.TargetMACs(200 / 40).allocate(plain, 0) == {"big": 2, "small": 2}  # fractions of own energy
 
 
 def test_sequential_keeps_ranks_and_result_shares_no_parameter():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     data = [torch.randn(32, 16) for _ in range(4)]
-    plain = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(2.0), layers="all", calibration=data)
-    seq = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(2.0), layers="all", calibration=data,
+    plain = trp.decompose_with_report(model, criterion=trp.TargetMACs(2.0), layers="all", calibration=data)
+    seq = trp.decompose_with_report(model, criterion=trp.TargetMACs(2.0), layers="all", calibration=data,
                                     calibration_sequential=True)
     assert [(r.name, r.rank, r.status) for r in seq.layers] == [(r.name, r.rank, r.status) for r in plain.layers]
     dense = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -37,7 +37,7 @@ def truncated_dense(dense: nn.Module, split: nn.Module) -> nn.Module:
 def test_transformer_encoder_split_runs_in_inference(training):
     torch.manual_seed(0)
     model = Encoder().train(training)
-    report = trp.decompose_with_report(model, "channel", trp.TargetSpeedup(1.5), input_shape=(2, 16, 256))
+    report = trp.decompose_with_report(model, "channel", trp.TargetMACs(1.5), input_shape=(2, 16, 256))
     split = report.model
     assert report.factorized, "the feed-forward linears must be split"
     assert split.training == training and all(m.training == training for m in split.modules())

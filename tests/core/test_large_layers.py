@@ -99,8 +99,8 @@ def _count_full_svds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("criterion", [
-    trp.TargetSpeedup(3), trp.TargetSpeedup(5), trp.TargetSpeedup(8), trp.TargetSpeedup(4, round_to=8),
-    trp.LayerRanks({"0": 12, "2": 30, "4": 7}), trp.Global(drop=0.85), trp.Global(speedup=4),
+    trp.TargetMACs(3), trp.TargetMACs(5), trp.TargetMACs(8), trp.TargetMACs(4, round_to=8),
+    trp.LayerRanks({"0": 12, "2": 30, "4": 7}), trp.Global(drop=0.85), trp.Global(mac_reduction=4),
 ])
 def test_whole_model_ranks_from_leading_values_match_the_full_svd(
         criterion: trp.WholeModelCriterion, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,7 +116,7 @@ def test_whole_model_ranks_from_leading_values_match_the_full_svd(
     assert [(r.name, r.rank, r.status) for r in fast.layers] == [(r.name, r.rank, r.status) for r in exact.layers]
     assert all(r.status == "factorized" for r in fast.layers)
     assert fast.macs_after.total == exact.macs_after.total
-    target = getattr(criterion, "x", None) or getattr(criterion, "speedup", None) or 1.0
+    target = getattr(criterion, "x", None) or getattr(criterion, "mac_reduction", None) or 1.0
     assert fast.macs_before.total / fast.macs_after.total >= target
     # a full SVD only where the values the allocation needs pass a third of the spectrum
     step = getattr(criterion, "round_to", 1 if isinstance(criterion, trp.Global) else 0)
@@ -128,14 +128,14 @@ def test_whole_model_ranks_from_leading_values_match_the_full_svd(
 
 
 def test_a_target_near_full_rank_falls_back_to_the_full_svd(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TargetSpeedup(1.2) keeps most of each spectrum: beyond a third, the full SVD is cheaper."""
+    """TargetMACs(1.2) keeps most of each spectrum: beyond a third, the full SVD is cheaper."""
     model = _deep_model()
     monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", 10**9)
-    exact = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.2), layers=["0", "2", "4"],
+    exact = trp.decompose_with_report(model, criterion=trp.TargetMACs(1.2), layers=["0", "2", "4"],
                                       input_shape=(1, 300))
     monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", 32)
     full_svds = _count_full_svds(monkeypatch)
-    fast = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.2), layers=["0", "2", "4"],
+    fast = trp.decompose_with_report(model, criterion=trp.TargetMACs(1.2), layers=["0", "2", "4"],
                                      input_shape=(1, 300))
     assert [r.rank for r in fast.layers] == [r.rank for r in exact.layers]
     assert full_svds  # at least one layer needed most of its spectrum
@@ -151,7 +151,7 @@ def test_a_dense_layer_under_a_loose_target_needs_only_its_break_even_values(mon
     results = []
     for limit in (10**9, 32):
         monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", limit)
-        report = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.3), layers=["0", "2"],
+        report = trp.decompose_with_report(model, criterion=trp.TargetMACs(1.3), layers=["0", "2"],
                                            input_shape=(1, 300))
         results.append([(r.name, r.rank, r.status) for r in report.layers])
     assert results[0] == results[1]

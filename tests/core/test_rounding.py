@@ -1,4 +1,4 @@
-"""Rank rounding: ``round_to`` on TargetSpeedup and on decompose, and the criterion registration hook."""
+"""Rank rounding: ``round_to`` on TargetMACs and on decompose, and the criterion registration hook."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trp
-from trp.core.allocation import LayerSpectrum, TargetSpeedup, round_rank
+from trp.core.allocation import LayerSpectrum, TargetMACs, round_rank
 from trp.core.criteria import parse_criterion, register_criterion
 
 
@@ -39,7 +39,7 @@ def _layers(rng: torch.Generator, n: int) -> list[LayerSpectrum]:
 def test_target_speedup_rounded_ranks_are_multiples_and_meet_the_budget(seed, n, k, x):
     layers = _layers(torch.Generator().manual_seed(seed), n)
     fixed = 100
-    crit = TargetSpeedup(x, round_to=k)
+    crit = TargetMACs(x, round_to=k)
     try:
         ranks = crit.allocate(layers, fixed)
     except ValueError as err:
@@ -55,8 +55,8 @@ def test_target_speedup_rounded_ranks_are_multiples_and_meet_the_budget(seed, n,
 
 def test_round_to_one_is_the_unrounded_criterion():
     model = _net()
-    a = trp.decompose_with_report(model, "channel", TargetSpeedup(2.0), input_shape=SHAPE)
-    b = trp.decompose_with_report(model, "channel", TargetSpeedup(2.0, round_to=1), input_shape=SHAPE)
+    a = trp.decompose_with_report(model, "channel", TargetMACs(2.0), input_shape=SHAPE)
+    b = trp.decompose_with_report(model, "channel", TargetMACs(2.0, round_to=1), input_shape=SHAPE)
     assert [r.rank for r in a.layers] == [r.rank for r in b.layers]
 
 
@@ -81,10 +81,10 @@ def test_rounding_never_makes_a_split_cost_the_dense_macs():
 
 def test_whole_model_criteria_take_their_own_round_to():
     with pytest.raises(ValueError, match="pass round_to=4 to the criterion"):
-        trp.decompose(_net(), "channel", TargetSpeedup(2.0), input_shape=SHAPE, round_to=4)
+        trp.decompose(_net(), "channel", TargetMACs(2.0), input_shape=SHAPE, round_to=4)
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="round_to"):
-            TargetSpeedup(2.0, round_to=bad)
+            TargetMACs(2.0, round_to=bad)
 
 
 def test_registered_criterion_kinds_parse_and_builtins_are_protected():

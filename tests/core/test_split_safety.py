@@ -111,8 +111,11 @@ def test_nn_transformer_splits_and_matches_truncated_weights() -> None:
 
 def test_attention_save_load_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
-    make = lambda: nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1),
-                                 nn.Linear(16, 3))
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1),
+                             nn.Linear(16, 3))
+
     model = make().eval()
     x = torch.randn(2, 5, 16)
     compact = trp.decompose(model, "channel", trp.FixedRank(2), example_inputs=x)

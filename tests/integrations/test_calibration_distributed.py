@@ -29,7 +29,7 @@ def _batches() -> list[torch.Tensor]:
 
 
 def _split(calibration, samples: int, criterion=None) -> nn.Module:
-    return trp.decompose(_model(), criterion=criterion or trp.TargetSpeedup(1.6), layers="all", exclude=["7"],
+    return trp.decompose(_model(), criterion=criterion or trp.TargetMACs(1.6), layers="all", exclude=["7"],
                          calibration=calibration, calibration_samples=samples)
 
 

@@ -56,7 +56,7 @@ def _lightning_fit(tmp_path: Path, callback, epochs: int) -> ForwardLitNet:
 def test_lightning_callback_trains_toward_a_target_and_splits_with_it(tmp_path: Path) -> None:
     from trp.integrations.lightning import TRPCallback
 
-    settings = dict(criterion=trp.TargetSpeedup(2), period=3, nuclear_weight=1e-2)
+    settings = dict(criterion=trp.TargetMACs(2), period=3, nuclear_weight=1e-2)
     callback = TRPCallback(**settings, input_shape=SHAPE)
     module = _lightning_fit(tmp_path, callback, 2)
     model, pruner = _hand_loop(2, **settings, input_shape=SHAPE)
@@ -68,7 +68,7 @@ def test_lightning_callback_trains_toward_a_target_and_splits_with_it(tmp_path: 
 
 
 def test_options_from_a_config_from_fields_and_by_position() -> None:
-    cfg = trp.TRPConfig(criterion=trp.TargetSpeedup(3), period=5, input_shape=SHAPE)
+    cfg = trp.TRPConfig(criterion=trp.TargetMACs(3), period=5, input_shape=SHAPE)
     assert TRPOptions.from_arguments((), {"config": cfg}).config is cfg
     assert TRPOptions.from_arguments((), {"config": cfg, "period": 7}).config.period == 7
     old = TRPOptions.from_arguments(("spatial", 0.8, 4), {"save_path": "x.safetensors"})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from torch import nn
 
 import trp
 import trp.methods.trained_rank
-from trp.methods import sharded
 from trp.core.wrappers import unwrap as unwrap_model
 from trp.methods.sharded import assign_owners
 

@@ -109,7 +109,7 @@ def test_nproc_relaunches_the_same_command_under_torchrun(tmp_path: Path, monkey
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     launched: list[list[str]] = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda cmd: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(subprocess, "run", lambda cmd: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     result = CliRunner().invoke(cli.main, ["train", "--model", "mlp", "--nproc", "3", "--sync-bn", "--precision",
                                            "bf16", "--out", str(tmp_path / "r"), "--no-progress"])
     assert result.exit_code == 0, result.output

@@ -98,9 +98,9 @@ def test_target_training_is_unchanged(monkeypatch: pytest.MonkeyPatch, large: bo
     if large:
         monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", 8)
     m_old, m_new = _pair(wide=40 if large else 12)
-    old = before.TRP(m_old, energy=0.95, period=2, nuclear_weight=1e-2, target=trp.TargetSpeedup(2.5),
+    old = before.TRP(m_old, energy=0.95, period=2, nuclear_weight=1e-2, target=trp.TargetMACs(2.5),
                      input_shape=SHAPE, warmup=3)
-    new = trp.TRP(m_new, criterion=trp.TargetSpeedup(2.5), period=2, nuclear_weight=1e-2, input_shape=SHAPE, warmup=3,
+    new = trp.TRP(m_new, criterion=trp.TargetMACs(2.5), period=2, nuclear_weight=1e-2, input_shape=SHAPE, warmup=3,
                   warmup_criterion=trp.Energy(0.95))
     _train(m_old, old, 7)
     _train(m_new, new, 7)
@@ -111,7 +111,7 @@ def test_target_training_is_unchanged(monkeypatch: pytest.MonkeyPatch, large: bo
 
 @pytest.mark.parametrize("target", [None, "speedup"])
 def test_checkpoints_of_the_old_code_resume(target) -> None:
-    kw = dict(target=trp.TargetSpeedup(3), input_shape=SHAPE) if target else {}
+    kw = dict(target=trp.TargetMACs(3), input_shape=SHAPE) if target else {}
     m_old, m_new = _pair()
     old = before.TRP(m_old, period=2, nuclear_weight=1e-2, **kw)
     _train(m_old, old, 5)
@@ -120,7 +120,7 @@ def test_checkpoints_of_the_old_code_resume(target) -> None:
     buf.seek(0)
     state = torch.load(buf, weights_only=True)["trp"]
     m_new.load_state_dict(m_old.state_dict())
-    crit = dict(criterion=trp.TargetSpeedup(3), input_shape=SHAPE) if target else {}
+    crit = dict(criterion=trp.TargetMACs(3), input_shape=SHAPE) if target else {}
     new = trp.TRP(m_new, period=2, nuclear_weight=1e-2, **crit)
     new.load_state_dict(state)
     assert new.iteration == 5 and new.ranks == old.ranks
@@ -148,9 +148,9 @@ def test_the_deprecated_arguments_still_work_and_warn_once() -> None:
     assert isinstance(new.criterion, trp.Energy) and new.criterion.e == 0.8
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        t = trp.TRP(Net(), energy=0.95, target=trp.TargetSpeedup(2), input_shape=SHAPE, warmup=2)
+        t = trp.TRP(Net(), energy=0.95, target=trp.TargetMACs(2), input_shape=SHAPE, warmup=2)
     assert len(record) == 1 and "target=" in str(record[0].message) and record[0].category is DeprecationWarning
     assert t.warmup_criterion.e == 0.95
-    assert t.target is t.criterion and isinstance(t.criterion, trp.TargetSpeedup)
+    assert t.target is t.criterion and isinstance(t.criterion, trp.TargetMACs)
     with pytest.raises(ValueError, match="not both"):
         trp.TRP(Net(), criterion=trp.Energy(0.9), energy=0.8)

@@ -38,11 +38,11 @@ def test_per_layer_and_whole_model_criteria(criterion, expected) -> None:
 
 
 def test_from_config_equals_the_arguments() -> None:
-    cfg = trp.TRPConfig(criterion=trp.TargetSpeedup(2), period=3, nuclear_weight=1e-3, warmup=4, energy=0.95,
+    cfg = trp.TRPConfig(criterion=trp.TargetMACs(2), period=3, nuclear_weight=1e-3, warmup=4, energy=0.95,
                         input_shape=SHAPE)
     a, b = _model(), _model()
     pa = trp.TRP.from_config(a, cfg)
-    pb = trp.TRP(b, criterion=trp.TargetSpeedup(2), period=3, nuclear_weight=1e-3, warmup=4, input_shape=SHAPE,
+    pb = trp.TRP(b, criterion=trp.TargetMACs(2), period=3, nuclear_weight=1e-3, warmup=4, input_shape=SHAPE,
                  warmup_criterion=trp.Energy(0.95))
     assert (pa.period, pa.nuclear_weight, pa.warmup, pa.input_shape) == (pb.period, pb.nuclear_weight, pb.warmup, pb.input_shape)
     assert pa.warmup_criterion.e == 0.95 and pa.target is cfg.criterion
@@ -64,9 +64,9 @@ def test_the_old_positional_energy_still_means_energy() -> None:
 
 @pytest.mark.parametrize("kwargs, error, pattern", [
     (dict(criterion="energy:0.9"), TypeError, "rank criterion"),
-    (dict(criterion=trp.TargetSpeedup(2)), ValueError, "input_shape"),
+    (dict(criterion=trp.TargetMACs(2)), ValueError, "input_shape"),
     (dict(criterion=trp.Energy(0.9), warmup=3), ValueError, "needs target"),
-    (dict(criterion=trp.TargetSpeedup(2), input_shape=SHAPE, warmup_criterion=trp.TargetSpeedup(3)), TypeError,
+    (dict(criterion=trp.TargetMACs(2), input_shape=SHAPE, warmup_criterion=trp.TargetMACs(3)), TypeError,
      "warmup_criterion"),
 ])
 def test_bad_criteria(kwargs, error, pattern) -> None:

@@ -93,7 +93,7 @@ def test_energy_projection_goes_straight_to_the_full_svd_after_a_high_rank(monke
     assert tops == []  # no randomized attempts that would be thrown away
 
 
-@pytest.mark.parametrize("target", [trp.TargetSpeedup(4), trp.TargetSpeedup(6, round_to=4),
+@pytest.mark.parametrize("target", [trp.TargetMACs(4), trp.TargetMACs(6, round_to=4),
                                     trp.LayerRanks({"0": 10, "2": 20, "4": 5, "6": 12})])
 def test_target_projection_of_large_layers_equals_the_full_svd(monkeypatch: pytest.MonkeyPatch,
                                                                 target: trp.WholeModelCriterion) -> None:

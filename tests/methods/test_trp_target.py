@@ -54,7 +54,7 @@ def _reduction(model: nn.Module, compact: nn.Module) -> float:
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_resnet20_lands_on_3x_with_exactly_the_allocated_ranks(scheme: str) -> None:
     model = _resnet20()
-    pruner = trp.TRP(model, scheme, period=4, nuclear_weight=3e-4, target=trp.TargetSpeedup(3), input_shape=SHAPE)
+    pruner = trp.TRP(model, scheme, period=4, nuclear_weight=3e-4, target=trp.TargetMACs(3), input_shape=SHAPE)
     _train(model, pruner, 7)  # one projection at step 4, then 3 plain steps
     before = {n: model.get_submodule(n).weight.detach().clone() for n in pruner.layer_names}
     _train(model, pruner, 1, seed=1)  # step 8: projection
@@ -77,10 +77,10 @@ def test_resnet20_lands_on_3x_with_exactly_the_allocated_ranks(scheme: str) -> N
 
 def test_projection_ranks_are_the_allocation_of_the_weights_it_saw() -> None:
     model = _resnet20(1)
-    pruner = trp.TRP(model, "channel", period=1000, nuclear_weight=0.0, target=trp.TargetSpeedup(2.5), input_shape=SHAPE)
+    pruner = trp.TRP(model, "channel", period=1000, nuclear_weight=0.0, target=trp.TargetMACs(2.5), input_shape=SHAPE)
     spectra = {n: torch.linalg.svdvals(_matrix(pruner, n, model.get_submodule(n).weight)) for n in pruner.layer_names}
     # Allocate directly with the criterion and layer costs from trp.decompose's own bookkeeping.
-    report = trp.decompose_with_report(model, "channel", trp.TargetSpeedup(2.5), input_shape=SHAPE)
+    report = trp.decompose_with_report(model, "channel", trp.TargetMACs(2.5), input_shape=SHAPE)
     expected = {r.name: r.rank for r in report.layers}
     assert pruner.allocate(spectra) == expected
     pruner.project()
@@ -92,7 +92,7 @@ def test_projection_ranks_are_the_allocation_of_the_weights_it_saw() -> None:
 def test_subgradient_acts_on_the_allocated_ranks() -> None:
     model = _resnet20(2).double()
     lam = 0.1
-    pruner = trp.TRP(model, "channel", period=5, nuclear_weight=lam, target=trp.TargetSpeedup(3), input_shape=SHAPE)
+    pruner = trp.TRP(model, "channel", period=5, nuclear_weight=lam, target=trp.TargetMACs(3), input_shape=SHAPE)
     # Before any projection, the first regularize() already uses the allocation of the current weights.
     for n in pruner.layer_names:
         model.get_submodule(n).weight.grad = torch.zeros_like(model.get_submodule(n).weight)
@@ -120,7 +120,7 @@ def test_warmup_projects_by_energy_then_by_the_target() -> None:
     model = _resnet20(3)
     energy_twin = copy.deepcopy(model)
     pruner = trp.TRP(model, "channel", energy=0.95, period=2, nuclear_weight=0.0,
-                     target=trp.TargetSpeedup(4), input_shape=SHAPE, warmup=4)
+                     target=trp.TargetMACs(4), input_shape=SHAPE, warmup=4)
     reference = trp.TRP(energy_twin, "channel", energy=0.95, period=2, nuclear_weight=0.0)
     pruner.step(), reference.step()
     pruner.step(), reference.step()  # iteration 2 < warmup: energy projection
@@ -139,8 +139,8 @@ def test_warmup_projects_by_energy_then_by_the_target() -> None:
 
 def test_example_inputs_and_input_shape_agree() -> None:
     a, b = _resnet20(4), _resnet20(4)
-    pa = trp.TRP(a, period=3, target=trp.TargetSpeedup(2), input_shape=SHAPE)
-    pb = trp.TRP(b, period=3, target=trp.TargetSpeedup(2), example_inputs=torch.randn(5, *SHAPE[1:]))
+    pa = trp.TRP(a, period=3, target=trp.TargetMACs(2), input_shape=SHAPE)
+    pb = trp.TRP(b, period=3, target=trp.TargetMACs(2), example_inputs=torch.randn(5, *SHAPE[1:]))
     assert pb.input_shape == SHAPE
     pa.project(), pb.project()
     assert pa.ranks == pb.ranks
@@ -167,9 +167,9 @@ def test_any_whole_model_criterion_plugs_in() -> None:
     pruner = trp.TRP(model, "channel", period=2, target=_Halve(), input_shape=SHAPE)
     pruner.project()
     assert all(pruner.ranks[n] == model.get_submodule(n).weight.shape[0] // 2 for n in pruner.layer_names)
-    # Global(speedup=x), the LoRITa allocation, too.
+    # Global(mac_reduction=x), the LoRITa allocation, too.
     model2 = _resnet20(5)
-    glob = trp.TRP(model2, "channel", period=2, target=trp.Global(speedup=2), input_shape=SHAPE)
+    glob = trp.TRP(model2, "channel", period=2, target=trp.Global(mac_reduction=2), input_shape=SHAPE)
     glob.project()
     assert _reduction(model2, glob.decompose()) >= 2.0
 
@@ -178,7 +178,7 @@ def test_convs_only_target_leaves_linears_full_rank() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 16), nn.Linear(16, 4))
-    pruner = trp.TRP(model, "channel", period=2, target=trp.TargetSpeedup(2, convs_only=True), input_shape=(1, 3, 8, 8))
+    pruner = trp.TRP(model, "channel", period=2, target=trp.TargetMACs(2, convs_only=True), input_shape=(1, 3, 8, 8))
     pruner.project()
     assert pruner.ranks["5"] == 16  # the linear: outside the conv budget
     compact = pruner.decompose()
@@ -188,34 +188,34 @@ def test_convs_only_target_leaves_linears_full_rank() -> None:
 
 def test_state_dict_keeps_the_target() -> None:
     model = _resnet20(6)
-    pruner = trp.TRP(model, "channel", period=3, nuclear_weight=1e-3, target=trp.TargetSpeedup(3), input_shape=SHAPE)
+    pruner = trp.TRP(model, "channel", period=3, nuclear_weight=1e-3, target=trp.TargetMACs(3), input_shape=SHAPE)
     _train(model, pruner, 4)
     buf = io.BytesIO()
     torch.save(pruner.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    assert state["target"] == "speedup:3"
+    assert state["target"] == "macs:3"
     twin_model = copy.deepcopy(model)
-    twin = trp.TRP(twin_model, "channel", period=3, nuclear_weight=1e-3, target=trp.TargetSpeedup(3), input_shape=SHAPE)
+    twin = trp.TRP(twin_model, "channel", period=3, nuclear_weight=1e-3, target=trp.TargetMACs(3), input_shape=SHAPE)
     twin.load_state_dict(state)
     assert twin.ranks == pruner.ranks and twin.iteration == 4
     _train(model, pruner, 3, seed=9)
     _train(twin_model, twin, 3, seed=9)
     for (k, a), b in zip(model.state_dict().items(), twin_model.state_dict().values()):
         assert torch.equal(a, b), k
-    for wrong in (trp.TRP(_resnet20(), period=3, target=trp.TargetSpeedup(2), input_shape=SHAPE),
+    for wrong in (trp.TRP(_resnet20(), period=3, target=trp.TargetMACs(2), input_shape=SHAPE),
                   trp.TRP(_resnet20(), period=3)):
-        with pytest.raises(ValueError, match="target 'speedup:3'"):
+        with pytest.raises(ValueError, match="target 'macs:3'"):
             wrong.load_state_dict(state)
 
 
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        (dict(target=trp.TargetSpeedup(3)), ValueError, "input_shape"),
-        (dict(target=trp.TargetSpeedup(3), input_shape=SHAPE, period=None), ValueError, "period"),
+        (dict(target=trp.TargetMACs(3)), ValueError, "input_shape"),
+        (dict(target=trp.TargetMACs(3), input_shape=SHAPE, period=None), ValueError, "period"),
         (dict(target=trp.Energy(0.9), input_shape=SHAPE), TypeError, "whole-model criterion"),
-        (dict(target=trp.TargetSpeedup(3), input_shape=SHAPE, warmup=-1), ValueError, "warmup"),
+        (dict(target=trp.TargetMACs(3), input_shape=SHAPE, warmup=-1), ValueError, "warmup"),
         (dict(warmup=10), ValueError, "needs target"),
     ],
 )
@@ -225,7 +225,7 @@ def test_bad_target_arguments(kwargs: dict, error: type, pattern: str) -> None:
 
 
 def test_unreachable_target_fails_at_the_projection_with_the_reason() -> None:
-    pruner = trp.TRP(_resnet20(), period=3, target=trp.TargetSpeedup(500), input_shape=SHAPE)
+    pruner = trp.TRP(_resnet20(), period=3, target=trp.TargetMACs(500), input_shape=SHAPE)
     with pytest.raises(ValueError, match="cannot be reached"):
         pruner.project()
 
@@ -240,7 +240,7 @@ def test_any_target_lands_within_the_budget(x: float, channels: int, scheme: str
                           nn.Linear(2 * channels, 3))
     shape = (1, 2, 12, 12)
     try:
-        pruner = trp.TRP(model, scheme, period=2, target=trp.TargetSpeedup(x), input_shape=shape)
+        pruner = trp.TRP(model, scheme, period=2, target=trp.TargetMACs(x), input_shape=shape)
         pruner.project()
     except ValueError as err:  # a target beyond rank 1 everywhere must say so
         assert "cannot be reached" in str(err)

@@ -122,7 +122,7 @@ def test_the_final_split_has_the_ranks_of_the_last_projection(tmp_path: Path, mo
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_the_final_split_of_a_mac_target_has_the_ranks_of_the_last_projection(scheme: str) -> None:
     model = _net(3)
-    pruner = trp.TRP(model, scheme, criterion=trp.TargetSpeedup(2.5), period=2, nuclear_weight=1e-3, input_shape=SHAPE)
+    pruner = trp.TRP(model, scheme, criterion=trp.TargetMACs(2.5), period=2, nuclear_weight=1e-3, input_shape=SHAPE)
     _train(model, pruner, 5)
     pruner.project(final=True)
     report = trp.decompose_with_report(model, scheme, pruner.criterion, pruner.layer_names, SHAPE)
@@ -187,7 +187,7 @@ def _ddp_target_worker(rank: int, world: int, tmp: str, x: float) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
     try:
         ddp = nn.parallel.DistributedDataParallel(_linear_net())
-        pruner = trp.TRP(ddp, criterion=trp.TargetSpeedup(x), period=2, nuclear_weight=1e-2, input_shape=(1, 12))
+        pruner = trp.TRP(ddp, criterion=trp.TargetMACs(x), period=2, nuclear_weight=1e-2, input_shape=(1, 12))
         try:
             _train_linear(ddp, pruner, rank, world)
             out = {"state": ddp.module.state_dict(), "ranks": pruner.ranks}
@@ -208,7 +208,7 @@ def test_two_ranks_share_the_large_layers_of_a_whole_model_target(tmp_path: Path
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", 8)
     model = _linear_net()
-    pruner = trp.TRP(model, criterion=trp.TargetSpeedup(2.0), period=2, nuclear_weight=1e-2, input_shape=(1, 12))
+    pruner = trp.TRP(model, criterion=trp.TargetMACs(2.0), period=2, nuclear_weight=1e-2, input_shape=(1, 12))
     _train_linear(model, pruner)
     assert pruner.ranks == r0["ranks"] and min(pruner.ranks.values()) < 40
     for k, v in model.state_dict().items():

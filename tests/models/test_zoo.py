@@ -8,7 +8,7 @@ downloaded; see ``_zoo_models.py``). For each model:
   every per-layer figure;
 - a split at full rank of a low-rank model equals it: TRP projects the selected layers to
   low rank in place, then splitting at those ranks reproduces the dense model (1e-4 relative);
-- ``TargetSpeedup(1.5)`` reaches 1.5× fewer MACs by the full count, or raises an error saying why;
+- ``TargetMACs(1.5)`` reaches 1.5× fewer MACs by the full count, or raises an error saying why;
 - save → load in a new process gives identical outputs;
 - every layer TRP trains low rank is split by ``decompose`` (one selection, one safety net);
 - the split model exports to ONNX (:func:`trp.export_onnx`, BatchNorm folded) and ONNX Runtime
@@ -58,7 +58,7 @@ SPECS = (
     + [pytest.param(f"hf:{k}") for k in zoo.HF]
 )
 
-#: models whose TargetSpeedup(1.5) is out of reach with the default selection, and why
+#: models whose TargetMACs(1.5) is out of reach with the default selection, and why
 _SWIN = ("{} reads its qkv/proj weights itself (F.linear on .weight): they stay dense, and at 32×32 the "
          "later stages pad their 4×4 to 1×1 token maps to whole windows, so ~90% of the MACs are those "
          "projections and attention products")
@@ -193,10 +193,10 @@ def test_target_speedup(case: Case) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            new = trp.decompose(case.model, criterion=trp.TargetSpeedup(1.5), example_inputs=case.inputs)
+            new = trp.decompose(case.model, criterion=trp.TargetMACs(1.5), example_inputs=case.inputs)
     except ValueError as err:
         assert "cannot be reached" in str(err) and "outside the selected layers" in str(err)
-        assert case.spec in UNREACHABLE, f"TargetSpeedup(1.5) newly out of reach: {err}"
+        assert case.spec in UNREACHABLE, f"TargetMACs(1.5) newly out of reach: {err}"
         return
     assert case.spec not in UNREACHABLE
     assert before / trp.count_macs(new, example_inputs=case.inputs) >= 1.5
@@ -240,11 +240,11 @@ def test_save_load_in_new_process(case: Case, reloader, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["tv:mobilenet_v2", "tv:resnet50"])
 def test_reaches_two_fold_mac_reduction(spec: str) -> None:
-    """The issue's bar: MobileNetV2 and ResNet-50 reach TargetSpeedup(2) by the full count."""
+    """The issue's bar: MobileNetV2 and ResNet-50 reach TargetMACs(2) by the full count."""
     model, inputs = zoo.build(spec), zoo.example_inputs(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(2), example_inputs=inputs)
+        report = trp.decompose_with_report(model, criterion=trp.TargetMACs(2), example_inputs=inputs)
     assert report.macs_before.total / report.macs_after.total >= 2
     assert report.macs_after.total == trp.count_macs(report.model, example_inputs=inputs)
 
@@ -315,7 +315,7 @@ def test_gpt2_and_bert_are_split_and_counted(spec: str, kinds: tuple[str, ...]) 
     model, inputs = zoo.build(spec), zoo.example_inputs(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = trp.decompose_with_report(model, criterion=trp.TargetSpeedup(1.5), example_inputs=inputs)
+        report = trp.decompose_with_report(model, criterion=trp.TargetMACs(1.5), example_inputs=inputs)
     split, chosen = {r.name for r in report.factorized}, {r.name for r in report.layers}
     # every kind of projection is selected (none skipped as unsafe); the budget splits most of them
     assert all(any(n.endswith(kind) for n in chosen) for kind in kinds) and not report.skipped

@@ -18,33 +18,33 @@ the reference selection (no 1×1 convs; the paper's configs use it), ``all``, or
 module names / glob patterns; ``exclude`` lists glob patterns to leave dense. A run directory
 written before ``layers`` existed used the reference selection, and reads back as ``paper``.
 
-Why this module is long (~550 lines): it is the schema of every setting a run has (one annotated
-field each, with its range), the error formatting that names key and file, and the config files'
-readers, kept together so a setting is declared and checked in one place.
+The field types and the validation machinery (one-line errors naming key and file) are
+:mod:`trp.app.schema`.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import math
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BeforeValidator, ConfigDict, Strict, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
 
 from ..errors import ConfigError
 from ..methods.trp_config import DEFAULTS as TRP_DEFAULTS
+from .schema import (_SOURCE, Flag, Integer, Number, Text, _milestones, _Schema, _shown, _validated,
+                     config_error)
 
 # The library is imported where it is used, so the command line's --help needs no torch.
 
 __all__ = [
     "METHODS", "OPTIMIZERS", "PRECISIONS", "DEFAULT_WEIGHT_DECAY", "RESUMABLE", "DecomposeStep", "TrainConfig",
     "load_config", "read_config_file", "resume_config", "parse_milestones", "parse_layers", "parse_patterns",
-    "train_config", "MAX_BATCH", "MAX_SEED",
+    "train_config", "MAX_BATCH", "MAX_SEED", "resume_run_config", "command_steps",
 ]
 
 # The named layer selections of trp.core.layers.NAMED_SELECTIONS (a test pins the two together).
@@ -99,79 +99,6 @@ def parse_patterns(value: Any) -> list[str]:
     return [v.strip() for v in value if v.strip()]
 
 
-
-
-# -- the field types of the schema ---------------------------------------------------------
-def _span(low: float, high: float, low_open: bool, high_open: bool) -> str:
-    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
-def Number(low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False,
-           what: str = "") -> Any:
-    """A finite float in a range (strings such as ``'1e-4'`` read as numbers; bools refused)."""
-    def check(v: Any) -> float:
-        number = _as_number(v)
-        try:
-            number = None if number is None else float(number)
-        except OverflowError:  # an integer beyond float's range
-            number = None
-        ok = (number is not None and math.isfinite(number) and (number > low if low_open else number >= low)
-              and (number < high if high_open else number <= high))
-        if not ok:
-            raise ValueError(f"must be {what or 'a number in ' + _span(low, high, low_open, high_open)}, got {_shown(v)}")
-        return float(number)  # type: ignore[arg-type]
-
-    return Annotated[float, BeforeValidator(check)]
-
-
-def Integer(low: int, high: int) -> Any:
-    """An integer in ``[low, high]`` (integral floats and numeric strings read as integers; bools refused)."""
-    def check(v: Any) -> int:
-        number = _as_number(v)
-        if isinstance(number, float) and (not math.isfinite(number) or not number.is_integer()):
-            number = None
-        if number is None or not low <= number <= high:
-            raise ValueError(f"must be an integer from {low} to {high}, got {_shown(v)}")
-        return int(number)
-
-    return Annotated[int, BeforeValidator(check)]
-
-
-def _as_number(v: Any) -> Optional[float]:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v  # type: ignore[return-value]  (exact, however large)
-    if isinstance(v, float):
-        return v
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
-
-
-def _shown(v: Any) -> str:
-    try:
-        text = repr(v)
-    except ValueError:  # an integer too long to print
-        return "an integer too long to print"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _milestones(v: Any) -> Any:
-    if v is None:
-        return None
-    if not isinstance(v, (list, tuple)):
-        raise ValueError(f"must be a list of epochs, e.g. [81, 122], got {_shown(v)}")
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
-        raise ValueError(f"must be a list of epochs (integers), e.g. [81, 122], got {_shown(v)}")
-    if any(e < 1 for e in v) or list(v) != sorted(set(v)):
-        raise ValueError(f"must be increasing epochs >= 1 (lr is divided after each), got {list(v)}")
-    return list(v)
-
-
 def _layers(v: Any) -> Any:
     try:
         return parse_layers(v)
@@ -199,92 +126,28 @@ def _decompose_entries(v: Any) -> Any:
     return entries
 
 
-Flag = Annotated[bool, Strict()]
-Text = Annotated[str, Strict()]
+#: config keys renamed (old -> new): a file or saved run with the old key is read as the new one, with a
+#: DeprecationWarning (once); ``target_speedup`` held a MAC reduction, not measured time.
+RENAMED_KEYS = {"target_speedup": "target_macs"}
 
 
-# -- errors --------------------------------------------------------------------------------
-_MESSAGES = {
-    "bool_type": "must be true or false",
-    "string_type": "must be a string",
-    "list_type": "must be a list",
-    "dict_type": "must be a mapping",
-}
+def renamed_keys(data: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """``data`` with each deprecated key of :data:`RENAMED_KEYS` replaced by its new name (warning once)."""
+    if not isinstance(data, dict) or not any(old in data for old in RENAMED_KEYS):
+        return data
+    from ..core._util import warn_deprecated
 
-
-def config_error(err: ValidationError, source: str, fields: Any = ()) -> ConfigError:
-    """One line naming the key(s) and the file for the first problem pydantic found."""
-    problems = err.errors()
-    unknown = [str(p["loc"][-1]) for p in problems if p["type"] in ("unexpected_keyword_argument", "extra_forbidden")]
-    prefix = f"{source}: " if source else ""
-    if unknown:
-        known = sorted(f.name for f in fields)
-        return ConfigError(f"{prefix}unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
-    first = problems[0]
-    key = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(first["loc"]))
-    kind = first["type"]
-    if kind in ("missing", "missing_argument"):
-        return ConfigError(f"{prefix}needs a {key}" + (", e.g. 'energy:0.9'" if key == "criterion" else ""))
-    if kind == "value_error":
-        message = " ".join(str(first["ctx"]["error"]).split())
-    elif kind == "literal_error":
-        choices = first["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
-        if str(first["loc"][-1]) == "scheme" and isinstance(first.get("input"), str):  # as trp.core.schemes says it
-            return ConfigError(f"{prefix}unknown scheme {_shown(first['input'])}: choose one of {choices}")
-        message = f"must be one of {choices}, got {_shown(first.get('input'))}"
-    else:
-        message = f"{_MESSAGES.get(kind, ' '.join(first['msg'].split()).lower())}, got {_shown(first.get('input'))}"
-    return ConfigError(f"{prefix}{key} {message}".strip())
-
-
-# Where the config being validated came from (a file, "--resume"), for errors raised in __post_init__.
-_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("trp_config_source", default="")
-_VALIDATING: contextvars.ContextVar[bool] = contextvars.ContextVar("trp_config_validating", default=False)
-
-
-def _validated(cls: type, data: dict[str, Any], source: str) -> Any:
-    """``cls`` built from ``data`` through its schema (types, ranges, then its cross-field checks)."""
-    source_token = _SOURCE.set(source)
-    token = _VALIDATING.set(True)
-    try:
-        return _adapter(cls).validate_python(data)
-    except ValidationError as err:
-        raise config_error(err, source, dataclasses.fields(cls)) from None
-    except ConfigError:
-        raise
-    except ValueError as err:  # a cross-field check: name the file
-        prefix = f"{source}: " if source and not str(err).startswith(source) else ""
-        raise ConfigError(f"{prefix}{err}") from None
-    finally:
-        _VALIDATING.reset(token)
-        _SOURCE.reset(source_token)
-
-
-_ADAPTERS: dict[type, TypeAdapter] = {}
-
-
-def _adapter(cls: type) -> TypeAdapter:
-    if cls not in _ADAPTERS:
-        _ADAPTERS[cls] = TypeAdapter(cls)
-    return _ADAPTERS[cls]
-
-
-class _Schema:
-    """Validate a dataclass built directly (``TrainConfig(lr=...)``) through its schema, once."""
-
-    __pydantic_config__ = ConfigDict(extra="forbid")
-
-    def __post_init__(self) -> None:
-        if not _VALIDATING.get():  # built from Python: validate the given values, keep the coerced ones
-            checked = _validated(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-                                 _SOURCE.get())
-            for f in dataclasses.fields(self):
-                object.__setattr__(self, f.name, getattr(checked, f.name))
-            return
-        self._check()
-
-    def _check(self) -> None:
-        """The rules between fields (ValueError naming the field)."""
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        if data.get(new) is not None and value is not None and data[new] != value:
+            raise ConfigError(f"{source + ': ' if source else ''}{old} is the deprecated name of {new}: give {new} only")
+        if data.get(new) is None:
+            data[new] = value
+        warn_deprecated(f"the config key {old!r}", repr(new), stacklevel=4)
+    return data
 
 
 @dataclass(frozen=True)
@@ -308,8 +171,11 @@ class DecomposeStep(_Schema):
         _validated(type(self), dataclasses.asdict(self), "")
 
     def _check(self) -> None:
-        from ..core.criteria import parse_criterion
+        from ..core.criteria import canonical_criterion, parse_criterion
         from ..deploy import target_latency  # noqa: F401  (registers latency:X)
+
+        # speedup:X / global-speedup:X (deprecated) are macs:X / global-macs:X, and so are their file stems
+        object.__setattr__(self, "criterion", canonical_criterion(self.criterion))
 
         if self.criterion.startswith("search:"):
             try:
@@ -361,8 +227,9 @@ class TrainConfig(_Schema):
     steps_per_epoch: Optional[Integer(1, 10**9)] = None  # type: ignore[valid-type]  # stop each epoch early
     holdout: Integer(0, 10**9) = 0  # type: ignore[valid-type]  # last training examples kept out (holdout_split)
     hflip: Flag = False  # Fashion-MNIST: add random horizontal flips to the augmentation
-    # trp: project toward this whole-model MAC reduction (TargetSpeedup) / measured latency reduction
-    target_speedup: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
+    # trp: project toward this whole-model MAC reduction (TargetMACs) / measured latency reduction
+    # (target_macs was target_speedup before issue 21: the old key is read as it, with a DeprecationWarning)
+    target_macs: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
     target_latency: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
     target_warmup: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # energy-driven epochs before the target's
     # decompositions to run after training (DecomposeStep entries)
@@ -380,7 +247,7 @@ class TrainConfig(_Schema):
         """A config from a mapping; unknown keys or values of the wrong type raise ConfigError naming them."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source} must hold a mapping of TrainConfig keys (model, data, method, ...)")
-        return _validated(cls, data, source)
+        return _validated(cls, renamed_keys(data, source), source)
 
     def _check(self) -> None:
         from ..data import DATASET_INFO
@@ -397,13 +264,13 @@ class TrainConfig(_Schema):
             raise ValueError(f"factor must be an integer >= 2 for method 'lorita', got {self.factor!r}")
         if self.method == "finetune" and not self.init_from:
             raise ValueError("method 'finetune' needs init_from: the (decomposed) model file to fine-tune")
-        if self.target_speedup is not None and self.target_latency is not None:
-            raise ValueError("give either target_speedup or target_latency, not both")
-        for key in ("target_speedup", "target_latency"):
+        if self.target_macs is not None and self.target_latency is not None:
+            raise ValueError("give either target_macs or target_latency, not both")
+        for key in ("target_macs", "target_latency"):
             if getattr(self, key) is not None and self.method != "trp":
                 raise ValueError(f"{key} sets the ranks of TRP's projections: use it with method 'trp', not {self.method!r}")
         if self.target_warmup and self.target_criterion is None:
-            raise ValueError("target_warmup counts epochs before a target takes over: set target_speedup or target_latency")
+            raise ValueError("target_warmup counts epochs before a target takes over: set target_macs or target_latency")
 
     def validate(self) -> None:
         """Check the config again (it is checked when built; this re-checks values changed since)."""
@@ -412,8 +279,8 @@ class TrainConfig(_Schema):
     @property
     def target_criterion(self) -> Optional[str]:
         """The whole-model criterion a target run trains toward, as a criterion string (None: no target)."""
-        if self.target_speedup is not None:
-            return f"speedup:{self.target_speedup:g}"
+        if self.target_macs is not None:
+            return f"macs:{self.target_macs:g}"
         if self.target_latency is not None:
             return f"latency:{self.target_latency:g}"
         return None
@@ -462,7 +329,7 @@ def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     option that contradicts it raises ValueError naming every such option.
     """
     conflicts, changes = [], {}
-    for name, value in given.items():
+    for name, value in renamed_keys(given, "--resume").items():
         value = _field_value(name, value, "--resume")
         old = getattr(saved, name)
         if value == old:
@@ -482,6 +349,30 @@ def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     return dataclasses.replace(saved, **changes)
 
 
+def resume_run_config(run_dir: Path, given: dict[str, Any], out: Optional[str],
+                      config_file: Optional[Path]) -> TrainConfig:
+    """The saved config of the run ``run_dir`` continues (``--resume``); the options ``given`` with it
+    (and ``--out`` / ``--config``) are checked against it (:func:`resume_config`)."""
+    if config_file is not None:
+        raise ValueError("--resume continues a run with its saved config.json: drop --config")
+    if out is not None and Path(out).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"--resume {run_dir} writes to that run directory: drop --out {out}")
+    return resume_config(load_config(run_dir), given)
+
+
+def command_steps(source: Path, scheme: Optional[str], criterion: Optional[str], finetune: int = 0,
+                  finetune_lr: float = 0.01, recalibrate_bn: int = 0, calibrate: int = 0) -> list[DecomposeStep]:
+    """The decompositions ``trp decompose SOURCE`` runs: the given criterion, else a run's config ``decompose``
+    entries (when nothing else is given), else its target, else ``value:0.05``."""
+    config = load_config(source) if Path(source).is_dir() else None
+    default_scheme = scheme or (config.scheme if config else "channel")
+    if (criterion is None and config is not None and config.decompose and scheme is None and not finetune
+            and not recalibrate_bn and not calibrate):
+        return [DecomposeStep.from_dict(d, default_scheme) for d in config.decompose]
+    default = config.default_criterion() if config else "value:0.05"
+    return [DecomposeStep(default_scheme, criterion or default, finetune, finetune_lr, recalibrate_bn, calibrate)]
+
+
 def load_config(run_dir: Path) -> TrainConfig:
     """The configuration stored in a run directory (read within trp.limits, checked by the schema)."""
     from ..limits import read_json
@@ -492,6 +383,7 @@ def load_config(run_dir: Path) -> TrainConfig:
     data = read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of TrainConfig keys; the file is corrupt")
+    data = renamed_keys(data, str(path))
     data.setdefault("layers", "paper")  # runs from before `layers` existed used the reference selection
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict({k: v for k, v in data.items() if k in known}, source=str(path))
@@ -528,13 +420,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"{path}: key {_shown(bad[0])} is not a name; known keys: "
                           f"{', '.join(sorted(f.name for f in dataclasses.fields(TrainConfig)))}")
-    return data
+    return renamed_keys(data, str(path))
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The mapping in a YAML (or JSON) config file, e.g. one of ``configs/``, checked by the schema and
     with its values coerced (only the file's own keys)."""
-    data = _read_yaml(path)
+    data = _read_yaml(path)  # deprecated keys renamed
     config = TrainConfig.from_dict(data, source=str(path))
     return {key: getattr(config, key) for key in data}
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..deploy.batchnorm import recalibrate_batchnorm
 from ..core.counting import count_macs
-from ..core.allocation import TargetSpeedup
+from ..core.allocation import TargetMACs
 from ..core.criteria import Criterion, Energy, Value
 from ..core.decompose import decompose, fit_criterion
 from .config import TrainConfig
@@ -58,7 +58,7 @@ def match_measured_speedup(
     model: nn.Module, scheme: str, speedup: float, input_shape: tuple[int, ...], runtime: str, batch: int,
     rounds: int = 5, tolerance: float = 0.03, timer: Optional[Timer] = None,
 ) -> tuple[float, nn.Module]:
-    """The MAC-based split (``TargetSpeedup(y)``, paper layers) whose measured speedup is closest to ``speedup``.
+    """The MAC-based split (``TargetMACs(y)``, paper layers) whose measured speedup is closest to ``speedup``.
 
     ``y`` starts at ``speedup`` and is rescaled by ``speedup / measured`` each round (at most 1.5x per
     round); returns ``(y, split model)`` of the closest round.
@@ -69,7 +69,7 @@ def match_measured_speedup(
     x = torch.randn((batch, *input_shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
     y, best = speedup, None
     for _ in range(rounds):
-        split = decompose(model, scheme, TargetSpeedup(y), "paper", input_shape)
+        split = decompose(model, scheme, TargetMACs(y), "paper", input_shape)
         measured = compare_latency(folded, _inference_form(split), x, runtime, timer=timer).speedup
         if best is None or abs(math.log(measured / speedup)) < abs(math.log(best[2] / speedup)):
             best = (y, split, measured)
@@ -189,7 +189,7 @@ def measure_demo(base: nn.Module, base_compact: nn.Module, trp_model: nn.Module,
         splits.append((f"TRP+Nu, decomposed (latency:{x:g}:{runtime}:{batch})", trp_model, latency_split))
         # The MAC-based split at the same measured speedup, for the accuracy comparison.
         mac_x, mac_split = match_measured_speedup(trp_model, scheme, latency.measured or x, shape, runtime, batch)
-        splits.append((f"TRP+Nu, decomposed (MAC-based, TargetSpeedup({mac_x:.2f}), same measured speedup)", trp_model,
+        splits.append((f"TRP+Nu, decomposed (MAC-based, TargetMACs({mac_x:.2f}), same measured speedup)", trp_model,
                        mac_split))
     except ValueError as err:
         note = f"\nTargetLatency({x:g}) for the TRP+Nu model: {err}\n"

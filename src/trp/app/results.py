@@ -3,16 +3,16 @@
 :func:`collect` reads run directories written by ``trp train`` (``config.json``,
 ``metrics.jsonl``) and the ``decomposed-*.json`` summaries ``trp decompose`` writes next
 to them, and returns one :class:`ResultRow` per model: the dense one, each decomposition
-and each fine-tuned decomposition; :func:`seed_table` averages rows that differ only in seed. Rows carry the published number for the same method
-(:mod:`trp.app.paper`) where there is one. :func:`markdown_table`, :func:`write_csv` and
-:func:`tradeoff_notes` turn rows into tables and plain sentences.
+and each fine-tuned decomposition; :func:`seed_table` averages rows that differ only in seed.
+Rows carry the published number for the same method (:mod:`trp.app.paper`) where there is one.
+:func:`markdown_table`, :func:`write_csv` and :func:`tradeoff_notes` turn rows into tables and
+plain sentences.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -56,6 +56,40 @@ def _cfg(config: dict, key: str) -> Any:
     return config.get(key, _DEFAULTS.get(key))
 
 
+def write_table(rows: Sequence["ResultRow"], out: Path, text: str, notes: Sequence[str], seeds: str) -> Path:
+    """Write ``trp table --out OUT``: OUT.md (the table, its notes, the seed table) and OUT.csv; the .md path."""
+    md = Path(out).with_suffix(".md")
+    with atomic_write(md) as tmp:
+        tmp.write_text(text + "\n\n" + "".join(f"- {n}\n" for n in notes)
+                       + (f"\nRows trained with several seeds:\n\n{seeds}\n" if seeds else ""))
+    write_csv(rows, Path(out).with_suffix(".csv"))
+    return md
+
+
+def sweep_curves(run_dirs: Sequence[Path], rows: Sequence["ResultRow"]) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """The curves of every ``sweep-*.json`` in the runs and a marker per fine-tuned row, for ``trp table --plot``."""
+    from .sweep import load_sweep
+
+    curves: dict[str, Any] = {}
+    markers: dict[str, tuple] = {}
+    for run_dir in run_dirs:
+        for path in sorted(Path(run_dir).glob("sweep-*.json")):
+            meta, pts = load_sweep(path)
+            kind = {"speedup": "macs"}.get(str(meta.get("criterion_kind", "")), meta.get("criterion_kind", ""))
+            curves[str(meta.get("label", path.stem)) + f" [{kind}]"] = pts
+    for r in rows:
+        if r.finetuned and r.top1 is not None and r.conv_mac_reduction:
+            markers[f"{r.label}, fine-tuned"] = (r.conv_mac_reduction, r.top1)
+    if not curves:
+        raise ValueError("no sweep-*.json in these runs: run `trp sweep RUN_DIR...` first")
+    return curves, markers
+
+
+def run_label(config: TrainConfig) -> str:
+    """The method label of a run's config (e.g. ``TRP+Nu``)."""
+    return method_label(dataclasses.asdict(config))
+
+
 def method_label(config: dict, decomposed_scheme: Optional[str] = None) -> str:
     """The row label of a run (``config`` as in ``config.json``), or of its decomposition.
 
@@ -77,8 +111,9 @@ def method_label(config: dict, decomposed_scheme: Optional[str] = None) -> str:
         return "Nu only" if decomposed_scheme is None else f"Nu only + {decomposed_scheme}"
     if method == "trp":
         label = SCHEME_LABELS.get(scheme, f"TRP-{scheme}") + ("+Nu" if nuclear > 0 else "")
-        if _cfg(config, "target_speedup"):
-            label += f" → {float(_cfg(config, 'target_speedup')):g}× MACs"
+        target_macs = _cfg(config, "target_macs") or _cfg(config, "target_speedup")  # the key before issue 21
+        if target_macs:
+            label += f" → {float(target_macs):g}× MACs"
         elif _cfg(config, "target_latency"):
             label += f" → {float(_cfg(config, 'target_latency')):g}× latency"
         if decomposed_scheme is not None and decomposed_scheme != scheme:
@@ -158,6 +193,17 @@ def _read_summary(path: Path) -> dict:
     return data
 
 
+# Criterion kinds renamed in issue 21 (a MAC reduction is not a speedup): summaries written before
+# read with the new spelling, so that old and new results group together.
+_OLD_KINDS = {"speedup": "macs", "global-speedup": "global-macs"}
+
+
+def new_criterion(text: str) -> str:
+    """A criterion string in its current spelling (``speedup:3`` -> ``macs:3``; others unchanged)."""
+    kind, sep, rest = text.partition(":")
+    return f"{_OLD_KINDS[kind]}:{rest}" if sep and kind in _OLD_KINDS else text
+
+
 def _new_or_old(record: dict, key: str, old_key: str) -> Any:
     """``record[key]``, or ``record[old_key]`` in files written before the key was renamed."""
     return record[key] if key in record else record.get(old_key)
@@ -225,7 +271,7 @@ def collect(run_dirs: Sequence[PathLike]) -> list[ResultRow]:
             if not isinstance(scheme, str) or not s.get("criterion"):
                 raise ValueError(f"{path} lacks \"scheme\" or \"criterion\": the summary is incomplete; decompose again")
             common = dict(
-                base, label=method_label(config, scheme), scheme=scheme, criterion=str(s["criterion"]),
+                base, label=method_label(config, scheme), scheme=scheme, criterion=new_criterion(str(s["criterion"])),
                 macs=_int(s.get("macs_after")), conv_macs=_int(s.get("conv_macs_after")),
                 params=_int(s.get("params_after")), mac_reduction=_num(_new_or_old(s, "mac_reduction", "speedup")),
                 conv_mac_reduction=_num(_new_or_old(s, "conv_mac_reduction", "conv_speedup")),

@@ -136,6 +136,25 @@ def default_criteria(kind: str, n: int = 8) -> list[Criterion]:
     return unique
 
 
+MAC_GRID = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)  # the MAC reductions of a whole-model sweep
+
+
+def sweep_criteria(kind: str, points: int) -> list[Any]:
+    """The criteria of ``trp sweep --kind KIND``: whole-model targets over :data:`MAC_GRID` (``macs``: TargetMACs,
+    ``global``: Global), else a grid of that criterion. ``speedup`` is the deprecated name of ``macs``."""
+    from ..core._util import warn_deprecated
+    from ..core.allocation import Global, TargetMACs
+
+    if kind == "speedup":
+        warn_deprecated("trp sweep --kind speedup", "--kind macs")
+        kind = "macs"
+    if kind == "macs":
+        return [TargetMACs(x) for x in MAC_GRID]
+    if kind == "global":
+        return [Global(mac_reduction=x) for x in MAC_GRID]
+    return default_criteria(kind, points)
+
+
 def save_sweep(points: Sequence[SweepPoint], path: PathLike, meta: Optional[dict] = None) -> Path:
     """Write ``{"kind": "trp-sweep", "version": 1, **meta, "points": [...]}`` to ``path`` atomically."""
     meta = dict(meta or {})

@@ -47,7 +47,8 @@ def summary_table(summary: CompressionSummary, before: Optional[float], after: O
     table = Table(title="decomposition")
     for col in ("", "before", "after", "reduction"):
         table.add_column(col, justify="right")
-    table.add_row("conv MACs", f"{summary.conv_macs_before:,}", f"{summary.conv_macs_after:,}", f"{summary.conv_mac_reduction:.2f}x")
+    table.add_row("conv MACs", f"{summary.conv_macs_before:,}", f"{summary.conv_macs_after:,}",
+                  f"{summary.conv_mac_reduction:.2f}x")
     table.add_row("all MACs", f"{summary.macs_before:,}", f"{summary.macs_after:,}", f"{summary.mac_reduction:.2f}x")
     if summary.layer_macs_before is not None and summary.layer_macs_after is not None:
         table.add_row("  in layers trp can split", f"{summary.layer_macs_before:,}", f"{summary.layer_macs_after:,}", "")

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import TrainConfig
-from ..core.allocation import TargetSpeedup
+from ..core.allocation import TargetMACs
 from ..data import get_datasets
 from ..deploy.io import atomic_write, read_metadata, read_recipe, save
 from ..deploy.io import load as load_weights
@@ -391,13 +391,13 @@ class Trainer:
 
 
 def make_target(config: TrainConfig, model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> Any:
-    """The whole-model criterion a ``trp`` run trains toward (``target_speedup``/``target_latency``), or None.
+    """The whole-model criterion a ``trp`` run trains toward (``target_macs``/``target_latency``), or None.
 
     A latency target is profiled by TRP at its first allocation, with the layers TRP trains (its
     ``layers``/``exclude`` selection), in its inference form, as ``trp decompose`` profiles a model.
     """
-    if config.target_speedup is not None:
-        return TargetSpeedup(config.target_speedup)
+    if config.target_macs is not None:
+        return TargetMACs(config.target_macs)
     if config.target_latency is None:
         return None
     from ..deploy.target_latency import TargetLatency

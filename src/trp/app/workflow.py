@@ -30,7 +30,7 @@ from .loaders import evaluate as evaluate_model
 from .trainer import Trainer
 from ..data import DATASET_INFO, get_datasets
 from ..core.allocation import LayerRanks
-from ..core.criteria import parse_criterion
+from ..core.criteria import current_spelling, parse_criterion
 from ..deploy import target_latency  # noqa: F401  (registers the latency:X criterion)
 from ..core.decompose import Decomposition, decompose_with_report
 from ..core.layers import LayerSelector
@@ -253,7 +253,8 @@ def _trained_ranks(source: Path, step: DecomposeStep, config: Optional[TrainConf
         return None
     record = read_trained_ranks(run_dir)
     if record is not None:
-        if record["criterion"] != target or record["scheme"] != config.scheme:
+        # a record written before issue 21 spells macs:X as speedup:X
+        if current_spelling(str(record["criterion"])) != target or record["scheme"] != config.scheme:
             return None  # from an earlier run in this folder
         return target, {str(k): int(v) for k, v in record["ranks"].items()}, str(run_dir / TRAINED_RANKS)
     checkpoint = run_dir / "checkpoint.pt"
@@ -261,7 +262,8 @@ def _trained_ranks(source: Path, step: DecomposeStep, config: Optional[TrainConf
         return None
     state = read_checkpoint(checkpoint, "cpu")
     trp_state = state.get("trp") or {}
-    if int(state.get("epoch", -1)) != config.epochs or trp_state.get("target") != target or not trp_state.get("ranks"):
+    if (int(state.get("epoch", -1)) != config.epochs or current_spelling(str(trp_state.get("target"))) != target
+            or not trp_state.get("ranks")):
         return None
     return target, {str(k): int(v) for k, v in trp_state["ranks"].items()}, str(checkpoint)
 

@@ -78,3 +78,21 @@ def seeded_inputs(model: nn.Module, shape: Sequence[int], seed: int = 0, dtype: 
     device = param.device if param is not None else torch.device("cpu")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(tuple(int(d) for d in shape), generator=gen).to(device=device, dtype=dtype or torch.float32)
+
+
+#: the deprecated names that have warned in this process (each warns once; tests may clear it)
+WARNED: set[str] = set()
+
+
+def warn_deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    """A DeprecationWarning, once per process, that ``old`` is deprecated in favour of ``new``.
+
+    The MAC-based names say "MAC reduction" since issue 21: "speedup" is kept for measured time.
+    """
+    if old in WARNED:
+        return
+    WARNED.add(old)
+    import warnings
+
+    warnings.warn(f"{old} is deprecated: use {new} (the same MAC reduction; 'speedup' now means measured time only)",
+                  DeprecationWarning, stacklevel=stacklevel)

@@ -4,10 +4,10 @@ A per-layer criterion (:class:`trp.Energy`, ...) sees one spectrum at a time. Th
 criteria here see every selected layer together, as :class:`LayerSpectrum` records,
 and return a rank per layer; :func:`trp.decompose` accepts both kinds.
 
-- :class:`TargetSpeedup` ``(x)``: the model's MACs drop by at least ``x`` (and barely more: a MAC
-  reduction of ``x``, not measured time),
-  keeping as much spectral energy as possible.
-- :class:`Global` ``(drop=p | speedup=x)``: LoRITa's global selection: each layer's
+- :class:`TargetMACs` ``(x)``: the model's MACs drop by at least ``x`` (and barely more: a MAC
+  reduction of ``x``, not measured time), keeping as much spectral energy as possible.
+  ``TargetSpeedup`` is its deprecated former name (the same class; it warns once).
+- :class:`Global` ``(drop=p | mac_reduction=x)``: LoRITa's global selection: each layer's
   singular values divided by its largest, pooled over layers, the smallest fraction dropped.
 - :class:`LayerRanks` ``({name: rank})``: ranks given by hand or by a search.
 
@@ -25,8 +25,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._util import warn_deprecated
+
 __all__ = [
-    "LayerSpectrum", "layer_worth", "WholeModelCriterion", "TargetSpeedup", "Global", "LayerRanks", "pooled_spectrum",
+    "LayerSpectrum", "layer_worth", "WholeModelCriterion", "TargetMACs", "Global", "LayerRanks", "pooled_spectrum",
     "check_round_to", "round_rank", "break_even_rank",
 ]
 
@@ -100,7 +102,7 @@ class WholeModelCriterion(ABC):
 
     @abstractmethod
     def spec(self) -> str:
-        """The criterion as a CLI string, e.g. ``speedup:3``."""
+        """The criterion as a CLI string, e.g. ``macs:3``."""
 
     def leading_needed(self, layer: LayerSpectrum, rank: int) -> Optional[int]:
         """How many leading singular values of ``layer`` must be exact for :meth:`allocate`'s ``rank``
@@ -152,7 +154,7 @@ def _unreachable(what: str, layers: Sequence[LayerSpectrum], fixed: int, k: int 
     )
 
 
-class TargetSpeedup(WholeModelCriterion):
+class TargetMACs(WholeModelCriterion):
     """Ranks that cut the model's MACs by at least ``x``, keeping the most spectral energy.
 
     The MAC reduction is of the whole model by the full count (:func:`trp.count_macs`:
@@ -173,7 +175,7 @@ class TargetSpeedup(WholeModelCriterion):
 
     def __init__(self, x: float, convs_only: bool = False, round_to: int = 1) -> None:
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 1.0:
-            raise ValueError(f"TargetSpeedup: x must be a number > 1 (a MAC reduction factor), got {x!r}")
+            raise ValueError(f"TargetMACs: x must be a number > 1 (a MAC reduction factor), got {x!r}")
         self.x = float(x)
         self.convs_only = convs_only
         self.round_to = check_round_to(round_to)
@@ -185,7 +187,7 @@ class TargetSpeedup(WholeModelCriterion):
         ranks = [min(k, layer.max_rank) for layer in layers]
         total = _total(layers, ranks, fixed_macs)
         if total > budget:
-            raise _unreachable(f"TargetSpeedup({self.x:g})", layers, fixed_macs, k)
+            raise _unreachable(f"TargetMACs({self.x:g})", layers, fixed_macs, k)
         # Every block of k singular values beyond the first block of each layer is an item worth its
         # share of the layer's energy per MAC; take items best first while they fit. Within a layer the
         # worth never rises with the index, so each layer keeps a prefix; ties (exact zeros of
@@ -241,11 +243,11 @@ class TargetSpeedup(WholeModelCriterion):
         return bounds
 
     def spec(self) -> str:
-        return f"speedup:{self.x:g}" + (":convs" if self.convs_only else "")
+        return f"macs:{self.x:g}" + (":convs" if self.convs_only else "")
 
     def __repr__(self) -> str:
         extra = (", convs_only=True" if self.convs_only else "") + (f", round_to={self.round_to}" if self.round_to > 1 else "")
-        return f"TargetSpeedup({self.x:g}{extra})"
+        return f"TargetMACs({self.x:g}{extra})"
 
 
 def check_round_to(k: Any) -> int:
@@ -269,21 +271,34 @@ class Global(WholeModelCriterion):
 
     Each layer's spectrum is divided by its largest value; the pooled values below the
     ``drop`` quantile are removed (every layer keeps at least one). Alternatively give
-    ``speedup=x``: the smallest ``drop`` whose MACs are at least ``x`` times lower (a MAC reduction)
-    (needs ``decompose(..., input_shape=...)``).
+    ``mac_reduction=x``: the smallest ``drop`` whose MACs are at least ``x`` times lower (needs
+    ``decompose(..., input_shape=...)``; ``speedup=x`` is its deprecated name).
     """
 
-    def __init__(self, drop: Optional[float] = None, speedup: Optional[float] = None, convs_only: bool = False) -> None:
-        if (drop is None) == (speedup is None):
-            raise ValueError("Global: give exactly one of drop (a fraction in [0, 1)) or speedup (> 1)")
+    def __init__(self, drop: Optional[float] = None, mac_reduction: Optional[float] = None, convs_only: bool = False,
+                 *, speedup: Optional[float] = None) -> None:
+        if speedup is not None:
+            warn_deprecated("Global(speedup=x)", "Global(mac_reduction=x)")
+            if mac_reduction is not None:
+                raise ValueError("Global: give mac_reduction (speedup is its deprecated name), not both")
+            mac_reduction = speedup
+        if (drop is None) == (mac_reduction is None):
+            raise ValueError("Global: give exactly one of drop (a fraction in [0, 1)) or mac_reduction (> 1)")
         if drop is not None and not (isinstance(drop, (int, float)) and 0.0 <= drop < 1.0):
             raise ValueError(f"Global: drop must lie in [0, 1), got {drop!r}")
-        if speedup is not None and not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 1.0):
-            raise ValueError(f"Global: speedup must be a number > 1 (a MAC reduction factor), got {speedup!r}")
+        if mac_reduction is not None and not (isinstance(mac_reduction, (int, float)) and math.isfinite(mac_reduction)
+                                              and mac_reduction > 1.0):
+            raise ValueError(f"Global: mac_reduction must be a number > 1 (a MAC reduction factor), got {mac_reduction!r}")
         self.drop = drop
-        self.speedup = speedup
+        self.mac_reduction = mac_reduction
         self.convs_only = convs_only
-        self.needs_input_shape = speedup is not None
+        self.needs_input_shape = mac_reduction is not None
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """Deprecated name of :attr:`mac_reduction`."""
+        warn_deprecated("Global.speedup", "Global.mac_reduction")
+        return self.mac_reduction
 
     @staticmethod
     def _drop_order(normalized: list[Tensor]) -> list[int]:
@@ -312,10 +327,10 @@ class Global(WholeModelCriterion):
         if self.drop is not None:
             ranks = self._ranks(normalized, order, int(math.floor(self.drop * total + 1e-9)))
         else:
-            budget = _dense_total(layers, fixed_macs) / self.speedup
+            budget = _dense_total(layers, fixed_macs) / self.mac_reduction
             lowest = _total(layers, [1] * len(layers), fixed_macs)
             if lowest > budget:
-                raise _unreachable(f"Global(speedup={self.speedup:g})", layers, fixed_macs)
+                raise _unreachable(f"Global(mac_reduction={self.mac_reduction:g})", layers, fixed_macs)
             # Bisect over the number of dropped values: the fewest that meets the budget.
             lo, hi = 0, total  # dropping everything (hi) leaves rank 1 per layer, which fits
             while lo < hi:
@@ -339,10 +354,10 @@ class Global(WholeModelCriterion):
     def spec(self) -> str:
         if self.drop is not None:
             return f"global:{self.drop:g}"
-        return f"global-speedup:{self.speedup:g}" + (":convs" if self.convs_only else "")
+        return f"global-macs:{self.mac_reduction:g}" + (":convs" if self.convs_only else "")
 
     def __repr__(self) -> str:
-        arg = f"drop={self.drop:g}" if self.drop is not None else f"speedup={self.speedup:g}"
+        arg = f"drop={self.drop:g}" if self.drop is not None else f"mac_reduction={self.mac_reduction:g}"
         return f"Global({arg})"
 
 
@@ -376,3 +391,11 @@ class LayerRanks(WholeModelCriterion):
 
     def __repr__(self) -> str:
         return f"LayerRanks({self.ranks!r})"
+
+
+def __getattr__(name: str) -> Any:
+    """``TargetSpeedup``: the deprecated name of :class:`TargetMACs` (the same class), warning once."""
+    if name == "TargetSpeedup":
+        warn_deprecated("trp.TargetSpeedup", "trp.TargetMACs")
+        return TargetMACs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

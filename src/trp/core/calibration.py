@@ -31,9 +31,9 @@ so the weighted low-rank problem has no eigen-decomposition solution.
 Under ``torch.distributed`` each rank collects the statistics of its own calibration batches
 and they are summed (all-reduce) before any eigen-decomposition, so every rank splits alike.
 
-Why this module is long (~550 lines): collecting the statistics, the closed form of each layer kind
-(Linear, Conv1d/Conv2d, grouped, HF Conv1D) and the measured output gains share one factor
-representation; they are to be split into a statistics module and a factors module.
+The closed form per layer (statistics to factors) is :mod:`trp.core.calibration_factors`, the
+measured output gains :mod:`trp.core.calibration_gains`; this module reads the calibration
+batches and collects the statistics, and its public names include theirs as before.
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inputs import ModelInputs, model_inputs
+from .calibration_factors import CalibratedFactors, Statistics, calibrated_factors, effective_matrix, layer_factors
+from .calibration_gains import output_gains
+from .inputs import ModelInputs, first_samples as _slice, model_inputs
 from .schemes import DecoupleScheme, Scheme, SpatialScheme
-from .targets import effective_weight, layer_kind, pad_same, same_padding
+from .targets import layer_kind, pad_same, same_padding
 
 __all__ = [
     "DEFAULT_SAMPLES",
@@ -63,12 +65,11 @@ __all__ = [
     "layer_factors",
     "output_gains",
     "Statistics",
+    "effective_matrix",
 ]
 
 #: default bound on the samples (batch rows: images, sequences) used for the statistics
 DEFAULT_SAMPLES = 512
-#: eigenvalues below this fraction of a layer's largest count as zero (a rank past them adds no error)
-_TINY = 1e-12
 _ROWS = 2048  # row block for the input-side products
 
 
@@ -83,16 +84,6 @@ class CalibrationData:
     held: list[ModelInputs]
     held_out: bool
     samples: int
-
-
-def _slice(inputs: ModelInputs, n: int) -> ModelInputs:
-    """The first ``n`` samples of a batch (tensors whose first dimension is the batch)."""
-    b = inputs.batch_size
-
-    def cut(v: Any) -> Any:
-        return v[:n] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b else v
-
-    return ModelInputs(tuple(cut(v) for v in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
 
 
 def read_batches(model: nn.Module, batches: Iterable[Any], samples: int = DEFAULT_SAMPLES,
@@ -337,7 +328,7 @@ def forward_groups(model: nn.Module, modules: dict[str, nn.Module], inputs: Mode
             h.remove()
         for m, mode in modes:
             m.training = mode
-    del keep
+    keep.clear()
     groups: list[list[str]] = []
     for name in order:
         if groups and seen_input[groups[-1][-1]] == seen_input[name]:
@@ -348,17 +339,6 @@ def forward_groups(model: nn.Module, modules: dict[str, nn.Module], inputs: Mode
     return groups
 
 
-@dataclass
-class Statistics:
-    """One layer's calibration statistics: ``Σ cols colsᵀ`` and ``Σ cols`` over ``positions`` columns,
-    per group, of its outputs (``side="output"``, bias excluded) or of its im2col inputs (``"input"``)."""
-
-    side: str
-    second: Tensor  # (g, d, d)
-    total: Tensor  # (g, d)
-    positions: float
-
-
 def _padding_mask(inputs: ModelInputs) -> Optional[Tensor]:
     """The batch's ``attention_mask`` keyword ``(B, T)`` as booleans (token models), else None."""
     mask = inputs.kwargs.get("attention_mask")
@@ -367,242 +347,3 @@ def _padding_mask(inputs: ModelInputs) -> Optional[Tensor]:
     return None
 
 
-def _sym_eigh(a: Tensor, descending: bool = True) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD float64 matrix, **overwriting** ``a``.
-
-    Only the lower triangle is read (no symmetrised copy: the statistics are symmetric sums). The
-    eigenvectors are computed in ``a``'s memory (no copy of it; the caller hands ``a`` over), in
-    descending order of the eigenvalues unless ``descending=False`` (ascending, no reordering copy)."""
-    vals = torch.empty(a.shape[:-1], dtype=a.dtype, device=a.device)
-    # a is symmetric: its transpose is the same matrix in LAPACK's column-major layout, so eigh
-    # writes the eigenvectors there with no copy (a row-major out= would add a temporary)
-    vals, vecs = torch.linalg.eigh(a.mT, out=(vals, a.mT))
-    if descending:
-        vecs = vecs.flip(-1)  # the ascending copy is freed here
-        vals = vals.flip(-1)
-    return vals.clamp_min(0), vecs
-
-
-class CalibratedFactors:
-    """A layer's calibrated eigen-decomposition: ``λ`` (descending) and the two factors at any rank.
-
-    ``matrix`` is the layer's matrix view ``(m, n)`` or ``(g, m, n)`` (output × input). Built by
-    :func:`calibrated_factors`.
-    """
-
-    def __init__(self, matrix: Tensor, lam: Tensor, basis: Tensor, side: str,
-                 mean_output: Optional[Tensor] = None) -> None:
-        self.matrix = matrix  # original dtype; float64 blocks are made on demand
-        self.lam = lam  # (g, r) float64, r = min(m, n)
-        self.basis = basis  # output side: U (g, m, m); input side: T Q (g, n, n)
-        self.side = side
-        self.mean_output = mean_output  # (g, m): centred statistics, the bias absorbs the mean
-
-    def bias_shift(self, k: int) -> Optional[Tensor]:
-        """What to add to the bias at rank ``k``: the mean of the discarded part, ``(I − U_k U_kᵀ) μ_y``
-        (``(g·m,)`` float64); None for uncentred statistics."""
-        if self.mean_output is None:
-            return None
-        u = self.output_basis(k)
-        mu = self.mean_output
-        return (mu - (u @ (u.mT @ mu[..., None]))[..., 0]).reshape(-1)
-
-    @property
-    def spectrum(self) -> Tensor:
-        """``sqrt(λ)``: the singular values of ``W X`` (``(r,)`` for one group, ``(g, r)`` for several)."""
-        s = self.lam.sqrt()
-        return s[0] if s.shape[0] == 1 else s
-
-    def output_basis(self, k: int, start: int = 0) -> Tensor:
-        """Eigenvectors ``start..k-1`` of ``Σ_y`` of every group: ``(g, m, k - start)`` float64, orthonormal
-        columns (zero columns past the data's rank); ``start=0`` gives ``U_k``."""
-        if self.side == "output":
-            return self.basis[..., start:k]
-        lam = self.lam[:, start:k]
-        valid = lam > _TINY * self.lam[:, :1].clamp_min(torch.finfo(torch.float64).tiny)
-        scale = torch.where(valid, lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(lam))
-        tq = self.basis[..., start:k] * scale[:, None, :]
-        m = self.matrix.shape[-2]
-        out = torch.empty(self.lam.shape[0], m, k - start, dtype=torch.float64, device=self.lam.device)
-        mat = self.matrix.reshape(-1, m, self.matrix.shape[-1])
-        for r0 in range(0, m, _ROWS):
-            out[:, r0:r0 + _ROWS] = mat[:, r0:r0 + _ROWS].double() @ tq
-        return out
-
-    def factors(self, k: int) -> tuple[Tensor, Tensor]:
-        """``(A, B)`` with ``A = U_k`` (``m×k``) and ``B = U_kᵀ W`` (``k×n``), per group, float64; ``A B = W_k``."""
-        u = self.output_basis(k)
-        m = self.matrix.shape[-2]
-        mat = self.matrix.reshape(-1, m, self.matrix.shape[-1])
-        b = torch.zeros(u.shape[0], k, mat.shape[-1], dtype=torch.float64, device=u.device)
-        for r0 in range(0, m, _ROWS):
-            b += u[:, r0:r0 + _ROWS].mT @ mat[:, r0:r0 + _ROWS].double()
-        if self.matrix.ndim == 2:
-            return u[0], b[0]
-        return u, b
-
-
-def calibrated_factors(matrix: Tensor, side: str, stat: Tensor, mean: Optional[Tensor] = None) -> CalibratedFactors:
-    """The calibrated decomposition of a matrix view ``(m, n)`` / ``(g, m, n)`` from its layer's statistic.
-
-    ``stat`` is ``Σ_y`` (``side="output"``, ``(g, m, m)``) or ``X Xᵀ`` (``side="input"``, ``(g, n, n)``),
-    summed over the calibration positions; it is overwritten (its memory holds eigenvectors). With ``mean`` (the mean output ``(g, m)`` or input
-    ``(g, n)`` column), ``stat`` must be centred (``Σ (c − μ)(c − μ)ᵀ``): for a layer with a bias,
-    the best rank-``k`` split plus a free bias fits the centred moment and moves the mean of what
-    it discards, ``(I − U_k U_kᵀ) W μ_x``, into the bias (:meth:`CalibratedFactors.bias_shift`).
-    """
-    mat = matrix.detach().reshape(-1, *matrix.shape[-2:])
-    g, m, n = mat.shape
-    r = min(m, n)
-    if not bool(torch.isfinite(stat).all()):
-        raise ValueError("calibration statistics are not finite: the model produced inf/NaN on the calibration data")
-    mean_output = None
-    if mean is not None:
-        mean = mean.double()
-        mean_output = mean if side == "output" else (mat.double() @ mean[..., None])[..., 0]
-    if side == "output":
-        lam, u = _sym_eigh(stat)
-        return CalibratedFactors(matrix.detach(), lam[:, :r].contiguous(), u, side, mean_output)
-    # input side: T = V D^½, G = (W T)ᵀ (W T), eigh(G) = Q Λ Qᵀ; keep T Q
-    d, t = _sym_eigh(stat, descending=False)  # in the statistic's memory: the caller hands it over
-    del stat
-    t.mul_(d.sqrt()[:, None, :])
-    del d
-    gram = torch.zeros(g, n, n, dtype=torch.float64, device=t.device)
-    for r0 in range(0, m, _ROWS):
-        wt = mat[:, r0:r0 + _ROWS].double() @ t
-        gram.baddbmm_(wt.mT, wt)  # in place: no n×n temporary
-        del wt
-    lam, q = _sym_eigh(gram)
-    del gram
-    tq = t @ q
-    del t, q
-    return CalibratedFactors(matrix.detach(), lam[:, :r].contiguous(), tq, side, mean_output)
-
-
-def layer_factors(matrix: Tensor, stats: "Statistics", centred: bool) -> CalibratedFactors:
-    """:func:`calibrated_factors` from collected :class:`Statistics`, centred (bias absorbs the mean) or not.
-
-    The statistic is centred in place and handed over (``stats`` loses it), so that a large layer
-    holds one ``d×d`` matrix less while its eigen-decompositions run."""
-    box, stats.second = [stats.second], None  # no other reference: calibrated_factors frees it when done
-    if not centred or stats.positions <= 0:
-        return calibrated_factors(matrix, stats.side, box.pop())
-    mean = stats.total / stats.positions
-    box[0].baddbmm_(mean[..., :, None], mean[..., None, :], alpha=-stats.positions)
-    return calibrated_factors(matrix, stats.side, box.pop(), mean)
-
-
-def effective_matrix(module: nn.Module, sch: Scheme) -> Tensor:
-    """The layer's matrix view (of the weight it applies)."""
-    return sch.to_matrix(effective_weight(module).detach())
-
-
-def output_gains(model: nn.Module, modules: dict[str, nn.Module], inputs: ModelInputs, samples: int = 16,
-                 relative_noise: float = 1e-3, seed: int = 0,
-                 directions: Optional[dict[str, tuple]] = None, truncate: bool = False) -> dict[str, float]:
-    """Per layer, how much squared error at the model output one unit of squared error at its output causes.
-
-    Gaussian noise of ``relative_noise`` times the layer's output RMS is added to the layer's
-    output (one layer at a time, on the first ``samples`` samples of ``inputs``, eval mode, no
-    gradients); the gain is ``‖Δ model output‖² / ‖noise‖²`` (a linearised sensitivity).
-    Whole-model criteria weight each layer's calibrated error by it, so layers are compared by
-    the error they add to the model's output. The noise is isotropic over the output features,
-    or, for a layer in ``directions`` (``(basis m×t, variances t)``: the eigenvectors a rank
-    would discard and their eigenvalues), shaped like that truncation error (features are the
-    last dimension of a Linear's output, the channels of an ungrouped conv's). With ``truncate``
-    (and ``directions`` holding ``(basis, variances, mean output)``), the layer's output is
-    truncated instead, ``y − U Uᵀ (y − b − μ)``: the gain of the error that rank really makes.
-    """
-    from .fidelity import main_output
-
-    part = ModelInputs(*_rest_first(inputs, samples))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    modes = [(m, m.training) for m in model.modules()]
-    sums: dict[str, tuple[float, float]] = {}
-    try:
-        model.eval()
-        with torch.no_grad():
-            base, _ = main_output(part(model))
-            todo = modules if base is not None else {}
-            base = base.double() if base is not None else None
-            for name, module in todo.items():
-                injected = [0.0]
-
-                shaped = (directions or {}).get(name)
-
-                def hook(mod: nn.Module, args: Any, out: Tensor, shaped=shaped) -> Tensor:
-                    if truncate and shaped is not None:
-                        error = _truncation_error(mod, out, shaped)
-                        if error is not None:
-                            injected[0] += float(error.square().sum())
-                            return out + error.to(device=out.device, dtype=out.dtype)
-                    rms = out.detach().double().square().mean().sqrt().clamp_min(1e-30)
-                    noise = _shaped_noise(mod, out, shaped, gen)
-                    if noise is None:
-                        noise = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-                    noise = noise * (rms * relative_noise / noise.square().mean().sqrt().clamp_min(1e-30))
-                    injected[0] += float(noise.square().sum())
-                    return out + noise.to(device=out.device, dtype=out.dtype)
-
-                handle = module.register_forward_hook(hook)
-                try:
-                    out, _ = main_output(part(model))
-                finally:
-                    handle.remove()
-                if out is None or injected[0] == 0:
-                    continue
-                sums[name] = (float((out.double() - base).square().sum()), injected[0])
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # every rank measured on its own samples: sum, so that all ranks weigh layers alike
-        names = list(modules)
-        table = torch.tensor([list(sums.get(n, (0.0, 0.0))) for n in names], dtype=torch.float64)
-        dist.all_reduce(table, op=dist.ReduceOp.SUM)
-        sums = {n: (float(a), float(b)) for n, (a, b) in zip(names, table.tolist()) if b > 0}
-    return {name: a / b for name, (a, b) in sums.items()}
-
-
-def _truncation_error(module: nn.Module, out: Tensor, shaped: tuple) -> Optional[Tensor]:
-    """``−U Uᵀ (y − bias − μ)`` at every position: what dropping the directions ``U`` does to the output."""
-    basis, _, mean = shaped
-    kind = layer_kind(module)
-    y = out.detach().double()
-    bias = module.bias.detach().double() if module.bias is not None else None
-    u = basis.to(y.device)
-    if kind in ("linear", "hf_conv1d") and y.shape[-1] == u.shape[0]:
-        c = y - (bias if bias is not None else 0) - (mean.to(y.device) if mean is not None else 0)
-        return -((c @ u) @ u.T)
-    if kind in ("conv1d", "conv2d") and getattr(module, "groups", 1) == 1 and y.shape[1] == u.shape[0]:
-        shape = (1, -1) + (1,) * (y.ndim - 2)
-        c = y - (bias.view(shape) if bias is not None else 0) - (mean.to(y.device).view(shape) if mean is not None else 0)
-        return -torch.einsum("bm...,mt,nt->bn...", c, u, u)
-    return None
-
-
-def _shaped_noise(module: nn.Module, out: Tensor, shaped: Optional[tuple[Tensor, Tensor]],
-                  gen: torch.Generator) -> Optional[Tensor]:
-    """Noise ``Σ_j u_j sqrt(λ_j) z_j`` at every position (None: not applicable, use isotropic noise)."""
-    if shaped is None:
-        return None
-    basis, lam = shaped[0], shaped[1]
-    if basis.ndim != 2 or float(lam.sum()) <= 0:
-        return None
-    kind = layer_kind(module)
-    weights = basis.cpu() * lam.cpu().clamp_min(0).sqrt()  # (m, t)
-    if kind in ("linear", "hf_conv1d") and out.shape[-1] == basis.shape[0]:
-        z = torch.randn(*out.shape[:-1], basis.shape[1], generator=gen, dtype=torch.float64)
-        return z @ weights.T
-    if kind in ("conv1d", "conv2d") and getattr(module, "groups", 1) == 1 and out.shape[1] == basis.shape[0]:
-        z = torch.randn(out.shape[0], basis.shape[1], *out.shape[2:], generator=gen, dtype=torch.float64)
-        return torch.einsum("bt...,mt->bm...", z, weights)
-    return None
-
-
-def _rest_first(inputs: ModelInputs, n: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    part = _slice(inputs, min(n, inputs.batch_size))
-    return part.args, part.kwargs

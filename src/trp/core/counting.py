@@ -11,7 +11,7 @@ included (``input_shape=(1, 3, 32, 32)`` gives MACs per image).
 Two figures, reconciled by :func:`mac_breakdown`:
 
 - the whole model (:func:`count_macs`, the default figure everywhere, e.g. what
-  :class:`trp.TargetSpeedup` budgets against): the FlopCounterMode total;
+  :class:`trp.TargetMACs` budgets against): the FlopCounterMode total;
 - per layer (:func:`layer_macs`): forward hooks on the layers trp can split
   (``Conv2d``, ``Conv1d``, ``Linear``, HF ``Conv1D``), ``out_elements · inputs per output``,
   summed over calls. What the total has beyond them ("everything else") is attention

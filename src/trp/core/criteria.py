@@ -17,7 +17,8 @@ import torch
 from ..errors import one_line
 from torch import Tensor
 
-from .allocation import Global, TargetSpeedup
+from ._util import warn_deprecated
+from .allocation import Global, TargetMACs
 
 __all__ = ["Criterion", "Energy", "Value", "Ratio", "FixedRank", "parse_criterion", "register_criterion"]
 
@@ -137,13 +138,36 @@ class FixedRank(Criterion):
         return f"FixedRank({self.k})"
 
 
-def _speedup(v: str, cls_name: str):
+def _mac_target(v: str, cls_name: str):
     number, _, scope = v.partition(":")
     if scope not in ("", "convs"):
-        raise ValueError(f"the scope after the speedup must be 'convs', got {scope!r}")
-    if cls_name == "TargetSpeedup":
-        return TargetSpeedup(float(number), convs_only=scope == "convs")
-    return Global(speedup=float(number), convs_only=scope == "convs")
+        raise ValueError(f"the scope after the MAC reduction must be 'convs', got {scope!r}")
+    if cls_name == "TargetMACs":
+        return TargetMACs(float(number), convs_only=scope == "convs")
+    return Global(mac_reduction=float(number), convs_only=scope == "convs")
+
+
+#: deprecated criterion kinds (MAC reductions once called speedups) and their new spelling
+OLD_KINDS = {"speedup": "macs", "global-speedup": "global-macs"}
+
+
+def current_spelling(text: str) -> str:
+    """``text`` with a deprecated kind respelled (``speedup:3`` -> ``macs:3``), silently: for specs read back from
+    files written before the rename (checkpoints, summaries)."""
+    kind, sep, value = text.partition(":")
+    new = OLD_KINDS.get(kind.strip().lower())
+    return f"{new}:{value}" if sep and new is not None else text
+
+
+def canonical_criterion(text: str) -> str:
+    """``text`` with a deprecated kind respelled (``speedup:3`` -> ``macs:3``, ``global-speedup:3`` ->
+    ``global-macs:3``), warning once; any other string unchanged."""
+    kind, sep, value = text.partition(":")
+    new = OLD_KINDS.get(kind.strip().lower())
+    if not sep or new is None:
+        return text
+    warn_deprecated(f"the criterion {kind.strip().lower()}:X", f"{new}:X", stacklevel=4)
+    return f"{new}:{value}"
 
 
 def _global(v: str):
@@ -155,9 +179,9 @@ _PARSERS = {
     "value": lambda v: Value(float(v)),
     "ratio": lambda v: Ratio(float(v)),
     "rank": lambda v: FixedRank(int(v)),
-    "speedup": lambda v: _speedup(v, "TargetSpeedup"),
+    "macs": lambda v: _mac_target(v, "TargetMACs"),
     "global": _global,
-    "global-speedup": lambda v: _speedup(v, "Global"),
+    "global-macs": lambda v: _mac_target(v, "Global"),
 }
 
 
@@ -181,16 +205,18 @@ def parse_criterion(text: str):
     """Parse a criterion string.
 
     Per layer: ``energy:0.9``, ``value:0.05``, ``ratio:0.5``, ``rank:8``. Whole model
-    (:mod:`trp.core.allocation`): ``speedup:3`` (:class:`TargetSpeedup`, a MAC reduction of 3;
-    ``speedup:3:convs`` counts conv MACs only), ``global:0.5`` (:class:`Global` dropping half of the pooled
-    normalized singular values) and ``global-speedup:3``.
+    (:mod:`trp.core.allocation`): ``macs:3`` (:class:`TargetMACs`, a MAC reduction of 3;
+    ``macs:3:convs`` counts conv MACs only), ``global:0.5`` (:class:`Global` dropping half of the pooled
+    normalized singular values) and ``global-macs:3``. The former spellings ``speedup:X`` and
+    ``global-speedup:X`` are read the same, with a DeprecationWarning (once).
     """
+    text = canonical_criterion(text)
     kind, sep, value = text.partition(":")
     kind = kind.strip().lower()
     if not sep or kind not in _PARSERS:
         raise ValueError(
             f"criterion {text!r} not understood: use energy:E, value:T, ratio:P, rank:K, "
-            "speedup:X (a MAC reduction), global:P, global-speedup:X" + "".join(f", {u}" for u in _EXTRA_HELP.values())
+            "macs:X (a MAC reduction), global:P, global-macs:X" + "".join(f", {u}" for u in _EXTRA_HELP.values())
             + " (e.g. value:0.05)"
         )
     try:

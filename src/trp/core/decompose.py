@@ -11,9 +11,12 @@ which turns its fused fast path off (stated in ``Decomposition.notes``). Layers 
 more than ``trp.core.svd.FULL_SVD_MAX`` singular values get only the leading ones their rank
 needs (:mod:`trp.core.topspectra`); ``on_layer`` reports progress per layer.
 
-Why this module is long (~800 lines, with the calibrated split and the inference checks): the three passes of :func:`decompose_with_report` (spectra,
-ranks, split and check) share their intermediate state, and the recipe functions sit beside the
-code that writes what they replay; issue 21 moves the recipe functions to ``core/recipe.py``.
+The record types live in :mod:`trp.core.report`, the per-layer planning helpers (sizes, MAC
+costs, kept ranks) in :mod:`trp.core.planning`, the checks of the split in :mod:`trp.core.verify`
+and the recipes a saved split model replays in :mod:`trp.core.recipe`; their public names are
+importable from here as before. :func:`decompose_with_report` stays one function: its three
+passes (spectra, ranks, split and check) share their intermediate state, which is why this module
+is a little over 450 lines.
 """
 
 from __future__ import annotations
@@ -21,30 +24,33 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
-from .attention import SplitMultiheadAttention, convert_attention, restore_attention
-from .equivalents import check_standard, standard_form
+from .attention import convert_attention, restore_attention
 from .bn_stats import reestimate_batchnorm
 from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, forward_groups, layer_factors,
-                          output_gains,
-                          read_batches, refuse_scheme)
-from .fidelity import Fidelity, compare_outputs, measure_fidelity, warn_fidelity
-from .counting import MacCount, count_macs, mac_breakdown, probe_forward, splittable_kind
-from .criteria import Criterion, Energy
-from .inputs import ExampleInputs, ModelInputs, inputs_given, model_inputs
+                          output_gains, read_batches, refuse_scheme)
+from .counting import count_macs, mac_breakdown
+from .criteria import Energy
+from .equivalents import check_standard, standard_form
+from .fidelity import compare_outputs, measure_fidelity, warn_fidelity
+from .inputs import ExampleInputs, inputs_given, model_inputs
 from .layers import LayerSelector, set_module, summarize_skipped
-from .safety import check_layer, check_outputs, record_layer_inputs, run_model, split_targets
-from .schemes import SCHEMES, LowRank, SplitLayerAccess, get_scheme, scheme_for
+from .planning import (LayerProgress, RankCriterion, _as_example, _discarded, _kept_rank, _layer_costs,
+                       trace_sizes)
+from .recipe import apply_recipe, check_recipe, convert_recipe_attention, recipe_of
+from .report import Decomposition, LayerReport
+from .safety import record_layer_inputs, split_targets
+from .schemes import LowRank, get_scheme, scheme_for
+from .targets import effective_weight
 from .topspectra import LayerMatrix, allocate_leading, leading_svd
-from .targets import effective_weight, is_candidate, layer_kind, split_reason
+from .verify import (VERIFY_MAX_ELEMENTS, _check, _fast_path_attention, _runs_in_train_mode, _unshare,
+                     _verification_inputs, _verification_shape)
 from .wrappers import unwrap
 
 __all__ = [
@@ -58,137 +64,11 @@ __all__ = [
     "apply_recipe",
     "check_recipe",
     "convert_recipe_attention",
+    "RankCriterion",
+    "VERIFY_MAX_ELEMENTS",
 ]
 
 _log = logging.getLogger("trp.decompose")
-
-RankCriterion = Union[Criterion, WholeModelCriterion, Callable[[Tensor], int]]
-
-
-@dataclass
-class LayerReport:
-    """What happened to one selected layer."""
-
-    name: str
-    scheme: str
-    status: str  # "factorized", "dense" (no MAC saving) or "skipped"
-    rank: Optional[int] = None
-    max_rank: Optional[int] = None
-    macs_before: Optional[int] = None
-    macs_after: Optional[int] = None
-    reason: str = ""
-
-
-@dataclass
-class Decomposition:
-    """A decomposed model and the per-layer report."""
-
-    model: nn.Module
-    layers: list[LayerReport] = field(default_factory=list)
-    #: whole-model and per-layer MACs before / after (when inputs were given)
-    macs_before: Optional[MacCount] = None
-    macs_after: Optional[MacCount] = None
-    #: what trp changed around the split layers (e.g. a fused fast path disabled), one line each
-    notes: list[str] = field(default_factory=list)
-    #: how close the split model stays to the dense one (with calibration data or example inputs)
-    fidelity: Optional[Fidelity] = None
-    #: whether the split was calibrated on data (``calibration=``)
-    calibrated: bool = False
-
-    @property
-    def factorized(self) -> list[LayerReport]:
-        return [r for r in self.layers if r.status == "factorized"]
-
-    @property
-    def skipped(self) -> list[LayerReport]:
-        return [r for r in self.layers if r.status == "skipped"]
-
-    def __repr__(self) -> str:
-        dense = sum(r.status == "dense" for r in self.layers)
-        macs = ""
-        if self.macs_before is not None and self.macs_after is not None:
-            macs = (f", MACs {self.macs_before.total:,} -> {self.macs_after.total:,} "
-                    f"({self.macs_before.total / max(self.macs_after.total, 1):.2f}x fewer)")
-        return (f"Decomposition({len(self.factorized)} factorized, {dense} dense, {len(self.skipped)} skipped"
-                f"{macs}{', ' + str(len(self.notes)) + ' note(s)' if self.notes else ''})")
-
-
-def trace_sizes(
-    model: nn.Module,
-    modules: Sequence[nn.Module],
-    input_shape: Optional[Sequence[int]] = None,
-    example_inputs: Optional[ExampleInputs] = None,
-) -> dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]]:
-    """Per-sample ``(out_hw, in_hw)`` of each module for one forward pass on the given inputs
-    (``input_shape`` zeros, or ``example_inputs``: a tensor, a tuple of inputs or a dict of keyword inputs).
-
-    For a Linear, ``out_hw`` is ``(positions, 1)``: how many vectors it is applied to; for a
-    Conv1d, ``(1, length)``.
-    """
-    sizes: dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]] = {}
-
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if module in sizes:
-            return
-        x = inputs[0]
-        kind = layer_kind(module)
-        if kind == "conv2d":
-            sizes[module] = ((output.shape[-2], output.shape[-1]), (x.shape[-2], x.shape[-1]))
-        elif kind == "conv1d":
-            sizes[module] = ((1, output.shape[-1]), (1, x.shape[-1]))
-        else:
-            n_out = module.weight.shape[1] if kind == "hf_conv1d" else module.out_features
-            batch = x.shape[0] if x.ndim > 1 else 1
-            positions = output.numel() // (n_out * batch)
-            sizes[module] = ((positions, 1), (positions, 1))
-
-    probe_forward(model, model_inputs(model, input_shape, example_inputs), {m: hook for m in modules})
-    return sizes
-
-
-def _kept_rank(criterion: RankCriterion, sigma: Tensor) -> int:
-    """The criterion's rank; for a batch of spectra (decouple), the largest over the batch."""
-    if sigma.ndim == 1:
-        return int(criterion(sigma))
-    if isinstance(criterion, Criterion):
-        return int(criterion.ranks(sigma).max())
-    return max(int(criterion(row)) for row in sigma.reshape(-1, sigma.shape[-1]))
-
-
-LayerProgress = Callable[[str, int, int], None]
-
-
-# The split is verified on a real forward pass (random inputs): at most this many input elements. A larger
-# declared input_shape (a file may declare 4096×4096) is checked at a smaller spatial size, keeping the
-# aspect ratio, so verification never costs more than an ImageNet image (3×224×224) does.
-VERIFY_MAX_ELEMENTS = 3 * 224 * 224
-
-
-def _verification_shape(input_shape: Sequence[int]) -> tuple[tuple[int, ...], bool]:
-    """``input_shape`` within :data:`VERIFY_MAX_ELEMENTS` (batch 1, spatial dimensions scaled down) and
-    whether it was reduced."""
-    shape = tuple(int(d) for d in input_shape)
-    if math.prod(shape) <= VERIFY_MAX_ELEMENTS:
-        return shape, False
-    shape = (1, *shape[1:])
-    if len(shape) >= 3 and math.prod(shape) > VERIFY_MAX_ELEMENTS:
-        lead, spatial = shape[:2], shape[2:]
-        scale = (VERIFY_MAX_ELEMENTS / math.prod(shape)) ** (1 / len(spatial))
-        shape = (*lead, *(max(1, min(d, int(d * scale))) for d in spatial))
-    return shape, True
-
-
-def _verification_inputs(model: nn.Module, input_shape: Optional[Sequence[int]], example_inputs: Any) -> Any:
-    if example_inputs is not None:
-        return example_inputs
-    if input_shape is None:
-        return None
-    shape, _ = _verification_shape(input_shape)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
 
 
 def decompose_with_report(
@@ -222,7 +102,7 @@ def decompose_with_report(
     if round_to > 1 and isinstance(criterion, WholeModelCriterion):
         raise ValueError(
             f"round_to applies to per-layer criteria; a whole-model criterion keeps its budget only when it "
-            f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetSpeedup(x, round_to={round_to}))"
+            f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetMACs(x, round_to={round_to}))"
         )
     if calibration_weighting not in _WEIGHTINGS:
         raise ValueError(f"calibration_weighting must be one of {', '.join(_WEIGHTINGS)}, got {calibration_weighting!r}")
@@ -483,192 +363,9 @@ def decompose_with_report(
     return report
 
 
-def _unshare(model: nn.Module, storages: set[int]) -> None:
-    """Give ``model`` its own copy of every parameter whose memory is in ``storages`` (the input model's),
-    keeping parameters tied where they were tied."""
-    clones: dict[int, nn.Parameter] = {}
-    with torch.no_grad():
-        for module in model.modules():
-            for key, p in list(module._parameters.items()):
-                if p is None or nn.parameter.is_lazy(p) or not p.numel() \
-                        or p.untyped_storage().data_ptr() not in storages:
-                    continue
-                if id(p) not in clones:
-                    clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                module._parameters[key] = clones[id(p)]
-
-
-def _fast_path_attention(new: nn.Module, converted, report: "Decomposition") -> set[str]:
-    """Attention modules to keep converted because their ``nn.TransformerEncoderLayer`` has a split layer.
-
-    The encoder layer's fused fast path (eval mode, no autograd) reads ``linear1.weight`` and
-    ``linear2.weight`` directly; with its attention a :class:`SplitMultiheadAttention` (no packed
-    ``in_proj`` weight) PyTorch takes the regular path, which calls every layer. Stated in the report.
-    """
-    keep: set[str] = set()
-    for name, layer in new.named_modules():
-        if not isinstance(layer, nn.TransformerEncoderLayer):
-            continue
-        attn = f"{name}.self_attn" if name else "self_attn"
-        if attn not in converted.originals:
-            continue
-        split = [n for n, m in layer.named_children() if isinstance(m, LowRank)]
-        if split:
-            keep.add(attn)
-            report.notes.append(
-                f"{name or 'the model'} (nn.TransformerEncoderLayer): fused inference fast path disabled "
-                f"({', '.join(split)} split; its self_attn kept as trp's SplitMultiheadAttention, which "
-                "computes the same function without the packed weights the fast path reads)")
-    return keep
-
-
-def _snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    return [(b, b.detach().clone()) for b in model.buffers()]
-
-
-def _runs_in_train_mode(model: nn.Module, example_inputs: Any) -> bool:
-    """Whether the dense model runs on the inputs in train mode (not, e.g., BatchNorm on one value)."""
-    buffers = _snapshot_buffers(model)
-    try:
-        run_model(model, example_inputs)
-        return True
-    except Exception:  # noqa: BLE001 - then the split model is not run in train mode either
-        return False
-    finally:
-        with torch.no_grad():
-            for buf, saved in buffers:
-                buf.copy_(saved)
-
-
-def _drop_inference_tensors(model: nn.Module) -> None:
-    """Replace tensors a module cached during the ``torch.inference_mode()`` run by ordinary copies
-    (an inference tensor cannot be saved for backward in a later training step)."""
-    for m in model.modules():
-        for key, buf in list(m._buffers.items()):
-            if buf is not None and buf.is_inference():
-                m._buffers[key] = buf.clone()
-        for key, value in list(vars(m).items()):
-            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and value.is_inference():
-                m.__dict__[key] = value.clone()
-
-
-def _check_modes(model: nn.Module, came_in_training: bool):
-    """``(label, set-up)`` of each mode the split model is run in before it is returned."""
-    import contextlib
-
-    modes = []
-    if came_in_training:
-        modes.append(("train mode (the mode it came in)", False, contextlib.nullcontext))
-    modes.append(("eval mode under torch.no_grad()", True, torch.no_grad))
-    modes.append(("eval mode under torch.inference_mode()", True, torch.inference_mode))
-    return modes
-
-
 _WEIGHTINGS = ("sensitivity", "absolute", "normalized")
 _GAIN_ROUNDS = 2
 _GAIN_TRUNCATE = False  # True: re-measure gains with the truncation error itself (measured worse on MiniLM: 0.872 vs 0.881)
-
-
-def _discarded(calibrated: dict[str, CalibratedFactors], ranks: dict[str, int], spectra: Sequence[LayerSpectrum]
-               ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per ungrouped layer, the output directions its rank discards and their eigenvalues (a layer kept
-    whole: its last quarter), for :func:`~trp.core.calibration.output_gains`."""
-    out = {}
-    for spectrum in spectra:
-        cal = calibrated[spectrum.name]
-        if cal.lam.shape[0] != 1:
-            continue
-        r = int(cal.lam.shape[-1])
-        start = int(ranks.get(spectrum.name, r))
-        if start >= r:
-            start = max(0, r - max(1, r // 4))
-        mean = cal.mean_output[0] if cal.mean_output is not None else None
-        out[spectrum.name] = (cal.output_basis(r, start)[0], cal.lam[0, start:r], mean)
-    return out
-
-
-def _as_example(inputs: ModelInputs, n: int) -> Any:
-    """The first ``n`` samples of a batch in a form ``example_inputs`` takes."""
-    from .calibration import _slice
-
-    part = _slice(inputs, min(n, inputs.batch_size))
-    if part.kwargs and not part.args:
-        return dict(part.kwargs)
-    if part.kwargs:
-        raise ValueError("calibration batches mixing positional and keyword inputs need example_inputs= too")
-    return part.args[0] if len(part.args) == 1 else tuple(part.args)
-
-
-def _check(
-    new: nn.Module,
-    split: dict[str, tuple[nn.Module, Tensor, "LayerReport"]],
-    layer_inputs: dict[str, Tensor],
-    dense_output: Any,
-    example_inputs: Any,
-    train_runs: bool = False,
-) -> Any:
-    """Check the split model (see the module docstring); leave dense the layers a parent reads.
-
-    The whole split model runs in eval mode under ``torch.no_grad()`` and under
-    ``torch.inference_mode()`` (where PyTorch's fused fast paths read weights directly), and in
-    train mode when it came in train mode (``train_runs``: the dense model runs so); BatchNorm
-    statistics are restored after, and every module is left in the mode it came in.
-    """
-    for name, (dense, weight, _, *bias) in split.items():
-        if name not in layer_inputs:
-            continue  # not reached by the example inputs
-        problem = check_layer(name, dense, new.get_submodule(name), layer_inputs[name], weight,
-                              bias[0] if bias else None)
-        if problem:
-            raise RuntimeError(f"trp.decompose: {problem}. No model is returned; leave the layer dense "
-                               f"with exclude=[{name!r}] and report the model's layer type.")
-    by_id = {id(new.get_submodule(n)): n for n in split}
-    came_in_training = new.training and train_runs
-    output = None
-    while True:
-        modes = [(m, m.training) for m in new.modules()]
-        buffers = _snapshot_buffers(new)
-        label = ""
-        try:
-            # Every mode the model may be used in: PyTorch's fused fast paths (eval, no autograd)
-            # read weights that the regular path only reaches by calling the layers.
-            for label, evaluate, context in _check_modes(new, came_in_training):
-                if evaluate:
-                    new.eval()
-                with context():
-                    result = run_model(new, example_inputs)
-                if evaluate and output is None:
-                    output = result
-        except SplitLayerAccess as err:
-            name = by_id.get(id(err.module))
-            if name is None:
-                raise
-            dense, _, entry, *_ = split.pop(name)
-            set_module(new, name, dense)
-            entry.status, entry.macs_after = "skipped", entry.macs_before
-            entry.reason = (f"code around the layer reads its .{err.attribute} directly (found running the "
-                            f"example inputs in {label}); left dense")
-            output = None
-            continue
-        except Exception as err:
-            raise RuntimeError(
-                f"trp.decompose: the split model fails on the example inputs in {label} "
-                f"({type(err).__name__}: {err}) "
-                f"although each split layer matches its dense layer; split layers: {sorted(split)[:5]}... "
-                "Pass exclude=[patterns] to leave the layers around the failure dense."
-            ) from err
-        finally:
-            for m, mode in modes:
-                m.training = mode
-            with torch.no_grad():
-                for buf, saved in buffers:  # a train-mode run updates BatchNorm statistics
-                    buf.copy_(saved)
-            _drop_inference_tensors(new)
-        break
-    problem = check_outputs(dense_output, output)
-    if problem:
-        raise RuntimeError(f"trp.decompose: {problem}; no model is returned (split layers: {sorted(split)[:5]}...)")
-    return output
 
 
 def decompose(
@@ -692,7 +389,7 @@ def decompose(
     ``scheme`` is ``"channel"``, ``"spatial"`` or ``"decouple"`` for convs; Linear layers are split
     ``in→r→out`` under any scheme. ``criterion`` (default ``Energy(0.9)``) picks each
     layer's rank from its spectrum, or, for a whole-model criterion such as
-    ``TargetSpeedup(3.0)`` (:mod:`trp.core.allocation`), all ranks at once. ``layers`` is None
+    ``TargetMACs(3.0)`` (:mod:`trp.core.allocation`), all ranks at once. ``layers`` is None
     (every layer but the first conv and the last linear), ``"paper"``, ``"all"``, a list of module
     names or glob patterns, or a predicate ``(name, module) -> bool``; ``exclude`` holds glob
     patterns of layers to leave dense (see :mod:`trp.core.layers`). ``input_shape`` makes the
@@ -732,28 +429,6 @@ def decompose(
                                  calibration_weighting=calibration_weighting,
                                  calibration_sequential=calibration_sequential,
                                  calibration_batchnorm=calibration_batchnorm).model
-
-
-def _layer_costs(sch, module: nn.Module, out_hw, in_hw, counted: Optional[MacCount], name: str, inputs):
-    """``(dense MACs, MACs at rank r)`` of a target for one forward pass on the inputs.
-
-    The scheme gives per-sample costs of one call; they are scaled to what the layer
-    really costs in the pass (batch, and every call of a layer used twice) from the
-    per-layer figures (a layer that did not run costs nothing); a layer of a kind those do
-    not cover is scaled by the batch size.
-    """
-    per_sample = sch.macs(module, None, out_hw, in_hw)
-    if counted is None:
-        return per_sample, functools.partial(sch.macs, module, out_hw=out_hw, in_hw=in_hw)
-    total = counted.layers.get(name)
-    if total is None:
-        # A layer the hooks cover but never saw did not run (e.g. an auxiliary head in eval): free.
-        total = 0 if splittable_kind(module) is not None else per_sample * inputs.batch_size
-
-    def macs(rank: int) -> int:
-        return sch.macs(module, rank, out_hw, in_hw) * total // max(per_sample, 1)
-
-    return total, macs
 
 
 def fit_criterion(
@@ -796,85 +471,3 @@ def fit_criterion(
     return best
 
 
-def recipe_of(model: nn.Module) -> dict[str, dict[str, object]]:
-    """``{layer name: {"scheme": ..., "rank": ...}}`` for every factorized layer of ``model``."""
-    return {
-        name: {"scheme": m.scheme, "rank": int(m.rank)}
-        for name, m in model.named_modules()
-        if isinstance(m, LowRank)
-    }
-
-
-def convert_recipe_attention(model: nn.Module, recipe: dict[str, Any]) -> None:
-    """Rebuild (in place) each ``nn.MultiheadAttention`` whose projections ``recipe`` splits, as decompose does."""
-    modules = dict(model.named_modules())
-    attention = {str(name).rpartition(".")[0] for name in recipe} & {
-        n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
-    if attention:  # split projections live in the attention module decompose builds
-        for name in attention:
-            set_module(model, name, SplitMultiheadAttention(modules[name]))
-        for m in model.modules():
-            if isinstance(m, nn.TransformerEncoder):
-                m.use_nested_tensor = False
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_recipe(model: nn.Module, recipe: dict[str, Any], source: object = "recipe") -> None:
-    """Check every entry of ``recipe`` against ``model`` without building anything.
-
-    Each layer must exist and be one trp splits, each entry a mapping with a known
-    ``scheme`` and an integer ``rank`` between 1 and the layer's maximum rank under it.
-    """
-    convert_recipe_attention(model, recipe)
-    modules = dict(model.named_modules())
-    for name, entry in recipe.items():
-        field = f"recipe[{_short(name)}]"
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(
-                f"{source}: {field} splits a layer this model lacks: build the same architecture "
-                "(model name, input channels, classes) the file was saved from"
-            )
-        if not is_candidate(module):
-            raise ValueError(f"{source}: {field} splits a {type(module).__name__}, which trp does not split")
-        if not isinstance(entry, dict):
-            raise ValueError(f"{source}: {field} must be a mapping {{scheme, rank}}, got {_short(entry)}")
-        unknown = sorted(str(k) for k in entry if k not in ("scheme", "rank"))
-        if unknown:
-            raise ValueError(f"{source}: {field} has unknown key(s) {_short(unknown)}; known: rank, scheme")
-        scheme = entry.get("scheme")
-        if not isinstance(scheme, str):
-            raise ValueError(f"{source}: {field}.scheme must be a scheme name, got {_short(scheme)}")
-        if scheme not in SCHEMES and scheme != "linear":  # a Linear layer's entry says "linear"
-            raise ValueError(f"{source}: {field}.scheme: unknown scheme {_short(scheme)}: trp writes linear, "
-                             f"{', '.join(sorted(SCHEMES))}; the file is corrupt or crafted")
-        reason = split_reason(module, scheme)
-        if reason is not None:
-            raise ValueError(f"{source}: {field} splits a layer trp does not split with scheme {scheme!r}: {reason}")
-        try:
-            sch = scheme_for(module, scheme)
-        except ValueError as err:
-            raise ValueError(f"{source}: {field}.scheme: {err}") from None
-        rank = entry.get("rank")
-        max_rank = sch.max_rank(module)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-            raise ValueError(
-                f"{source}: {field}.rank must be an integer from 1 to {max_rank} (the layer's maximum "
-                f"rank under scheme {scheme!r}), got {_short(rank)}"
-            )
-
-
-def apply_recipe(model: nn.Module, recipe: dict[str, Any], source: object = "recipe") -> nn.Module:
-    """Give ``model`` (in place) the factorized structure ``recipe`` describes; weights unset.
-
-    The whole recipe is checked first (:func:`check_recipe`; ``source`` names it in errors).
-    """
-    check_recipe(model, recipe, source)  # also rebuilds the attention modules the recipe splits
-    modules = dict(model.named_modules())
-    for name, entry in recipe.items():
-        set_module(model, name, scheme_for(modules[name], entry["scheme"]).build(modules[name], entry["rank"]))
-    return model

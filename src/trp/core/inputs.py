@@ -133,3 +133,14 @@ def model_inputs(
     if not inputs.tensors():
         raise ValueError("example_inputs holds no tensor: give at least one input tensor")
     return inputs
+
+
+def first_samples(inputs: ModelInputs, n: int) -> ModelInputs:
+    """The first ``n`` samples of a batch (tensors whose first dimension is the batch)."""
+    b = inputs.batch_size
+
+    def cut(v: Any) -> Any:
+        return v[:n] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b else v
+
+    return ModelInputs(tuple(cut(v) for v in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
+

@@ -6,7 +6,7 @@ looks at the top of one spectrum, grown until it decides the rank; Energy's tota
 
 :func:`allocate_leading`: whole-model ranks.
 A whole-model criterion that says which leading values decide its ranks
-(:meth:`~trp.core.allocation.WholeModelCriterion.leading_needed`: :class:`TargetSpeedup`,
+(:meth:`~trp.core.allocation.WholeModelCriterion.leading_needed`: :class:`TargetMACs`,
 :class:`Global`, :class:`LayerRanks`; others get full SVDs)
 sees, for a large layer, its top ``q`` singular values followed by equal values carrying the
 rest of the layer's energy: the energy is ``||W||_F²`` (no SVD needed), so the known values'
@@ -121,19 +121,19 @@ def allocate_leading(
     called after each layer's first SVD (progress).
     """
     limit = _svd.FULL_SVD_MAX if full_max is None else full_max
-    placeholders = [LayerSpectrum(l.name, torch.zeros(l.max_rank), l.dense_macs, l.macs) for l in layers]
+    placeholders = [LayerSpectrum(m.name, torch.zeros(m.max_rank), m.dense_macs, m.macs) for m in layers]
     bounds = criterion.leading_bound(placeholders, fixed_macs) or {}
-    large = {l.name: l for l in layers if l.matrix.ndim == 2 and l.max_rank > limit and l.name in bounds}
+    large = {m.name: m for m in layers if m.matrix.ndim == 2 and m.max_rank > limit and m.name in bounds}
     known = known or {}
-    large = {name: l for name, l in large.items() if name not in known}
+    large = {name: m for name, m in large.items() if name not in known}
     svds: dict[str, SVD] = {}
     for layer in layers:
         if layer.name not in large:
             svds[layer.name] = known.get(layer.name) or _svd.checked_svd(layer.matrix, f"layer {layer.name!r}")
             if on_svd is not None:
                 on_svd(layer.name)
-    energy = {name: _svd.scaled_energy(l.matrix) for name, l in large.items()}
-    wanted = {name: _step(max(8, l.max_rank // 16), bounds[name]) for name, l in large.items()}
+    energy = {name: _svd.scaled_energy(m.matrix) for name, m in large.items()}
+    wanted = {name: _step(max(8, m.max_rank // 16), bounds[name]) for name, m in large.items()}
     reported: set[str] = set()
     while True:
         for name, q in wanted.items():

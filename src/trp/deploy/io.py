@@ -35,7 +35,8 @@ from ..core.wrappers import unwrap, wrapper_prefix
 
 __all__ = [
     "save", "load", "read_metadata", "read_recipe", "parse_json_field", "stored_shapes",
-    "check_recipe", "check_shapes", "check_dtypes", "stored_dtypes", "check_file", "atomic_write", "check_destination", "remove_stale_temporaries",
+    "check_recipe", "check_shapes", "check_dtypes", "stored_dtypes", "check_file", "atomic_write", "check_destination",
+    "remove_stale_temporaries",
 ]
 
 PathLike = Union[str, os.PathLike]

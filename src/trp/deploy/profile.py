@@ -28,7 +28,8 @@ from ..core.safety import split_targets
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..limits import read_json
 from .io import atomic_write
-from .latency import STATISTICS, Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version, time_interleaved, torch_threads
+from .latency import (STATISTICS, Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version,
+                      time_interleaved, torch_threads)
 
 __all__ = ["LayerLatency", "LatencyTable", "profile_layers", "default_ranks", "cache_dir"]
 
@@ -73,7 +74,8 @@ class LayerLatency:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "scheme": self.scheme, "input_shape": list(self.input_shape),
-                "max_rank": self.max_rank, "dense": self.dense, "ranks": self.ranks, "split": self.split, "overhead": self.overhead}
+                "max_rank": self.max_rank, "dense": self.dense, "ranks": self.ranks, "split": self.split,
+                "overhead": self.overhead}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerLatency":

@@ -1,6 +1,6 @@
 """``TargetLatency(x)``: ranks chosen from measured layer latencies so the model runs ``x`` times faster.
 
-The whole-model counterpart of :class:`trp.TargetSpeedup` for time instead of MACs. From a
+The whole-model counterpart of :class:`trp.TargetMACs` for time instead of MACs. From a
 :class:`~trp.deploy.profile.LatencyTable` (measured by :func:`trp.profile_layers`, or here
 when none is given) each layer has options: dense, or split at a measured rank whose split
 is measured faster than the dense layer and has fewer MACs. Starting from every layer's
@@ -21,6 +21,9 @@ every later allocation, the final split's included, plans with it and measures n
 ranks trained toward are the ranks split at.
 
 ``latency:X[:RUNTIME[:BATCH]]`` is registered as a ``--criterion`` string.
+
+Why this module is a little over 450 lines: :class:`TargetLatency` is one criterion whose plan,
+measurement and calibration share the profiled table and the fitted time model.
 """
 
 from __future__ import annotations
@@ -206,7 +209,8 @@ class TargetLatency(WholeModelCriterion):
             raise ValueError(f"TargetLatency: the table times the {self.table.scheme} split, but the {scheme} scheme "
                              "was asked: profile the model with that scheme")
         self._folded = _inference_form(model)
-        if not self._given_table and not (self._fixed is not None and self.table is not None):  # profiled for each model it is used on (from the disk cache when known)
+        # profiled for each model it is used on (from the disk cache when known)
+        if not self._given_table and not (self._fixed is not None and self.table is not None):
             self.table = profile_layers(self._folded, self._inputs(model, input_shape), scheme, self.runtime,
                                         layers=layers,
                                         threads=self.threads, repeats=self.repeats, warmup=self.warmup,

@@ -168,6 +168,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def relaunch(nproc: int, args: Sequence[str], module: str = "trp") -> int:
+    """Run ``python -m <module> <args>`` on ``nproc`` local processes under torchrun; its exit status."""
+    import subprocess
+
+    return subprocess.run(torchrun_command(nproc, args, module)).returncode
+
+
 def torchrun_command(nproc: int, args: Sequence[str], module: str = "trp") -> list[str]:
     """The command that runs ``python -m <module> <args>`` on ``nproc`` local processes."""
     if nproc < 1:

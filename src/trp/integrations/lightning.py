@@ -37,7 +37,7 @@ class TRPCallback(pl.Callback):
     """Train the LightningModule low-rank with :class:`trp.TRP`; split (and save) it when fit ends.
 
     Settings: ``config=`` a :class:`trp.TRPConfig`, or any of its fields by name (``criterion=``
-    any criterion :func:`trp.decompose` takes, a target such as ``trp.TargetSpeedup(3)`` included,
+    any criterion :func:`trp.decompose` takes, a target such as ``trp.TargetMACs(3)`` included,
     which then needs ``input_shape=``; ``energy=``, ``period=``, ``nuclear_weight=``, ``layers=``, ...;
     the first eight may also be given by position, in the order ``scheme, energy, period,
     nuclear_weight, layers, final_criterion, save_path, input_shape``), ``final_criterion=`` (the

@@ -4,7 +4,7 @@ Starting from the largest ranks that still save MACs, each round tries shrinking
 layer's rank by ``shrink`` (e.g. 25%), measures the held-out loss of each trial with
 that one layer truncated (the others at their current ranks), and keeps the trial
 that costs the least loss per MAC saved. Rounds continue until the model's MACs are
-``target_speedup`` times lower (a MAC reduction). Trials swap truncated dense weights in place (the same
+``mac_reduction`` times lower. Trials swap truncated dense weights in place (the same
 function as the split layers), so no model is rebuilt; the cost is about
 ``rounds × layers`` forward passes over the held-out batches.
 """
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..core._util import warn_deprecated
 from ..core.allocation import LayerRanks
 from ..core.counting import mac_breakdown
 from ..core.decompose import trace_sizes
@@ -46,7 +47,7 @@ def iterative_rank_search(
     model: nn.Module,
     scheme: str,
     loader: DataLoader,
-    target_speedup: float,
+    mac_reduction: Optional[float] = None,
     input_shape: Optional[Sequence[int]] = None,
     layers: LayerSelector = None,
     shrink: float = 0.25,
@@ -55,15 +56,23 @@ def iterative_rank_search(
     exclude: Sequence[str] = (),
     *,
     example_inputs: Optional[ExampleInputs] = None,
+    target_speedup: Optional[float] = None,
 ) -> LayerRanks:
-    """Per-layer ranks reaching ``target_speedup`` (whole-model MACs) chosen on held-out data.
+    """Per-layer ranks reaching a whole-model MAC reduction of ``mac_reduction``, chosen on held-out data.
 
     ``loader`` should be held-out data (not the test split); its first ``max_batches``
     batches score every trial. MACs are counted on ``input_shape`` or ``example_inputs``.
     Returns a :class:`trp.LayerRanks` to pass to :func:`trp.decompose`. ``model`` is not modified.
+    ``target_speedup`` is the deprecated name of ``mac_reduction``.
     """
-    if not (isinstance(target_speedup, (int, float)) and math.isfinite(target_speedup) and target_speedup > 1):
-        raise ValueError(f"target_speedup must be a number > 1, got {target_speedup!r}")
+    if target_speedup is not None:
+        warn_deprecated("iterative_rank_search(target_speedup=x)", "mac_reduction=x")
+        if mac_reduction is not None:
+            raise ValueError("give mac_reduction only (target_speedup is its deprecated name)")
+        mac_reduction = target_speedup
+    if not (isinstance(mac_reduction, (int, float)) and not isinstance(mac_reduction, bool)
+            and math.isfinite(mac_reduction) and mac_reduction > 1):
+        raise ValueError(f"mac_reduction must be a number > 1 (a whole-model MAC reduction), got {mac_reduction!r}")
     if not 0 < shrink < 1:
         raise ValueError(f"shrink must lie in (0, 1), got {shrink!r}")
     param = next(model.parameters())
@@ -84,7 +93,7 @@ def iterative_rank_search(
     sizes = trace_sizes(work, [m for _, m in targets], inputs)
     counted = mac_breakdown(work, inputs)
     total_dense = counted.total
-    budget = total_dense / target_speedup
+    budget = total_dense / mac_reduction
     state = []  # per layer: name, module, scheme, svd, dense macs, current rank
     for name, module in targets:
         sch = scheme_for(module, scheme)
@@ -143,7 +152,7 @@ def iterative_rank_search(
         live = {i: v for i, v in scores.items() if v is not None}
         if not live:
             raise ValueError(
-                f"target MAC reduction {target_speedup:g}x cannot be reached: every selected layer is at rank 1 "
+                f"target MAC reduction {mac_reduction:g}x cannot be reached: every selected layer is at rank 1 "
                 f"({total_dense / current:.2f}x); select more layers or lower the target"
             )
         i = min(live, key=live.get)

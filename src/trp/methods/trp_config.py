@@ -3,7 +3,7 @@
 :class:`trp.TRP`, the Lightning and Hugging Face callbacks, and the ``trp train`` options and
 config file all read their defaults from here::
 
-    cfg = trp.TRPConfig(criterion=trp.TargetSpeedup(3), period=10, input_shape=(1, 3, 32, 32))
+    cfg = trp.TRPConfig(criterion=trp.TargetMACs(3), period=10, input_shape=(1, 3, 32, 32))
     pruner = trp.TRP.from_config(model, cfg)
 
 ``criterion`` is any criterion :func:`trp.decompose` accepts; None means ``Energy(energy)``.
@@ -28,7 +28,7 @@ __all__ = ["TRPConfig", "is_whole_model", "resolve_criteria"]
 
 
 def is_whole_model(criterion: Any) -> bool:
-    """Whether ``criterion`` chooses every layer's rank at once (it has ``allocate``), like ``trp.TargetSpeedup``."""
+    """Whether ``criterion`` chooses every layer's rank at once (it has ``allocate``), like ``trp.TargetMACs``."""
     return callable(getattr(criterion, "allocate", None))
 
 
@@ -55,7 +55,7 @@ class TRPConfig:
         check_int("subgradient_period", self.subgradient_period, 1, none_means="for the period")
         check_int("warmup", self.warmup, 0, what="a number of iterations >= 0")
         if self.criterion is not None and not (callable(self.criterion) or is_whole_model(self.criterion)):
-            raise ValueError(f"criterion must be a rank criterion such as trp.Energy(0.9) or trp.TargetSpeedup(3), "
+            raise ValueError(f"criterion must be a rank criterion such as trp.Energy(0.9) or trp.TargetMACs(3), "
                              f"got {self.criterion!r}")
 
     def resolved_criterion(self) -> Any:
@@ -87,13 +87,13 @@ def resolve_criteria(criterion: Any, energy: Optional[float], target: Any, warmu
     if deprecated:
         warnings.warn(
             f"TRP({', '.join(d + '...' for d in deprecated)}) is deprecated: pass criterion=trp.Energy(e), or "
-            "criterion=the target (trp.TargetSpeedup(x), ...) with warmup_criterion=trp.Energy(e)",
+            "criterion=the target (trp.TargetMACs(x), ...) with warmup_criterion=trp.Energy(e)",
             DeprecationWarning, stacklevel=3)
     if energy is not None:
         check_fraction("energy", energy)
     if target is not None:
         if not is_whole_model(target):
-            raise TypeError(f"target must be a whole-model criterion such as trp.TargetSpeedup(3) (with an "
+            raise TypeError(f"target must be a whole-model criterion such as trp.TargetMACs(3) (with an "
                             f"allocate(layers, fixed_macs) method), got {target!r}")
         criterion = target
         if warmup_criterion is None and energy is not None:
@@ -104,7 +104,7 @@ def resolve_criteria(criterion: Any, energy: Optional[float], target: Any, warmu
         criterion = DEFAULTS.resolved_criterion()
     if not (is_whole_model(criterion) or callable(criterion)):
         raise TypeError(f"criterion must be a rank criterion such as trp.Energy(0.9) or a whole-model criterion "
-                        f"such as trp.TargetSpeedup(3), got {criterion!r}")
+                        f"such as trp.TargetMACs(3), got {criterion!r}")
     warm = Energy(DEFAULTS.energy) if warmup_criterion is None else warmup_criterion
     if is_whole_model(warm) or not callable(warm):
         raise TypeError(f"warmup_criterion must be a per-layer criterion such as trp.Energy(0.9), got {warm!r}")

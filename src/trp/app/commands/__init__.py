@@ -1,0 +1,1 @@
+"""The commands of ``trp`` (:mod:`trp.app.cli` gathers them), one module per family."""
