@@ -3,7 +3,7 @@
 # images held out for rank searches), as baseline (seeds 0 and 1), TRP2+Nu toward 3x MACs (seeds 0
 # and 1), TRP2+Nu toward 2x measured latency, TRP1+Nu, TRP2+Nu and LoRITa N=2 (configs/fashion/*.yaml);
 # the baseline split to the MAC reduction of each TRP row without fine-tuning, with BatchNorm
-# re-estimated and with a short fine-tune; top-1 on all 10,000 test images; measured speedups
+# re-estimated, with a short fine-tune, and calibrated (channel scheme, 1,024 images); top-1 on all 10,000 test images; measured speedups
 # (ONNX Runtime, batch 1 and 64) of every split model.
 #
 #   bash scripts/reproduce_fashion.sh            # the benchmark; with the committed results: no training
@@ -25,7 +25,8 @@
 # core free), TRP_MODELS (default "resnet20"), TRP_RUNS (default benchmarks/results/fashion,
 # runs/fashion-smoke when smoke), TRP_DATA_DIR (default: the Debian package's folder
 # /usr/share/datasets/fashion-mnist), TRP_NO_BENCH=1 (skip the timings: they need an idle machine),
-# TRP_ONLY (space-separated run names, e.g. "resnet20-baseline-s0": train only these).
+# TRP_ONLY (space-separated run names, e.g. "resnet20-baseline-s0": train only these), TRP_VERIFY=1
+# (at the end, re-evaluate every committed model file and check it reproduces the table's top-1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${TRP_NO_SETUP:-}" ] || bash scripts/setup.sh
@@ -37,12 +38,14 @@ JOBS="${TRP_JOBS:-2}"
 MODELS="${TRP_MODELS:-resnet20}"
 FT_EPOCHS=3        # the baselines' short fine-tune after the split (lr 0.01)
 BN_BATCHES=50      # training batches to re-estimate BatchNorm statistics on after the split
+CALIBRATE=1024     # training images (not augmented) the baseline's calibrated splits are calibrated on
 EXTRA=()
 if [ -n "${TRP_SMOKE:-}" ]; then
   RUNS="${TRP_RUNS:-runs/fashion-smoke}"
   EXTRA=(--epochs 1 --steps-per-epoch 5)
   FT_EPOCHS=1
   BN_BATCHES=2
+  CALIBRATE=64
 else
   RUNS="${TRP_RUNS:-benchmarks/results/fashion}"
 fi
@@ -112,24 +115,32 @@ reduction() {
   "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(round(d.get('mac_reduction', d.get('speedup')), 2))" "$1"
 }
 
-# The baseline split to the MAC reduction of each TRP row, in that row's scheme: no fine-tuning,
-# BatchNorm statistics re-estimated, and fine-tuned FT_EPOCHS epochs (one summary holds all three).
+# The baseline split to the MAC reduction of each TRP row's split (every decomposition summary of the
+# TRP1+Nu, TRP2+Nu, target and LoRITa runs), in that row's scheme: no fine-tuning, BatchNorm statistics
+# re-estimated, and fine-tuned FT_EPOCHS epochs (one summary holds all three); and the baseline's
+# calibrated split (channel scheme: calibration refuses the spatial one) to the same reduction on
+# CALIBRATE training images (BatchNorm statistics re-estimated on them; no fine-tuning).
 for m in $MODELS; do
   for seed in 0 1; do
     base="$RUNS/$m-baseline-s$seed"
-    for row in "trp1-nu channel value0.05" "trp2-nu spatial value0.05"; do
-      set -- $row
-      summary="$RUNS/$m-$1-s0/decomposed-$2-$3.json"
+    [ -f "$base/model.safetensors" ] || continue
+    for summary in "$RUNS/$m"-{trp,lorita}*-s"$seed"/decomposed-*.json; do
       [ -f "$summary" ] || continue
+      scheme=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['scheme'])" "$summary")
       x=$(reduction "$summary")
       if "$PY" -c "import sys; sys.exit(float(sys.argv[1]) > 1.0)" "$x"; then
         echo "$summary: the TRP split reduces MACs by only ${x}x; no baseline split to match" >&2
         continue
       fi
       # macs:X is the criterion's name (speedup:X before issue 21: scripts/migrate_results.py renames those files)
-      { [ -f "$base/decomposed-$2-macs$x.json" ] || [ -f "$base/decomposed-$2-speedup$x.json" ]; } && continue
-      "$TRP" decompose "$base" --scheme "$2" --criterion "macs:$x" --recalibrate-bn "$BN_BATCHES" \
-        --finetune "$FT_EPOCHS" "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
+      if [ ! -f "$base/decomposed-$scheme-macs$x.json" ] && [ ! -f "$base/decomposed-$scheme-speedup$x.json" ]; then
+        "$TRP" decompose "$base" --scheme "$scheme" --criterion "macs:$x" --recalibrate-bn "$BN_BATCHES" \
+          --finetune "$FT_EPOCHS" "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
+      fi
+      if [ ! -f "$base/decomposed-channel-macs$x-cal$CALIBRATE.json" ]; then
+        "$TRP" decompose "$base" --scheme channel --criterion "macs:$x" --calibrate "$CALIBRATE" \
+          "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
+      fi
     done
     # The target rows' comparison at 2x measured latency (the 3x MACs one is in the baseline's config).
     if [ "$HAVE_LATENCY" = 1 ] && [ ! -f "$base/decomposed-spatial-latency2.json" ]; then
@@ -156,13 +167,17 @@ if [ -n "${TRP_NO_BENCH:-}" ]; then
   echo "skipping measured speedups (TRP_NO_BENCH)" >&2
 elif [ "$HAVE_BENCH" = 1 ]; then
   for f in "$RUNS"/*/decomposed-*.safetensors; do
-    [ -f "${f%.safetensors}.bench.json" ] || "$TRP" bench "$f" --runtime onnxruntime --batch 1,64 >>"$(dirname "$f")/bench.log" 2>&1
+    stem=$(basename "$f" .safetensors)
+    [ -f "$(dirname "$f")/bench-$stem.json" ] \
+      || "$TRP" bench "$f" --runtime onnxruntime --batch 1,64 >>"$(dirname "$f")/bench.log" 2>&1
   done
 else
   echo "skipping measured speedups: this trp has no \`trp bench\`" >&2
 fi
 
-table=docs/fashion-table plot=docs/img/fashion-tradeoff.png
-[ -z "${TRP_SMOKE:-}" ] || { table="$RUNS/table"; plot="$RUNS/tradeoff.png"; }  # smoke results stay out of docs/
-"$TRP" table "$RUNS"/*-s[01] --out "$table" --plot "$plot" --title "Fashion-MNIST: top-1 vs MAC reduction"
-echo "table: $table.md  plot: $plot"
+table=docs/fashion-table plots=docs/img/fashion
+[ -z "${TRP_SMOKE:-}" ] || { table="$RUNS/table"; plots="$RUNS/fashion"; }  # smoke results stay out of docs/
+"$PY" benchmarks/fashion_report.py --runs "$RUNS" --out "$table" --plots "$plots"
+echo "table: $table.md  plots: $plots-top1-vs-macs.png, $plots-top1-vs-speedup.png"
+# TRP_VERIFY=1: re-evaluate every model file and compare with the top-1 the table shows for it.
+[ -z "${TRP_VERIFY:-}" ] || "$PY" scripts/verify_fashion.py "$RUNS" "${DATA[@]}"
