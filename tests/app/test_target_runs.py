@@ -91,9 +91,10 @@ def test_target_latency_is_wired_to_trp_target_latency(fashion_root: Path, tmp_p
     seen = {}
 
     class FakeLatency(trp.TargetMACs):
-        def __init__(self, x: float, table=None) -> None:
+        def __init__(self, x: float, table=None, batch_size: int = 1) -> None:
             super().__init__(x)
             seen["table"] = table
+            seen["batch"] = batch_size
 
         def prepare(self, model, scheme, layers, input_shape) -> None:  # TRP profiles with its own selection
             seen["profile"] = (tuple(input_shape), scheme, tuple(layers))
@@ -104,12 +105,19 @@ def test_target_latency_is_wired_to_trp_target_latency(fashion_root: Path, tmp_p
     monkeypatch.setattr("trp.deploy.target_latency.TargetLatency", FakeLatency)
     trainer = Trainer(_config(fashion_root, target_macs=None, target_latency=2.0, scheme="spatial"), tmp_path / "lat")
     assert isinstance(trainer.pruner.target, FakeLatency) and trainer.pruner.target.x == 2.0
-    assert seen == {"table": None}  # profiled at the first allocation, not before
+    assert seen == {"table": None, "batch": 1}  # profiled at the first allocation, not before
     trainer.run()
     assert seen["profile"] == ((1, 1, 28, 28), "spatial", tuple(trainer.pruner.layer_names))
     assert trainer.model_path.exists()
     assert trainer.checkpoint_path.exists()
     assert torch.load(trainer.checkpoint_path, weights_only=True)["trp"]["target"] == "latency:2"
+    # target_latency_batch: the batch the target is timed at, in the criterion and its string
+    config = _config(fashion_root, target_macs=None, target_latency=2.0, target_latency_batch=64, scheme="spatial")
+    assert config.target_criterion == "latency:2:onnxruntime:64"
+    Trainer(config, tmp_path / "lat64")
+    assert seen["batch"] == 64
+    with pytest.raises(ValueError, match="target_latency_batch"):
+        _config(fashion_root, target_latency_batch=64).validate()
 
 
 def test_labels_of_target_runs() -> None:

@@ -231,6 +231,7 @@ class TrainConfig(_Schema):
     # (target_macs was target_speedup before issue 21: the old key is read as it, with a DeprecationWarning)
     target_macs: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
     target_latency: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
+    target_latency_batch: Integer(1, 4096) = 1  # type: ignore[valid-type]  # the batch a latency target is timed at
     target_warmup: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # energy-driven epochs before the target's
     # decompositions to run after training (DecomposeStep entries)
     decompose: Annotated[list[dict[str, Any]], BeforeValidator(_decompose_entries)] = field(default_factory=list)
@@ -269,6 +270,8 @@ class TrainConfig(_Schema):
         for key in ("target_macs", "target_latency"):
             if getattr(self, key) is not None and self.method != "trp":
                 raise ValueError(f"{key} sets the ranks of TRP's projections: use it with method 'trp', not {self.method!r}")
+        if self.target_latency_batch != 1 and self.target_latency is None:
+            raise ValueError("target_latency_batch is the batch a latency target is timed at: set target_latency")
         if self.target_warmup and self.target_criterion is None:
             raise ValueError("target_warmup counts epochs before a target takes over: set target_macs or target_latency")
 
@@ -282,7 +285,8 @@ class TrainConfig(_Schema):
         if self.target_macs is not None:
             return f"macs:{self.target_macs:g}"
         if self.target_latency is not None:
-            return f"latency:{self.target_latency:g}"
+            batch = f":onnxruntime:{self.target_latency_batch}" if self.target_latency_batch != 1 else ""
+            return f"latency:{self.target_latency:g}{batch}"
         return None
 
     def default_criterion(self) -> str:

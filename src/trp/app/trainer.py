@@ -403,6 +403,6 @@ def make_target(config: TrainConfig, model: nn.Module, input_shape: tuple[int, .
     from ..deploy.target_latency import TargetLatency
 
     try:
-        return TargetLatency(config.target_latency)
+        return TargetLatency(config.target_latency, batch_size=config.target_latency_batch)
     except TypeError as err:
         raise ValueError(f"--target-latency could not build trp.TargetLatency({config.target_latency:g}): {err}") from err

@@ -45,7 +45,9 @@ from .common import (EXCLUDE_HELP, LAYERS_HELP, SCHEMES, _decomposing, _epoch_li
               "reduction (ranks from TargetMACs at every projection; the run splits with it).")
 @click.option("--target-speedup", type=float, default=None, hidden=True, help="Deprecated name of --target-macs.")
 @click.option("--target-latency", type=float, default=None, help="TRP: project toward this measured latency "
-              "reduction (trp.TargetLatency).")
+              "reduction (trp.TargetLatency, ONNX Runtime).")
+@click.option("--target-latency-batch", type=int, default=1, show_default=True,
+              help="TRP with --target-latency: the batch size the latency is measured at.")
 @click.option("--target-warmup", type=int, default=0, show_default=True, help="TRP with a target: energy-driven "
               "projections for the first N epochs, then the target's.")
 @click.option("--holdout", type=int, default=0, show_default=True, help="Keep the last N training examples out of "
