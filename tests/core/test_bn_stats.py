@@ -77,3 +77,21 @@ def test_calibrated_split_normalises_its_batchnorm_outputs_again() -> None:
         handle.remove()
         off = torch.cat(seen).std(dim=(0, 2, 3)) / rep.model[i].weight.detach().abs()
         assert float(off.min()) < 0.9  # without it the split's outputs are visibly shrunk
+
+
+def test_statistics_that_measure_worse_on_held_out_batches_are_not_kept() -> None:
+    """Calibration batches unlike the held-out ones (here: 5x brighter) would give worse statistics: kept as trained."""
+    model = _conv_bn()
+    normal = _batches(6)
+    with torch.no_grad():
+        for i in (3, 6):  # rank-6 weights: a rank-12 split of them is exact, only the statistics can differ
+            w = model[i].weight
+            w.copy_((torch.randn(w.shape[0], 6) @ torch.randn(6, w[0].numel())).view_as(w) / 10)
+        reestimate_batchnorm(model, [ModelInputs((x,), {}) for x in normal])
+    odd = [x * 5 for x in normal[:3]] + normal[3:]  # 48 samples to fit on, then the held-out normal ones
+    rep = trp.decompose_with_report(model, criterion=trp.FixedRank(12), layers=["3", "6"], calibration=odd,
+                                    calibration_samples=48)
+    assert any(note.startswith("BatchNorm statistics kept as trained") for note in rep.notes), rep.notes
+    for i in (1, 4, 7):
+        assert torch.equal(rep.model[i].running_mean, model[i].running_mean)
+        assert torch.equal(rep.model[i].running_var, model[i].running_var)

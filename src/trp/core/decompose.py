@@ -32,7 +32,7 @@ from torch import nn
 
 from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
 from .attention import convert_attention, restore_attention
-from .bn_stats import reestimate_batchnorm
+from .bn_stats import refit_batchnorm
 from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, forward_groups, layer_factors,
                           output_gains, read_batches, refuse_scheme)
 from .counting import count_macs, mac_breakdown
@@ -336,11 +336,9 @@ def decompose_with_report(
     if check_inputs is not None:
         check_output = _check(new, split, layer_inputs, dense_output, check_inputs, train_runs)
     if calib is not None and calibration_batchnorm and report.factorized:
-        changed = reestimate_batchnorm(new, calib.fit)
-        if changed:
-            report.notes.append(
-                f"running statistics of {changed} BatchNorm layer(s) re-estimated on the {calib.samples} calibration "
-                "samples (forward passes, no weight changed; calibration_batchnorm=False keeps the trained ones)")
+        note = refit_batchnorm(dense_model, new, calib.fit, calib.held if calib.held_out else None)
+        if note:
+            report.notes.append(note)
     if inputs is not None:
         report.macs_after = mac_breakdown(new, inputs)
     if calib is not None:
@@ -420,8 +418,9 @@ def decompose(
     calibration data per group: costlier, for models of benchmark size).
     With calibration data, every BatchNorm's running mean and variance are then re-estimated on
     it (:mod:`trp.core.bn_stats`: forward passes only, no weight changes), since the split layers'
-    outputs lose some variance and mean; ``calibration_batchnorm=False`` keeps the trained
-    statistics. The report's notes say when this happened.
+    outputs lose some variance and mean, and kept if the held-out calibration batches measure a
+    lower output error with them; ``calibration_batchnorm=False`` keeps the trained statistics.
+    The report's notes say which happened.
     """
     return decompose_with_report(model, scheme, criterion, layers, input_shape, exclude=exclude,
                                  example_inputs=example_inputs, round_to=round_to, calibration=calibration,
