@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Optional
 
 from trp.app import engine, workflow
-from trp.limits import read_json, read_json_lines
+from trp.limits import parse_json, read_json, read_json_lines
 
 
 def _last_top1(metrics: Path) -> Optional[float]:
-    rows = [r for r in read_json_lines(metrics) if isinstance(r, dict) and "test_top1" in r]
+    rows = []
+    for _, line in read_json_lines(metrics):
+        if line.strip():
+            row = parse_json(line, f"{metrics}")
+            if isinstance(row, dict) and "test_top1" in row:
+                rows.append(row)
     return float(rows[-1]["test_top1"]) if rows else None
 
 
