@@ -44,7 +44,7 @@ def test_cnn_study_rows(study):
 
     rows = study.cnn_study("tiny", model, calib, agreement, "agreement", xs[:1], [1.5], 48, lambda s: None)
     methods = [r.method for r in rows]
-    assert methods == ["original", "plain", "calibrated", "calibrated+bn"]
+    assert methods == ["original", "plain", "calibrated, trained BN statistics", "calibrated"]
     assert all(abs(r.reduction - 1.5) < 0.1 for r in rows[1:])
 
 
@@ -55,5 +55,5 @@ def test_resnet20_from_a_model_file(study, tmp_path):
     path = tmp_path / "r20.safetensors"
     trp.save(trp.models.create_model("resnet20", in_channels=1, num_classes=10), path)
     rows, desc = study.resnet20_study(path, None, None, [1.5], 64, False, lambda s: None, limit=100)
-    assert [r.method for r in rows] == ["original", "plain", "calibrated", "calibrated+bn"]
+    assert [r.method for r in rows] == ["original", "plain", "calibrated, trained BN statistics", "calibrated"]
     assert desc["test"] == "100 test images"
