@@ -57,6 +57,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         bn = _model()
         reestimate_batchnorm(bn, [ModelInputs((batches[rank],), {}), ModelInputs((batches[2 + rank],), {})])
         torch.save(bn.state_dict(), Path(tmp) / f"bn{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
