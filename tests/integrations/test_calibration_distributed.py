@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import trp
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from _gloo import spawn_gloo  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 BATCH = 8
@@ -40,30 +42,24 @@ def _split(calibration, samples: int, criterion=None, **kw) -> nn.Module:
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
-    try:
-        batches = _batches()
-        # Each rank: two batches of its own for statistics, then one held out (for its fidelity figure).
-        mine = [batches[rank], batches[2 + rank], batches[4 + rank]]
-        model = _split(mine, 2 * BATCH)  # ranks from summed statistics and summed output gains
-        torch.save(model.state_dict(), Path(tmp) / f"rank{rank}.pt")
-        fixed = _split(mine, 2 * BATCH, trp.FixedRank(5), calibration_batchnorm=False)
-        torch.save(fixed.state_dict(), Path(tmp) / f"fixed{rank}.pt")
-        # BatchNorm re-estimation alone: each rank on its own two batches, then averaged across ranks
-        from trp.core.bn_stats import reestimate_batchnorm
-        from trp.core.inputs import ModelInputs
+    batches = _batches()
+    # Each rank: two batches of its own for statistics, then one held out (for its fidelity figure).
+    mine = [batches[rank], batches[2 + rank], batches[4 + rank]]
+    model = _split(mine, 2 * BATCH)  # ranks from summed statistics and summed output gains
+    torch.save(model.state_dict(), Path(tmp) / f"rank{rank}.pt")
+    fixed = _split(mine, 2 * BATCH, trp.FixedRank(5), calibration_batchnorm=False)
+    torch.save(fixed.state_dict(), Path(tmp) / f"fixed{rank}.pt")
+    # BatchNorm re-estimation alone: each rank on its own two batches, then averaged across ranks
+    from trp.core.bn_stats import reestimate_batchnorm
+    from trp.core.inputs import ModelInputs
 
-        bn = _model()
-        reestimate_batchnorm(bn, [ModelInputs((batches[rank],), {}), ModelInputs((batches[2 + rank],), {})])
-        torch.save(bn.state_dict(), Path(tmp) / f"bn{rank}.pt")
-        dist.barrier()  # neither rank tears the group down while the other is still in a collective
-    finally:
-        dist.destroy_process_group()
+    bn = _model()
+    reestimate_batchnorm(bn, [ModelInputs((batches[rank],), {}), ModelInputs((batches[2 + rank],), {})])
+    torch.save(bn.state_dict(), Path(tmp) / f"bn{rank}.pt")
 
 
 def test_two_ranks_sum_statistics_and_split_alike(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0.keys() == r1.keys()
     for key in r0:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import trp
 import trp.methods.trained_rank
 from trp.core.wrappers import unwrap as unwrap_model
 from trp.methods.sharded import assign_owners
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from _gloo import spawn_gloo  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 5
@@ -71,25 +74,21 @@ def _init(rank: int, world: int, tmp: str) -> None:
 
 
 def _ddp_worker(rank: int, world: int, tmp: str) -> None:
-    _init(rank, world, tmp)
-    try:
-        svd_matrices = []
-        real_svd = trp.methods.trained_rank.checked_svd
+    svd_matrices = []
+    real_svd = trp.methods.trained_rank.checked_svd
 
-        def counting_svd(matrix, what):
-            svd_matrices.append(matrix.shape[0])
-            return real_svd(matrix, what)
+    def counting_svd(matrix, what):
+        svd_matrices.append(matrix.shape[0])
+        return real_svd(matrix, what)
 
-        trp.methods.trained_rank.checked_svd = counting_svd
-        torch.manual_seed(0)
-        ddp = nn.parallel.DistributedDataParallel(Net())
-        pruner = trp.TRP(ddp, energy=0.8, period=2, nuclear_weight=1e-2)
-        _train(ddp, pruner, rank, world)
-        torch.save({"state": ddp.module.state_dict(), "ranks": pruner.ranks, "names": pruner.layer_names,
-                    "subgrad": pruner.state_dict()["subgradients"], "svd_matrices": svd_matrices},
-                   f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    trp.methods.trained_rank.checked_svd = counting_svd
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(Net())
+    pruner = trp.TRP(ddp, energy=0.8, period=2, nuclear_weight=1e-2)
+    _train(ddp, pruner, rank, world)
+    torch.save({"state": ddp.module.state_dict(), "ranks": pruner.ranks, "names": pruner.layer_names,
+                "subgrad": pruner.state_dict()["subgradients"], "svd_matrices": svd_matrices},
+               f"{tmp}/rank{rank}.pt")
 
 
 def test_unwrap_model_sees_through_wrappers() -> None:
@@ -137,7 +136,7 @@ def test_shard_true_without_a_process_group_says_how() -> None:
 
 def test_two_ddp_ranks_shard_the_svds_and_match_one_process(tmp_path: Path) -> None:
     ref_state, ref = _reference()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["names"] == ref.layer_names
     for k in r0["state"]:  # bit-identical on both ranks

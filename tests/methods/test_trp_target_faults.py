@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,6 +17,7 @@ from trp.deploy.profile import LatencyTable, LayerLatency, profile_layers
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _fake_hardware import FakeHardware  # noqa: E402
+from _gloo import spawn_gloo  # noqa: E402
 
 SHAPE = (1, 3, 16, 16)
 
@@ -59,21 +58,16 @@ def _table(fast: str) -> LatencyTable:
 
 
 def _ddp_worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
-    try:
-        ddp = nn.parallel.DistributedDataParallel(_net())
-        latency = trp.TargetLatency(1.2, table=_table("2" if rank == 0 else "6"), calibrate=0)
-        pruner = trp.TRP(ddp, criterion=latency, period=2, nuclear_weight=1e-2, input_shape=SHAPE)
-        _train(ddp, pruner, 5, rank, world)
-        pruner.project(final=True)
-        torch.save({"state": ddp.module.state_dict(), "ranks": pruner.ranks}, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    ddp = nn.parallel.DistributedDataParallel(_net())
+    latency = trp.TargetLatency(1.2, table=_table("2" if rank == 0 else "6"), calibrate=0)
+    pruner = trp.TRP(ddp, criterion=latency, period=2, nuclear_weight=1e-2, input_shape=SHAPE)
+    _train(ddp, pruner, 5, rank, world)
+    pruner.project(final=True)
+    torch.save({"state": ddp.module.state_dict(), "ranks": pruner.ranks}, f"{tmp}/rank{rank}.pt")
 
 
 def test_two_ranks_with_different_latency_tables_train_the_same_model(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["ranks"] == r1["ranks"]
     assert r0["ranks"]["2"] < 16 and r0["ranks"]["6"] == 16  # rank 0's table decided
@@ -182,26 +176,21 @@ def _train_linear(model: nn.Module, pruner: trp.TRP, rank: int = 0, world: int =
 def _ddp_target_worker(rank: int, world: int, tmp: str, x: float) -> None:
     import trp.core.svd
 
-    torch.set_num_threads(1)
     trp.core.svd.FULL_SVD_MAX = 8  # the 40-wide layers count as large: leading triplets only
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    ddp = nn.parallel.DistributedDataParallel(_linear_net())
+    pruner = trp.TRP(ddp, criterion=trp.TargetMACs(x), period=2, nuclear_weight=1e-2, input_shape=(1, 12))
     try:
-        ddp = nn.parallel.DistributedDataParallel(_linear_net())
-        pruner = trp.TRP(ddp, criterion=trp.TargetMACs(x), period=2, nuclear_weight=1e-2, input_shape=(1, 12))
-        try:
-            _train_linear(ddp, pruner, rank, world)
-            out = {"state": ddp.module.state_dict(), "ranks": pruner.ranks}
-        except (ValueError, RuntimeError) as err:
-            out = {"error": f"{type(err).__name__}: {err}"}
-        torch.save(out, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        _train_linear(ddp, pruner, rank, world)
+        out = {"state": ddp.module.state_dict(), "ranks": pruner.ranks}
+    except (ValueError, RuntimeError) as err:
+        out = {"error": f"{type(err).__name__}: {err}"}
+    torch.save(out, f"{tmp}/rank{rank}.pt")
 
 
 def test_two_ranks_share_the_large_layers_of_a_whole_model_target(tmp_path: Path, monkeypatch) -> None:
     import trp.core.svd
 
-    mp.spawn(_ddp_target_worker, args=(2, str(tmp_path), 2.0), nprocs=2, join=True)
+    spawn_gloo(_ddp_target_worker, tmp_path, 2.0)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["ranks"] == r1["ranks"]
     for k in r0["state"]:
@@ -216,7 +205,7 @@ def test_two_ranks_share_the_large_layers_of_a_whole_model_target(tmp_path: Path
 
 
 def test_an_allocation_that_fails_on_rank_0_stops_every_rank(tmp_path: Path) -> None:
-    mp.spawn(_ddp_target_worker, args=(2, str(tmp_path), 500.0), nprocs=2, join=True)
+    spawn_gloo(_ddp_target_worker, tmp_path, 500.0)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert "cannot be reached" in r0["error"]
     assert "rank 0 could not allocate" in r1["error"]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._util import warn_deprecated
+from .inputs import ModelInputs
 
 __all__ = [
     "LayerSpectrum", "layer_worth", "WholeModelCriterion", "TargetMACs", "Global", "LayerRanks", "pooled_spectrum",
@@ -90,9 +91,11 @@ class WholeModelCriterion(ABC):
     #: whether :meth:`allocate` needs real MAC counts (``decompose(..., input_shape=...)`` or ``example_inputs``)
     needs_input_shape: bool = False
 
-    def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]]) -> None:
+    def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]],
+                example_inputs: Optional[ModelInputs] = None) -> None:
         """Called by :func:`trp.decompose` with the model about to be split, before :meth:`allocate`.
 
+        ``example_inputs`` are the caller's example inputs (None when only ``input_shape`` was given).
         A criterion that must measure the model (e.g. its latency) does so here; by default nothing.
         """
 

@@ -159,7 +159,10 @@ def decompose_with_report(
                 if name in layer_inputs and standard_form(module) is not None:
                     check_standard(module, layer_inputs[name], name)
     if whole:
-        criterion.prepare(model, scheme, layers, input_shape)
+        if example_inputs is not None and inputs is not None:  # (a criterion written before they were passed: none)
+            criterion.prepare(model, scheme, layers, input_shape, example_inputs=inputs.materialized(model))
+        else:
+            criterion.prepare(model, scheme, layers, input_shape)
     calibrated: dict[str, CalibratedFactors] = {}
     gains: dict[str, float] = {}
     if calib is not None:

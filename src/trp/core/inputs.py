@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExampleInputs", "ModelInputs", "model_inputs", "inputs_given"]
+__all__ = ["ExampleInputs", "ModelInputs", "model_inputs", "inputs_given", "at_batch"]
 
 ExampleInputs = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
 
@@ -65,6 +65,24 @@ class ModelInputs:
         """``model``'s output on these inputs (shape placeholders become zeros on its device)."""
         inputs = self.materialized(model)
         return model(*inputs.args, **inputs.kwargs)
+
+
+def at_batch(inputs: ModelInputs, batch_size: int) -> ModelInputs:
+    """``inputs`` with every batched tensor (first dimension = the batch) repeated or cut to ``batch_size`` rows.
+
+    Rows are taken in turn (0, 1, ..., 0, 1, ...); tensors without the batch dimension stay as they are.
+    """
+    n = inputs.batch_size
+    if n == batch_size:
+        return inputs
+    index = torch.arange(batch_size) % n
+
+    def resize(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n:
+            return v[index.to(v.device)]
+        return v
+
+    return ModelInputs(tuple(resize(a) for a in inputs.args), {k: resize(v) for k, v in inputs.kwargs.items()})
 
 
 def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:

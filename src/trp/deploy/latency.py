@@ -3,7 +3,8 @@
 A model runs in one of three runtimes: ``eager`` (PyTorch as is), ``compile``
 (``torch.compile``) or ``onnxruntime`` (exported to ONNX, run in an ONNX Runtime session;
 the CUDA provider when the inputs are on a GPU and the provider is installed). Each timed
-run is one forward pass on the example inputs, under ``torch.inference_mode``; on CUDA the
+run is one forward pass on the example inputs (a tensor, a tuple of tensors, or a dict of
+keyword tensors such as ``{"input_ids": ids, "attention_mask": mask}``), under ``torch.inference_mode``; on CUDA the
 device is synchronized around each run (CUDA events time it when no ``timer`` is given).
 ``threads`` sets PyTorch's intra-op threads (restored afterwards) and ONNX Runtime's
 ``intra_op_num_threads``; ONNX Runtime's threads do not spin between runs (sessions timed in
@@ -22,12 +23,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..core._util import eval_mode
+from ..core.inputs import ModelInputs
 from .export import export_onnx, ort_session
 
 __all__ = [
@@ -49,7 +51,7 @@ STATISTICS = ("median", "min")
 # The largest batch trp times or exports with (an input of 4096 ImageNet images is 2.4 GB of float32);
 # a larger one is refused before anything is allocated. trp.app.config.MAX_BATCH repeats it for the CLI.
 MAX_BATCH = 4096
-Inputs = Union[Tensor, Sequence[Tensor]]
+Inputs = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor], ModelInputs]
 Timer = Callable[[], float]
 
 
@@ -195,14 +197,36 @@ def torch_threads(threads: Optional[int]) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _as_tuple(example_inputs: Inputs) -> tuple[Tensor, ...]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    inputs = tuple(example_inputs)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError("example_inputs must be a tensor or a non-empty sequence of tensors, "
+def as_inputs(example_inputs: Inputs) -> ModelInputs:
+    """``example_inputs`` as positional and keyword arguments: a tensor, a sequence of tensors, or a dict of tensors."""
+    if isinstance(example_inputs, ModelInputs):
+        inputs = example_inputs
+    elif isinstance(example_inputs, Tensor):
+        inputs = ModelInputs((example_inputs,))
+    elif isinstance(example_inputs, Mapping):
+        if not all(isinstance(k, str) for k in example_inputs):
+            raise TypeError("example_inputs given as a dict must have the forward's parameter names (strings) as keys")
+        inputs = ModelInputs((), dict(example_inputs))
+    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, (str, bytes)):
+        inputs = ModelInputs(tuple(example_inputs))
+        if not all(isinstance(t, Tensor) for t in inputs.args):
+            inputs = ModelInputs()
+    else:
+        inputs = ModelInputs()
+    if not inputs.tensors():
+        raise TypeError("example_inputs must be a tensor, a non-empty sequence of tensors or a dict of tensors, "
                         f"got {type(example_inputs).__name__}")
     return inputs
+
+
+def _first(inputs: ModelInputs) -> Tensor:
+    return inputs.tensors()[0]
+
+
+def _cuda_device(inputs: ModelInputs, runtime: str) -> Optional[torch.device]:
+    """The GPU to synchronize around each timed run (None on CPU and for ONNX Runtime)."""
+    first = _first(inputs)
+    return first.device if first.device.type == "cuda" and runtime != "onnxruntime" else None
 
 
 def _check_runtime(runtime: str) -> None:
@@ -211,21 +235,36 @@ def _check_runtime(runtime: str) -> None:
 
 
 # --------------------------------------------------------------------------------- runners
-def _ort_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: Optional[int]):
+def _ort_feed(inputs: ModelInputs) -> tuple[Union[tuple[Tensor, ...], dict[str, Tensor]], dict[str, Any]]:
+    """What :func:`trp.export_onnx` takes: the tensor inputs (a tuple or a dict) and the constant keyword arguments."""
+    tensors = {k: v for k, v in inputs.kwargs.items() if isinstance(v, Tensor)}
+    constants = {k: v for k, v in inputs.kwargs.items() if not isinstance(v, Tensor)}
+    if inputs.args and tensors:
+        raise ValueError("runtime 'onnxruntime' times a model fed either positional or keyword tensors, not both: "
+                         "pass example_inputs as a tuple or as a dict")
+    if not all(isinstance(a, Tensor) for a in inputs.args):
+        raise ValueError("runtime 'onnxruntime' takes tensors as positional inputs: pass constants by keyword")
+    return (tensors if tensors else tuple(inputs.args)), constants
+
+
+def _ort_session(model: nn.Module, inputs: ModelInputs, threads: Optional[int]):
     """``model`` exported with :func:`trp.export_onnx` (BatchNorm folded, batch dynamic) in an ONNX Runtime session."""
     try:
         import onnxruntime as ort
     except ImportError as err:
         raise ValueError("runtime 'onnxruntime' needs the onnx extra: pip install 'trp[onnx]'") from err
-    cuda = inputs[0].device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+    first = _first(inputs)
+    cuda = first.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+    feed, constants = _ort_feed(inputs)
     with tempfile.TemporaryDirectory(prefix="trp-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # BatchNorms that cannot be folded are timed as they are
-            export_onnx(model, path, inputs, fold_batchnorm=True, dynamic_batch=True, check=False)
+            export_onnx(model, path, feed, fold_batchnorm=True, dynamic_batch=True, check=False,
+                        forward_kwargs=constants or None)
         # No busy-waiting threads: two sessions timed in turn would otherwise slow each other down
         # (two sessions of one model measured 1.7x apart at batch 1 with spinning on, 1.00x without).
-        return ort_session(path, threads, f"cuda:{inputs[0].device.index or 0}" if cuda else "cpu", spinning=False)
+        return ort_session(path, threads, f"cuda:{first.device.index or 0}" if cuda else "cpu", spinning=False)
 
 
 def make_runner(model: nn.Module, example_inputs: Inputs, runtime: str = "eager",
@@ -235,20 +274,23 @@ def make_runner(model: nn.Module, example_inputs: Inputs, runtime: str = "eager"
     ``model`` runs in the mode it is in (see :func:`eval_mode`).
     """
     _check_runtime(runtime)
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     if runtime == "onnxruntime":
         session = _ort_session(model, inputs, threads)
         names = [i.name for i in session.get_inputs()]
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        given, _ = _ort_feed(inputs)
+        values = [given[n] for n in names if n in given] if isinstance(given, dict) else list(given)
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, values)}
         return lambda: session.run(None, feed)
     fn = torch.compile(model) if runtime == "compile" else model
-    cuda = inputs[0].device.type == "cuda"
+    device = _first(inputs).device
+    args, kwargs = inputs.args, inputs.kwargs
 
     def run() -> Any:
         with torch.inference_mode():
-            out = fn(*inputs)
-        if cuda:
-            torch.cuda.synchronize(inputs[0].device)
+            out = fn(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return out
 
     return run
@@ -286,15 +328,15 @@ def time_interleaved(runs: Sequence[Callable[[], Any]], repeats: int, warmup: in
     return samples
 
 
-def _setting(inputs: tuple[Tensor, ...], runtime: str, threads: int) -> dict[str, Any]:
-    dev = inputs[0].device
+def _setting(inputs: ModelInputs, runtime: str, threads: int) -> dict[str, Any]:
+    dev = _first(inputs).device
     if runtime == "onnxruntime" and dev.type == "cuda":
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             dev = torch.device("cpu")
     return {"runtime": runtime, "device": f"{dev.type}: {device_name(dev)}", "threads": threads,
-            "batch_size": int(inputs[0].shape[0]) if inputs[0].ndim else 1}
+            "batch_size": inputs.batch_size}
 
 
 def measure_latency(
@@ -307,11 +349,10 @@ def measure_latency(
     timer: Optional[Timer] = None,
 ) -> LatencyResult:
     """Time ``repeats`` forward passes of ``model`` on ``example_inputs`` (after ``warmup`` untimed ones)."""
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     with torch_threads(threads) as used, eval_mode(model):
         run = make_runner(model, inputs, runtime, threads)
-        cuda = inputs[0].device if inputs[0].device.type == "cuda" and runtime != "onnxruntime" else None
-        (samples,) = time_interleaved([run], repeats, warmup, timer, cuda)
+        (samples,) = time_interleaved([run], repeats, warmup, timer, _cuda_device(inputs, runtime))
     return LatencyResult(samples, **_setting(inputs, runtime, used))
 
 
@@ -326,11 +367,10 @@ def compare_latency(
     timer: Optional[Timer] = None,
 ) -> LatencyComparison:
     """Time ``dense`` and ``compact`` alternately (A B A B ...); the speedup is the median per-pair ratio."""
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     with torch_threads(threads) as used, eval_mode(dense, compact):
         runs = [make_runner(dense, inputs, runtime, threads), make_runner(compact, inputs, runtime, threads)]
-        cuda = inputs[0].device if inputs[0].device.type == "cuda" and runtime != "onnxruntime" else None
-        a, b = time_interleaved(runs, repeats, warmup, timer, cuda)
+        a, b = time_interleaved(runs, repeats, warmup, timer, _cuda_device(inputs, runtime))
     setting = _setting(inputs, runtime, used)
     ratios = [x / y if y > 0 else float("inf") for x, y in zip(a, b)]
     return LatencyComparison(LatencyResult(a, **setting), LatencyResult(b, **setting), ratios)

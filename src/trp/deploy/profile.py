@@ -23,13 +23,14 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..core.inputs import ModelInputs
 from ..core.layers import LayerSelector
 from ..core.safety import split_targets
 from ..core.schemes import Scheme, get_scheme, scheme_for
 from ..limits import read_json
 from .io import atomic_write
-from .latency import (STATISTICS, Inputs, Timer, _as_tuple, device_name, eval_mode, make_runner, runtime_version,
-                      time_interleaved, torch_threads)
+from .latency import (STATISTICS, Inputs, Timer, _cuda_device, _first, as_inputs, device_name, eval_mode, make_runner,
+                      runtime_version, time_interleaved, torch_threads)
 
 __all__ = ["LayerLatency", "LatencyTable", "profile_layers", "default_ranks", "cache_dir"]
 
@@ -160,7 +161,7 @@ def default_ranks(module: nn.Module, sch: Scheme, out_hw: tuple[int, int], in_hw
     return sorted(r for r in ranks if 1 <= r <= even)
 
 
-def _record_inputs(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], inputs: tuple[Tensor, ...]):
+def _record_inputs(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], inputs: ModelInputs):
     seen: dict[nn.Module, tuple[Tensor, Tensor]] = {}
 
     def hook(module, args, output):
@@ -170,7 +171,7 @@ def _record_inputs(model: nn.Module, targets: Sequence[tuple[str, nn.Module]], i
     handles = [m.register_forward_hook(hook) for _, m in targets]
     try:
         with eval_mode(model), torch.no_grad():
-            model(*inputs)
+            model(*inputs.args, **inputs.kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -257,15 +258,16 @@ def profile_layers(
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
     summarize = _median if statistic == "median" else min
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     targets, _ = split_targets(model, layers)
     if not targets:
         raise ValueError("no layer to profile: the selection matched no factorizable Conv2d/Linear layer")
     recorded = _record_inputs(model, targets, inputs)
-    batch = int(inputs[0].shape[0])
-    cuda = inputs[0].device if inputs[0].device.type == "cuda" and runtime != "onnxruntime" else None
+    batch = inputs.batch_size
+    cuda = _cuda_device(inputs, runtime)
+    device = _first(inputs).device
     with torch_threads(threads) as used:
-        setting = {"v": CACHE_VERSION, "device": f"{inputs[0].device.type}: {device_name(inputs[0].device)}",
+        setting = {"v": CACHE_VERSION, "device": f"{device.type}: {device_name(device)}",
                    "runtime": runtime, "threads": used, "versions": runtime_version(runtime),
                    "repeats": repeats, "warmup": warmup, "statistic": statistic}
         found: dict[str, LayerLatency] = {}
@@ -302,7 +304,10 @@ def profile_layers(
                                        value["overhead"])
             if advance is not None:
                 advance(1)
-        model_key = {**setting, "model": str(model), "inputs": [list(t.shape) for t in inputs]}
+        model_key = {**setting, "model": str(model), "inputs": [list(t.shape) for t in inputs.args]}
+        if inputs.kwargs:
+            model_key["keyword_inputs"] = {k: list(t.shape) if isinstance(t, Tensor) else repr(t)
+                                           for k, t in inputs.kwargs.items()}
         value = _cached(model_key, cache)
         if value is None:
             with eval_mode(model):

@@ -43,6 +43,7 @@ from ..core._util import check_int, check_number, seeded_inputs
 from ..core.allocation import LayerSpectrum, WholeModelCriterion, check_round_to, layer_worth, pooled_spectrum
 from ..core.criteria import register_criterion
 from ..core.decompose import apply_recipe
+from ..core.inputs import ModelInputs, at_batch
 from ..core.schemes import LowRank
 from .fold import fold_batchnorm
 from .latency import MAX_BATCH, RUNTIMES, STATISTICS, Timer, compare_latency
@@ -191,27 +192,36 @@ class TargetLatency(WholeModelCriterion):
         self.statistic = statistic
         self.progress = progress
         self.history: list[Calibration] = []
-        self._model: Optional[tuple[nn.Module, str, Any, Sequence[int]]] = None
+        self._model: Optional[tuple[nn.Module, str, Any]] = None
+        self._timed: Optional[ModelInputs] = None  # what the model is timed on (prepare)
         self._folded: Optional[nn.Module] = None
         self._affine: Optional[tuple[float, float]] = None  # (scale, rest): see _time_model
         self._last: Optional[dict[str, float]] = None  # the time model and internal target last planned with
         self._fixed: Optional[dict[str, float]] = None  # set by fix_calibration: plan with it, measure nothing
 
     # -- the model being decomposed ---------------------------------------------------
-    def _inputs(self, model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
-        return seeded_inputs(model, (self.batch_size, *input_shape[1:]))
-
-    def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]]) -> None:
+    def _timing_inputs(self, model: nn.Module, input_shape: Optional[Sequence[int]],
+                       example_inputs: Optional[ModelInputs]) -> ModelInputs:
+        """What the model is timed on, at ``batch_size``: the example inputs repeated (or cut) along the batch, else
+        seeded random values of ``input_shape``."""
+        if example_inputs is not None:
+            return at_batch(example_inputs, self.batch_size)
         if input_shape is None:
-            raise ValueError(f"{self!r} measures the model: pass input_shape=(1, C, H, W) to trp.decompose")
-        self._model = (model, scheme, layers, tuple(input_shape))
+            raise ValueError(f"{self!r} measures the model: pass input_shape=(1, C, H, W) or example_inputs "
+                             "to trp.decompose")
+        return ModelInputs((seeded_inputs(model, (self.batch_size, *input_shape[1:])),))
+
+    def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]],
+                example_inputs: Optional[ModelInputs] = None) -> None:
+        self._timed = self._timing_inputs(model, input_shape, example_inputs)
+        self._model = (model, scheme, layers)
         if self._given_table and self.table is not None and self.table.scheme != scheme:
             raise ValueError(f"TargetLatency: the table times the {self.table.scheme} split, but the {scheme} scheme "
                              "was asked: profile the model with that scheme")
         self._folded = _inference_form(model)
         # profiled for each model it is used on (from the disk cache when known)
         if not self._given_table and not (self._fixed is not None and self.table is not None):
-            self.table = profile_layers(self._folded, self._inputs(model, input_shape), scheme, self.runtime,
+            self.table = profile_layers(self._folded, self._timed, scheme, self.runtime,
                                         layers=layers,
                                         threads=self.threads, repeats=self.repeats, warmup=self.warmup,
                                         timer=self.timer, statistic=self.statistic, progress=self.progress)
@@ -351,8 +361,8 @@ class TargetLatency(WholeModelCriterion):
             self._affine = self._time_model(layers)
             self._remember(self.x)
             return self.plan(layers, self.x)[0]
-        model, scheme, _, input_shape = self._model
-        inputs = self._inputs(model, input_shape)
+        model, scheme, _ = self._model
+        inputs = self._timed
 
         rounds = self.calibrate + 1
         advance = self.progress(rounds, "calibrating (measured speedup)") if self.progress is not None else None
