@@ -153,8 +153,8 @@ def minilm_study(reductions: Sequence[float], samples: int, n_eval: int, weighti
                 f"(whole {whole_red:.3f})  cosine {sc['cosine']:.4f} (min {sc['cosine_min']:.3f})  "
                 f"min rank {rows[-1].extra['min_rank']}  ({rows[-1].seconds:.0f}s)")
     if latency:
-        rows += _latency_rows("all-MiniLM-L6-v2", model, None, calib, samples, lambda m: score(m)["cosine"],
-                              "cosine", log, example_inputs=probe, layers=_is_encoder_linear)
+        rows += _latency_rows("all-MiniLM-L6-v2", model, probe, calib, samples, lambda m: score(m)["cosine"],
+                              "cosine", log, selected=True, layers=_is_encoder_linear)
     return rows, desc
 
 
@@ -209,33 +209,38 @@ def cnn_study(name: str, model: nn.Module, calib: list[Tensor], evaluate: Callab
             rows.append(Row(name, label, x, red, red, evaluate(rep.model), metric, 0.0))
             log(f"  {name} {label:>14} x{x:<5} MAC reduction {red:.3f}  {metric} {rows[-1].score:.4f}")
     if latency:
-        rows += _latency_rows(name, model, tuple(probe.shape), calib, samples, evaluate, metric, log)
+        rows += _latency_rows(name, model, probe, calib, samples, evaluate, metric, log, extra_models)
     return rows
 
 
-def _latency_rows(name: str, model: nn.Module, input_shape: Optional[tuple], calib: list, samples: int,
+def _latency_rows(name: str, model: nn.Module, probe: Any, calib: list, samples: int,
                   evaluate: Callable[[nn.Module], float], metric: str, log: Callable[[str], None],
+                  extra_models: Sequence[tuple[str, nn.Module]] = (), selected: bool = False,
                   **kw: Any) -> list[Row]:
-    """TargetLatency(1.5) in ONNX Runtime at batch 1, plain and calibrated (times the model: idle machine)."""
+    """TargetLatency(1.5) in ONNX Runtime at batch 1 (the first example of ``probe``), plain and calibrated, and the
+    ``extra_models`` split plainly (times the model: idle machine). ``reduction`` is the MAC reduction of the
+    selected layers when ``selected``, else of the whole model; the measured speedup is in ``extra``."""
     rows = []
-    for method in ("plain", "calibrated"):
+    runs = [("plain", model, {}), ("calibrated", model, dict(calibration=calib, calibration_samples=samples))]
+    runs += [(label, other, {}) for label, other in extra_models]
+    for method, net, extra in runs:
         crit = trp.TargetLatency(1.5, runtime="onnxruntime", batch_size=1)
-        extra = {} if method == "plain" else dict(calibration=calib, calibration_samples=samples)
-        shape = input_shape if input_shape is not None else None
+        whole = trp.count_macs(net, example_inputs=probe)
         start = time.perf_counter()
         try:
-            split = _quiet(lambda: trp.decompose(model, criterion=crit,
-                                                 input_shape=(1, *shape[1:]) if shape else None,
-                                                 **({} if shape else kw), **extra))
+            rep = _quiet(lambda: trp.decompose_with_report(net, criterion=crit, example_inputs=probe, **kw, **extra))
         except ValueError as err:  # e.g. the target cannot be reached in this runtime at this batch
             log(f"  {name} {method} TargetLatency(1.5): {err}")
             rows.append(Row(name, f"{method} latency", 1.5, float("nan"), float("nan"), float("nan"), metric,
                             time.perf_counter() - start, {"error": str(err)}))
             continue
-        rows.append(Row(name, f"{method} latency", 1.5, float(crit.measured or float("nan")), float("nan"),
-                        evaluate(split), metric, time.perf_counter() - start))
-        log(f"  {name} {method} TargetLatency(1.5): measured speedup {rows[-1].reduction:.3f}  {metric} "
-            f"{rows[-1].score:.4f}")
+        layers_red, whole_red = _measured(rep, whole)
+        rows.append(Row(name, f"{method} latency", 1.5, layers_red if selected else whole_red, whole_red,
+                        evaluate(rep.model), metric, time.perf_counter() - start,
+                        {"measured_speedup": float(crit.measured or float("nan")),
+                         "ranks": {r.name: r.rank for r in rep.factorized}}))
+        log(f"  {name} {method} TargetLatency(1.5): measured speedup {rows[-1].extra['measured_speedup']:.3f}, "
+            f"MAC reduction {rows[-1].reduction:.3f}  {metric} {rows[-1].score:.4f}")
     return rows
 
 
@@ -303,9 +308,16 @@ def markdown(result: dict) -> str:
     for name, desc in result["models"].items():
         lines.append(f"### {name}")
         lines += [f"- {k}: {v}" for k, v in desc.items()]
-        lines += ["", "| method | target | MAC reduction | score | min rank |", "|---|---|---|---|---|"]
+        lines += ["", "| method | target | MAC reduction | measured speedup | score | min rank |",
+                  "|---|---|---|---|---|---|"]
         for r in (r for r in result["rows"] if r["model"] == name):
-            lines.append(f"| {r['method']} | {r['target']:g}x | {r['reduction']:.3f}x | {r['metric']} "
+            target = f"{r['target']:g}x" + (" measured (ORT b1)" if "latency" in r["method"] else " MACs")
+            measured = r["extra"].get("measured_speedup")
+            if "error" in r["extra"]:
+                lines.append(f"| {r['method']} | {target} | — | — | unreachable: {r['extra']['error']} | |")
+                continue
+            lines.append(f"| {r['method']} | {target} | {r['reduction']:.3f}x | "
+                         f"{'' if measured is None else f'{measured:.3f}x'} | {r['metric']} "
                          f"{r['score']:.4f} | {r['extra'].get('min_rank', '')} |")
         lines.append("")
     return "\n".join(lines)

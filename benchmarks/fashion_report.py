@@ -230,8 +230,12 @@ def headline(rows: list[Row]) -> list[str]:
         top = {r.seed: r.top1 for r in mine if r.kind == kind and r.top1 is not None}
         busy = {r.seed for r in mine if r.kind == "in progress"}
         why = {s: f"seed {s} in progress" if s in busy else f"seed {s} missing" for s in (0, 1)}
-        macs = [f"{r.macs:.2f}×" for r in mine if r.kind == "split" == kind and r.top1 is not None and r.macs]
-        at = f" at {', '.join(macs)}" if macs else ""
+        macs = {r.seed: f"{r.macs:.2f}×" for r in mine if r.kind == "split" == kind and r.top1 is not None and r.macs}
+        at = ""
+        if len(set(macs.values())) == 1:
+            at = f" at {next(iter(macs.values()))}"
+        elif macs:
+            at = " at " + ", ".join(f"{m} (seed {s})" for s, m in sorted(macs.items()))
         if len(top) == 2:
             a, b = top[0], top[1]
             lines.append(f"- **{name}**{at}: top-1 mean {(a + b) / 2:.2f} over seeds 0 and 1 "

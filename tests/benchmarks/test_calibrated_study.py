@@ -57,3 +57,34 @@ def test_resnet20_from_a_model_file(study, tmp_path):
     rows, desc = study.resnet20_study(path, None, None, [1.5], 64, False, lambda s: None, limit=100)
     assert [r.method for r in rows] == ["original", "plain", "calibrated, trained BN statistics", "calibrated"]
     assert desc["test"] == "100 test images"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_latency_rows_record_the_measured_speedup_and_an_unreachable_target(study, monkeypatch, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from _fake_hardware import FakeHardware
+
+    monkeypatch.setenv("TRP_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    hw = FakeHardware(overhead=10.0)
+    real = trp.TargetLatency
+    target = {"x": 1.5}
+    monkeypatch.setattr(trp, "TargetLatency", lambda x, **kw: real(target["x"], runtime="eager", timer=hw, repeats=1,
+                                                                   warmup=0, tolerance=0.1))
+    calib = [torch.randn(8, 1, 12, 12) for _ in range(2)]
+    with hw.running():
+        rows = study._latency_rows("tiny", model, calib[0], calib, 8, lambda m: 1.0, "agreement", print)
+        target["x"] = 50.0
+        failed = study._latency_rows("tiny", model, calib[0], calib, 8, lambda m: 1.0, "agreement", print)
+    assert [r.method for r in rows] == ["plain latency", "calibrated latency"]
+    for r in rows:
+        assert abs(r.extra["measured_speedup"] / 1.5 - 1) <= 0.1 and r.reduction > 1.0
+    assert all("cannot be reached" in r.extra["error"] for r in failed)
+    result = {"command": "c", "machine": "m", "models": {"tiny": {}},
+              "rows": [vars(r) for r in rows + failed]}
+    text = study.markdown(result)
+    assert "1.5x measured (ORT b1)" in text and f"{rows[0].extra['measured_speedup']:.3f}x" in text
+    assert "unreachable: TargetLatency" in text

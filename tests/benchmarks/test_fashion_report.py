@@ -114,7 +114,7 @@ def test_report_numbers(report, results: Path, tmp_path: Path) -> None:
     assert order[0].startswith("baseline") and order[-1].startswith("TRP1+Nu")
     # headline: mean and spread over seeds 0 and 1
     assert "**baseline, dense**: top-1 mean 92.50 over seeds 0 and 1 (spread 92.00–93.00" in md
-    assert ("**TRP2+Nu→3× MACs, split** at 3.03×, 2.97×: top-1 mean 89.75 over seeds 0 and 1 "
+    assert ("**TRP2+Nu→3× MACs, split** at 3.03× (seed 0), 2.97× (seed 1): top-1 mean 89.75 over seeds 0 and 1 "
             "(spread 89.00–90.50") in md
     # notes: the nearest baseline split in each variant, same scheme first; seed 1 has no baseline split
     note = next(line for line in md.splitlines() if line.startswith("- TRP2+Nu→3× MACs (seed 0)"))
