@@ -24,7 +24,8 @@
 # Environment: TRP_JOBS (runs trained at once, default 2: one per core, one thread each; 1 leaves a
 # core free), TRP_MODELS (default "resnet20"), TRP_RUNS (default benchmarks/results/fashion,
 # runs/fashion-smoke when smoke), TRP_DATA_DIR (default: the Debian package's folder
-# /usr/share/datasets/fashion-mnist), TRP_NO_BENCH=1 (skip the timings: they need an idle machine),
+# /usr/share/datasets/fashion-mnist), TRP_NO_BENCH=1 (skip the timings and the baseline's split toward a
+# measured latency: they need an idle machine),
 # TRP_ONLY (space-separated run names, e.g. "resnet20-baseline-s0": train only these), TRP_VERIFY=1
 # (at the end, re-evaluate every committed model file and check it reproduces the table's top-1).
 set -euo pipefail
@@ -117,6 +118,25 @@ reduction() {
   "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(round(d.get('mac_reduction', d.get('speedup')), 2))" "$1"
 }
 
+# have_split RUN SCHEME X KIND: whether RUN already has a split of SCHEME within 1% of X fewer MACs, of KIND
+# "plain" (with its BatchNorm and fine-tuned variants) or "calN" (calibrated on N images), e.g. the
+# baseline's own macs:3 split (3.01x) for a TRP row at 3.01x. Summaries named speedup:X (before issue 21)
+# count too.
+have_split() {
+  "$PY" - "$@" <<'PY'
+import json, sys
+from pathlib import Path
+run, scheme, x, kind = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+for f in run.glob(f"decomposed-{scheme}-*.json"):
+    if (f.stem.endswith("-" + kind) if kind != "plain" else "-cal" not in f.stem):
+        d = json.loads(f.read_text())
+        got = d.get("mac_reduction", d.get("speedup"))
+        if got and abs(got / x - 1) <= 0.01:
+            sys.exit(0)
+sys.exit(1)
+PY
+}
+
 # The baseline split to the MAC reduction of each TRP row's split (every decomposition summary of the
 # TRP1+Nu, TRP2+Nu, target and LoRITa runs), in that row's scheme: no fine-tuning, BatchNorm statistics
 # re-estimated, and fine-tuned FT_EPOCHS epochs (one summary holds all three); and the baseline's
@@ -134,18 +154,21 @@ for m in $MODELS; do
         echo "$summary: the TRP split reduces MACs by only ${x}x; no baseline split to match" >&2
         continue
       fi
-      # macs:X is the criterion's name (speedup:X before issue 21: scripts/migrate_results.py renames those files)
-      if [ ! -f "$base/decomposed-$scheme-macs$x.json" ] && [ ! -f "$base/decomposed-$scheme-speedup$x.json" ]; then
+      if ! have_split "$base" "$scheme" "$x" plain; then
         "$TRP" decompose "$base" --scheme "$scheme" --criterion "macs:$x" --recalibrate-bn "$BN_BATCHES" \
           --finetune "$FT_EPOCHS" "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
       fi
-      if [ ! -f "$base/decomposed-channel-macs$x-cal$CALIBRATE.json" ]; then
+      if ! have_split "$base" channel "$x" "cal$CALIBRATE"; then
         "$TRP" decompose "$base" --scheme channel --criterion "macs:$x" --calibrate "$CALIBRATE" \
           "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
       fi
     done
-    # The target rows' comparison at 2x measured latency (the 3x MACs one is in the baseline's config).
-    if [ "$HAVE_LATENCY" = 1 ] && [ ! -f "$base/decomposed-spatial-latency2onnxruntime64.json" ]; then
+    # The target rows' comparison at 2x measured latency (the 3x MACs one is in the baseline's config), for the
+    # seeds that have that row. It times the model: run it on a quiet machine (TRP_NO_BENCH skips it).
+    if [ -n "${TRP_NO_BENCH:-}" ] && [ ! -f "$base/decomposed-spatial-latency2onnxruntime64.json" ]; then
+      echo "skipping $base's split toward 2x measured latency (TRP_NO_BENCH: it times the model)" >&2
+    elif [ "$HAVE_LATENCY" = 1 ] && [ -d "$RUNS/$m-trp2-nu-latency2-s$seed" ] \
+        && [ ! -f "$base/decomposed-spatial-latency2onnxruntime64.json" ]; then
       "$TRP" decompose "$base" --scheme spatial --criterion latency:2:onnxruntime:64 --recalibrate-bn "$BN_BATCHES" \
         --finetune "$FT_EPOCHS" "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
     fi
