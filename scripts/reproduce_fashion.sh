@@ -179,6 +179,7 @@ rm -f "$RUNS"/*/finetune-*/checkpoint.pt  # finished fine-tunes: their models ar
 
 # Accuracy at matched MAC reductions 1.5x..6x for every run (the plot's curves).
 for run in "$RUNS"/*-s0; do
+  [ -f "$run/model.safetensors" ] || { echo "$run: not trained yet, no sweep" >&2; continue; }
   compgen -G "$run/sweep-*-macs.json" >/dev/null || compgen -G "$run/sweep-*-speedup.json" >/dev/null \
     || "$TRP" sweep "$run" --kind macs "${DATA[@]}" >>"$run/sweep.log" 2>&1
 done
