@@ -279,8 +279,8 @@ def make_runner(model: nn.Module, example_inputs: Inputs, runtime: str = "eager"
         session = _ort_session(model, inputs, threads)
         names = [i.name for i in session.get_inputs()]
         given, _ = _ort_feed(inputs)
-        values = [given[n] for n in names if n in given] if isinstance(given, dict) else list(given)
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, values)}
+        pairs = [(n, given[n]) for n in names] if isinstance(given, dict) else list(zip(names, given))
+        feed = {n: t.detach().cpu().numpy() for n, t in pairs}
         return lambda: session.run(None, feed)
     fn = torch.compile(model) if runtime == "compile" else model
     device = _first(inputs).device

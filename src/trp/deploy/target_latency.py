@@ -46,7 +46,7 @@ from ..core.decompose import apply_recipe
 from ..core.inputs import ModelInputs, at_batch
 from ..core.schemes import LowRank
 from .fold import fold_batchnorm
-from .latency import MAX_BATCH, RUNTIMES, STATISTICS, Timer, compare_latency
+from .latency import MAX_BATCH, RUNTIMES, STATISTICS, Inputs, Timer, compare_latency
 from .profile import LatencyTable, profile_layers
 
 __all__ = ["TargetLatency", "Calibration"]
@@ -193,7 +193,7 @@ class TargetLatency(WholeModelCriterion):
         self.progress = progress
         self.history: list[Calibration] = []
         self._model: Optional[tuple[nn.Module, str, Any]] = None
-        self._timed: Optional[ModelInputs] = None  # what the model is timed on (prepare)
+        self._timed: Optional[Inputs] = None  # what the model is timed on (prepare)
         self._folded: Optional[nn.Module] = None
         self._affine: Optional[tuple[float, float]] = None  # (scale, rest): see _time_model
         self._last: Optional[dict[str, float]] = None  # the time model and internal target last planned with
@@ -201,15 +201,18 @@ class TargetLatency(WholeModelCriterion):
 
     # -- the model being decomposed ---------------------------------------------------
     def _timing_inputs(self, model: nn.Module, input_shape: Optional[Sequence[int]],
-                       example_inputs: Optional[ModelInputs]) -> ModelInputs:
+                       example_inputs: Optional[ModelInputs]) -> Inputs:
         """What the model is timed on, at ``batch_size``: the example inputs repeated (or cut) along the batch, else
-        seeded random values of ``input_shape``."""
-        if example_inputs is not None:
-            return at_batch(example_inputs, self.batch_size)
-        if input_shape is None:
-            raise ValueError(f"{self!r} measures the model: pass input_shape=(1, C, H, W) or example_inputs "
-                             "to trp.decompose")
-        return ModelInputs((seeded_inputs(model, (self.batch_size, *input_shape[1:])),))
+        seeded random values of ``input_shape`` (a tensor, a tuple, or a dict of keyword tensors, as given)."""
+        if example_inputs is None:
+            if input_shape is None:
+                raise ValueError(f"{self!r} measures the model: pass input_shape=(1, C, H, W) or example_inputs "
+                                 "to trp.decompose")
+            return seeded_inputs(model, (self.batch_size, *input_shape[1:]))
+        inputs = at_batch(example_inputs, self.batch_size)
+        if not inputs.kwargs:
+            return inputs.args[0] if len(inputs.args) == 1 else inputs.args
+        return dict(inputs.kwargs) if not inputs.args else inputs
 
     def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]],
                 example_inputs: Optional[ModelInputs] = None) -> None:
