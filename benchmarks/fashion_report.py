@@ -225,7 +225,8 @@ def headline(rows: list[Row]) -> list[str]:
     """The headline rows over seeds 0 and 1: mean and spread, or which seed is missing (or in progress)."""
     lines = []
     for name, prefix, kind in (("baseline, dense", "baseline", "dense"),
-                               ("TRP2+Nu→3× MACs, split", "TRP2+Nu→3×", "split")):
+                               ("TRP2+Nu→3× MACs, split", "TRP2+Nu→3×", "split"),
+                               ("TRP2→3× MACs (λ = 0), split", "TRP2→3×", "split")):
         mine = [r for r in rows if r.label.startswith(prefix) and r.seed in (0, 1)]
         top = {r.seed: r.top1 for r in mine if r.kind == kind and r.top1 is not None}
         busy = {r.seed for r in mine if r.kind == "in progress"}
