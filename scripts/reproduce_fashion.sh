@@ -165,10 +165,12 @@ for m in $MODELS; do
     done
     # The target rows' comparison at 2x measured latency (the 3x MACs one is in the baseline's config), for the
     # seeds that have that row. It times the model: run it on a quiet machine (TRP_NO_BENCH skips it).
-    if [ -n "${TRP_NO_BENCH:-}" ] && [ ! -f "$base/decomposed-spatial-latency2onnxruntime64.json" ]; then
+    if [ "$HAVE_LATENCY" != 1 ] || [ ! -d "$RUNS/$m-trp2-nu-latency2-s$seed" ] \
+        || [ -f "$base/decomposed-spatial-latency2onnxruntime64.json" ]; then
+      :  # no latency row for this seed, or done
+    elif [ -n "${TRP_NO_BENCH:-}" ]; then
       echo "skipping $base's split toward 2x measured latency (TRP_NO_BENCH: it times the model)" >&2
-    elif [ "$HAVE_LATENCY" = 1 ] && [ -d "$RUNS/$m-trp2-nu-latency2-s$seed" ] \
-        && [ ! -f "$base/decomposed-spatial-latency2onnxruntime64.json" ]; then
+    else
       "$TRP" decompose "$base" --scheme spatial --criterion latency:2:onnxruntime:64 --recalibrate-bn "$BN_BATCHES" \
         --finetune "$FT_EPOCHS" "${DATA[@]}" --no-progress >>"$base/decompose.log" 2>&1
     fi
