@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import re
 import sys
@@ -339,8 +340,23 @@ def points(rows: list[Row], x: str) -> dict[str, list[tuple[float, float, str]]]
     return fams
 
 
-def plot(rows: list[Row], path: Path, x: str, xlabel: str, title: str, empty: str) -> None:
-    """Top-1 against ``x`` (log scale), one marker and colour per family; ``empty`` titles a plot with no point."""
+def sweep_curves(runs: Path) -> dict[str, list[tuple[float, float]]]:
+    """Seed-0 sweeps (``trp sweep RUN --kind macs``): per sweep label, (MAC reduction, top-1) points in order."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for path in sorted(runs.glob("*-s0/sweep-*-macs.json")):
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("kind") != "trp-sweep" or not isinstance(doc.get("points"), list):
+            raise ValueError(f"{path}: not a trp sweep file (kind 'trp-sweep' with a list of points)")
+        pts = sorted((float(q["mac_reduction"]), float(q["top1"])) for q in doc["points"]
+                     if q.get("mac_reduction") and q.get("top1") is not None)
+        curves[str(doc.get("label") or path.parent.name)] = pts
+    return curves
+
+
+def plot(rows: list[Row], path: Path, x: str, xlabel: str, title: str, empty: str,
+         curves: Optional[dict[str, list[tuple[float, float]]]] = None) -> None:
+    """Top-1 against ``x`` (log scale), one marker and colour per family, and ``curves`` (sweeps) as thin lines;
+    ``empty`` titles a plot with no point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,6 +368,8 @@ def plot(rows: list[Row], path: Path, x: str, xlabel: str, title: str, empty: st
              "TRP / LoRITa": ("tab:red", "*")}
     fams = points(rows, x)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in (curves or {}).items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=1, alpha=0.6, label=f"sweep: {label}", zorder=2)
     for fam, pts in fams.items():
         colour, marker = style.get(fam, ("gray", "x"))
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colour, marker=marker, s=70 if marker == "*" else 40,
@@ -360,7 +378,7 @@ def plot(rows: list[Row], path: Path, x: str, xlabel: str, title: str, empty: st
             if text:
                 ax.annotate(text, (px, py), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("log")
-    xs = [p[0] for pts in fams.values() for p in pts] or [1.0]
+    xs = [p[0] for pts in [*fams.values(), *(curves or {}).values()] for p in pts] or [1.0]
     ax.set_xticks([t for t in (1, 1.5, 2, 3, 4, 6, 8, 12, 16) if min(xs) / 1.2 <= t <= max(xs) * 1.2] or [1])
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
@@ -368,8 +386,8 @@ def plot(rows: list[Row], path: Path, x: str, xlabel: str, title: str, empty: st
     ax.set_ylabel("Fashion-MNIST top-1 (%)")
     ax.set_title(title if fams else f"{title}\n({empty})", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
-    if fams:
-        ax.legend(fontsize=8)
+    if fams or curves:
+        ax.legend(fontsize=6 if curves else 8, ncol=2 if curves else 1)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -385,7 +403,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = collect(args.runs)
-    except (Error, OSError, ValueError) as err:
+        curves = sweep_curves(args.runs)
+    except (Error, OSError, ValueError, KeyError, TypeError) as err:
         print(f"fashion_report: error: {one_line(err)}", file=sys.stderr)
         return 1
     out = args.out.with_suffix("") if args.out.suffix in (".md", ".csv") else args.out
@@ -393,7 +412,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.with_suffix(".md").write_text(markdown(rows, args.runs))
     write_csv(rows, out.with_suffix(".csv"))
     plot(rows, Path(f"{args.plots}-top1-vs-macs.png"), "macs", "MAC reduction (dense = 1×)",
-         "Fashion-MNIST ResNet-20: top-1 vs MAC reduction", "no finished run yet")
+         "Fashion-MNIST ResNet-20: top-1 vs MAC reduction (lines: sweeps, seed 0, no fine-tuning)",
+         "no finished run yet", curves)
     plot(rows, Path(f"{args.plots}-top1-vs-speedup.png"), "ms64", "measured speedup, ONNX Runtime, batch 64",
          "Fashion-MNIST ResNet-20: top-1 vs measured speedup", "no measured speedups yet")
     print(f"wrote {out}.md, {out}.csv, {args.plots}-top1-vs-macs.png, {args.plots}-top1-vs-speedup.png")

@@ -160,3 +160,18 @@ def test_malformed_summary_is_one_error_line(report, results: Path, tmp_path: Pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err and err.startswith("fashion_report: error: ")
     assert not (tmp_path / "t.md").exists()
+
+
+def test_sweeps_become_curves_and_a_bad_sweep_is_one_error_line(report, results: Path, tmp_path: Path, capsys) -> None:
+    points = [{"criterion": "macs:3", "top1": 80.0, "mac_reduction": 3.0},
+              {"criterion": "macs:1.5", "top1": 90.0, "mac_reduction": 1.5}]
+    write(results / "resnet20-baseline-s0" / "sweep-spatial-macs.json",
+          {"kind": "trp-sweep", "label": "baseline (spatial)", "points": points})
+    assert report.sweep_curves(results) == {"baseline (spatial)": [(1.5, 90.0), (3.0, 80.0)]}
+    assert report.main(["--runs", str(results), "--out", str(tmp_path / "t"), "--plots", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p-top1-vs-macs.png").stat().st_size > 0
+    bad = results / "resnet20-baseline-s0" / "sweep-channel-macs.json"
+    write(bad, {"kind": "something else"})
+    assert report.main(["--runs", str(results), "--out", str(tmp_path / "u"), "--plots", str(tmp_path / "q")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err
