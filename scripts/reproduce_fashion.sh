@@ -104,6 +104,8 @@ for m in $MODELS; do
   for c in trp1-nu trp2-nu lorita2; do jobs_list+=("configs/fashion/$m-$c.yaml 0"); done
   # What closes TRP's gap to the baseline: the 3x MAC target without the nuclear term (lambda = 0)
   jobs_list+=("configs/fashion/$m-trp2-macs3.yaml 0" "configs/fashion/$m-trp2-macs3.yaml 1")
+  # ... and the reduction ramped in over the first 5 epochs instead of imposed from the first projection
+  jobs_list+=("configs/fashion/$m-trp2-nu-macs3-ramp5.yaml 0" "configs/fashion/$m-trp2-nu-macs3-ramp5.yaml 1")
 done
 [ "$HAVE_LATENCY" = 1 ] || echo "skipping the 'toward 2x measured latency' rows: this trp has no trp.TargetLatency" >&2
 for job in "${jobs_list[@]}"; do

@@ -53,11 +53,17 @@ def test_cli_target_run_lands_on_the_target_and_splits_losslessly(fashion_root: 
     assert "TRP1+Nu → 3× MACs" in labels
 
 
-def test_resume_keeps_the_target_and_ends_where_an_uninterrupted_run_ends(fashion_root: Path, tmp_path: Path) -> None:
-    cfg = _config(fashion_root, epochs=3, target_warmup=1)
+@pytest.mark.parametrize("schedule", [dict(target_warmup=1), dict(target_ramp=2)])
+def test_resume_keeps_the_target_and_ends_where_an_uninterrupted_run_ends(fashion_root: Path, tmp_path: Path,
+                                                                          schedule: dict) -> None:
+    cfg = _config(fashion_root, epochs=3, **schedule)
     full = train(cfg, tmp_path / "full")
     part = train(cfg, tmp_path / "part", stop_after=1)
-    assert part.pruner.allocated == {} and part.pruner.ranks  # epoch 1 (3 steps): energy-driven warm-up only
+    if "target_warmup" in schedule:
+        assert part.pruner.allocated == {} and part.pruner.ranks  # epoch 1 (3 steps): energy-driven warm-up only
+    else:  # epoch 1 of a 2-epoch ramp: the ranks are those of a milder target
+        assert part.pruner.ranks == part.pruner.allocated
+        assert sum(part.pruner.ranks.values()) > sum(full.pruner.ranks.values())
     resumed = train(cfg, tmp_path / "part", resume=True)
     assert resumed.pruner.iteration == full.pruner.iteration
     assert resumed.pruner.ranks == full.pruner.ranks == full.pruner.allocated
@@ -66,8 +72,9 @@ def test_resume_keeps_the_target_and_ends_where_an_uninterrupted_run_ends(fashio
 
 
 def test_warmup_epochs_become_iterations(fashion_root: Path, tmp_path: Path) -> None:
-    trainer = Trainer(_config(fashion_root, target_warmup=2, steps_per_epoch=2), tmp_path / "w")
+    trainer = Trainer(_config(fashion_root, epochs=4, target_warmup=2, target_ramp=1, steps_per_epoch=2), tmp_path / "w")
     assert trainer.pruner.warmup == 4  # 2 epochs × min(24/8 = 3, steps_per_epoch 2)
+    assert trainer.pruner.ramp == 2
     assert trainer.pruner.input_shape == (1, 1, 28, 28)
 
 
@@ -79,6 +86,9 @@ def test_warmup_epochs_become_iterations(fashion_root: Path, tmp_path: Path) -> 
         (dict(target_macs=1.0), "reduction factor > 1"),
         (dict(target_warmup=-1), "target_warmup"),
         (dict(target_macs=None, target_warmup=2), "set target_macs or target_latency"),
+        (dict(target_ramp=-1), "target_ramp"),
+        (dict(target_macs=None, target_latency=2.0, target_ramp=1), "target_ramp grows a MAC target"),
+        (dict(epochs=3, target_warmup=1, target_ramp=2), "must be fewer than the 3 epochs"),
     ],
 )
 def test_bad_target_config(fashion_root: Path, kw: dict, pattern: str) -> None:

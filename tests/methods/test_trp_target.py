@@ -216,7 +216,9 @@ def test_state_dict_keeps_the_target() -> None:
         (dict(target=trp.TargetMACs(3), input_shape=SHAPE, period=None), ValueError, "period"),
         (dict(target=trp.Energy(0.9), input_shape=SHAPE), TypeError, "whole-model criterion"),
         (dict(target=trp.TargetMACs(3), input_shape=SHAPE, warmup=-1), ValueError, "warmup"),
-        (dict(warmup=10), ValueError, "needs target"),
+        (dict(warmup=10), ValueError, "warmup counts iterations.*needs a whole-model criterion"),
+        (dict(ramp=10), ValueError, "ramp counts iterations.*needs a whole-model criterion"),
+        (dict(target=trp.TargetMACs(3), input_shape=SHAPE, ramp=-1), ValueError, "ramp must be"),
     ],
 )
 def test_bad_target_arguments(kwargs: dict, error: type, pattern: str) -> None:

@@ -233,6 +233,7 @@ class TrainConfig(_Schema):
     target_latency: Optional[Number(1, math.inf, low_open=True, what="a reduction factor > 1")] = None  # type: ignore[valid-type]
     target_latency_batch: Integer(1, 4096) = 1  # type: ignore[valid-type]  # the batch a latency target is timed at
     target_warmup: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # energy-driven epochs before the target's
+    target_ramp: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # epochs after them over which a MAC target grows
     # decompositions to run after training (DecomposeStep entries)
     decompose: Annotated[list[dict[str, Any]], BeforeValidator(_decompose_entries)] = field(default_factory=list)
     sync_bn: Flag = False  # under torchrun: SyncBatchNorm (CUDA only)
@@ -274,6 +275,12 @@ class TrainConfig(_Schema):
             raise ValueError("target_latency_batch is the batch a latency target is timed at: set target_latency")
         if self.target_warmup and self.target_criterion is None:
             raise ValueError("target_warmup counts epochs before a target takes over: set target_macs or target_latency")
+        if self.target_ramp and self.target_macs is None:
+            raise ValueError("target_ramp grows a MAC target's reduction over epochs: set target_macs "
+                             "(a latency target is calibrated once and cannot ramp)")
+        if self.target_ramp and self.target_warmup + self.target_ramp >= self.epochs:
+            raise ValueError(f"target_warmup + target_ramp ({self.target_warmup} + {self.target_ramp}) must be fewer "
+                             f"than the {self.epochs} epochs, so that the run trains at the whole target before it ends")
 
     def validate(self) -> None:
         """Check the config again (it is checked when built; this re-checks values changed since)."""

@@ -110,6 +110,7 @@ class Trainer:
             self.pruner = TRP.from_config(self.model, TRPConfig(
                 config.scheme, target, config.energy, config.period, config.nuclear_weight,
                 warmup=config.target_warmup * self._steps_per_epoch() if target is not None else 0,
+                ramp=config.target_ramp * self._steps_per_epoch() if target is not None else 0,
                 layers=config.layers, exclude=config.exclude,
                 input_shape=self.spec.input_shape if target is not None else None))
         elif config.method == "nuclear":

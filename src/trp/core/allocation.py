@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._util import warn_deprecated
+from ._util import check_number, warn_deprecated
 from .inputs import ModelInputs
 
 __all__ = [
@@ -182,6 +182,16 @@ class TargetMACs(WholeModelCriterion):
         self.x = float(x)
         self.convs_only = convs_only
         self.round_to = check_round_to(round_to)
+
+    def partway(self, fraction: float) -> "TargetMACs":
+        """The target ``fraction`` of the way from no reduction to ``x``: the MACs cut grow linearly.
+
+        The budget keeps ``1 - fraction·(1 - 1/x)`` of the dense MACs (``fraction`` 1: this target;
+        0: the dense count, the least reduction a criterion can ask for). TRP's ``ramp`` uses it.
+        """
+        check_number("fraction", fraction, 0.0, 1.0)
+        kept = 1.0 - fraction * (1.0 - 1.0 / self.x)
+        return TargetMACs(max(1.0 / kept, 1.0 + 1e-9), self.convs_only, self.round_to)
 
     def allocate(self, layers: Sequence[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
         dense = _dense_total(layers, fixed_macs)

@@ -52,7 +52,10 @@ criterion (e.g. the most spectral energy per MAC within the budget, :mod:`trp.co
 the sub-gradient acts on the same ranks, and :meth:`TRP.decompose` splits with the same
 criterion, so the trained model lands on the target. ``warmup=K`` keeps ``warmup_criterion``
 (``Energy(0.9)``) projections for the first ``K`` iterations; ``project(final=True)`` uses the
-target even then.
+target even then. ``ramp=R`` (a target with ``partway``, such as ``TargetMACs``) then lets the
+reduction grow over the next ``R`` iterations instead of imposing it at once: a projection at
+progress ``p = (iteration - K) / R`` uses ``target.partway(1 - (1 - p)³)``, most of the cut early
+(the cubic schedule of gradual pruning, Zhu & Gupta 2017), and the whole target from ``K + R`` on.
 
 A measured target (:class:`trp.TargetLatency`) profiles the layers TRP trains and is calibrated
 once, at its first allocation (the start of target training, after ``warmup``): its time model
@@ -127,7 +130,8 @@ class TRP(TargetRanks):
     :func:`trp.methods.sharded.resolve_group`), ``input_shape`` / ``example_inputs`` (a whole-model
     criterion's MAC counts), ``warmup`` and ``warmup_criterion`` (the projections before a
     whole-model criterion takes over). The defaults are :class:`trp.TRPConfig`'s;
-    :meth:`from_config` builds a TRP from one. ``energy=`` and ``target=`` are deprecated.
+    :meth:`from_config` builds a TRP from one. ``ramp`` (keyword) grows a target's reduction over
+    that many iterations after the warm-up. ``energy=`` and ``target=`` are deprecated.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class TRP(TargetRanks):
         *,
         energy: Optional[float] = None,
         warmup_criterion: Optional[RankCriterion] = None,
+        ramp: int = DEFAULTS.ramp,
     ) -> None:
         criterion, warm = resolve_criteria(criterion, energy, target, warmup_criterion)
         get_scheme(scheme)
@@ -193,6 +198,7 @@ class TRP(TargetRanks):
         self.iteration = 0
         self.seconds = 0.0  # wall time spent inside regularize/step/project
         self.warmup = warmup
+        self.ramp = check_int("ramp", ramp, 0, what="a number of iterations >= 0")
         self.input_shape: Optional[tuple[int, ...]] = None
         self.allocated: dict[str, int] = {}  # the whole-model criterion's ranks at the last refresh
         self._costs: dict[str, tuple[int, Any]] = {}
@@ -202,9 +208,12 @@ class TRP(TargetRanks):
         self._calibration_shared = False
         if self.whole:
             self._init_target(targets, period, input_shape, example_inputs, warmup)
-        elif warmup:
-            raise ValueError("warmup counts the iterations before the target takes over: it needs target=a "
-                             "whole-model criterion (criterion=trp.TargetMACs(x), ...)")
+        elif warmup or ramp:
+            raise ValueError(f"{'warmup' if warmup else 'ramp'} counts iterations before the target applies in "
+                             "full: it needs a whole-model criterion (criterion=trp.TargetMACs(x), ...)")
+        if ramp and not callable(getattr(self.criterion, "partway", None)):
+            raise ValueError(f"ramp grows the target's reduction step by step: {self.criterion!r} has no "
+                             "partway(fraction) method; use trp.TargetMACs(x), or ramp=0")
 
     @classmethod
     def from_config(cls, model: nn.Module, config: TRPConfig, **overrides: Any) -> "TRP":
@@ -214,7 +223,8 @@ class TRP(TargetRanks):
             config = config.replace(**overrides)
         return cls(model, config.scheme, config.resolved_criterion(), config.period, config.nuclear_weight,
                    config.layers, config.subgradient_period, config.shard, None, config.input_shape,
-                   example_inputs, config.warmup, config.exclude, warmup_criterion=Energy(config.energy))
+                   example_inputs, config.warmup, config.exclude, warmup_criterion=Energy(config.energy),
+                   ramp=config.ramp)
 
     @property
     def whole(self) -> bool:
@@ -225,6 +235,15 @@ class TRP(TargetRanks):
     def target(self) -> Optional[Any]:
         """The whole-model criterion trained toward, or None (a per-layer criterion)."""
         return self.criterion if self.whole else None
+
+    def target_now(self, final: bool = False) -> Any:
+        """The whole-model criterion of a projection at the current iteration: the target, or during
+        the ramp ``target.partway(1 - (1 - p)³)`` (``final``: the target itself)."""
+        done = self.iteration - self.warmup
+        if final or not self.ramp or done >= self.ramp:
+            return self.criterion
+        p = max(done, 0) / self.ramp
+        return self.criterion.partway(1.0 - (1.0 - p) ** 3)
 
     # -- the two calls of the training loop ---------------------------------------------
     def regularize(self) -> None:
@@ -340,7 +359,7 @@ class TRP(TargetRanks):
             spectra, large = self._spectra(mine, project, per_layer)
             ranks = None
             if whole:
-                ranks = self._decide(spectra, large, owners)
+                ranks = self._decide(spectra, large, owners, self.target_now(final))
                 self.allocated = dict(ranks)
                 spectra += [_Spectra([n], *svd, batched=False, matrix=self._matrix([n])[0])
                             for n, svd in self._large_svds.items()]

@@ -8,7 +8,8 @@ config file all read their defaults from here::
 
 ``criterion`` is any criterion :func:`trp.decompose` accepts; None means ``Energy(energy)``.
 With a whole-model criterion (a target), ``energy`` is also the criterion of the projections of
-the first ``warmup`` iterations. Importing this module does not import torch (the command line
+the first ``warmup`` iterations; over the ``ramp`` iterations after them the target's reduction
+grows from none to all of it (a criterion with ``partway``, such as ``TargetMACs``). Importing this module does not import torch (the command line
 reads the defaults for its ``--help``).
 """
 
@@ -43,6 +44,7 @@ class TRPConfig:
     nuclear_weight: float = 3e-4
     subgradient_period: Optional[int] = None  # None: the period (20 when period is None)
     warmup: int = 0  # iterations of Energy(energy) projections before a whole-model criterion takes over
+    ramp: int = 0  # iterations after the warm-up over which a target's reduction grows from none to all of it
     layers: "LayerSelector" = None
     exclude: Sequence[str] = field(default_factory=tuple)
     shard: Any = None  # None (auto), True, False or a torch.distributed ProcessGroup
@@ -54,6 +56,7 @@ class TRPConfig:
         check_number("nuclear_weight", self.nuclear_weight, 0.0, high_open=True, what="a finite number >= 0")
         check_int("subgradient_period", self.subgradient_period, 1, none_means="for the period")
         check_int("warmup", self.warmup, 0, what="a number of iterations >= 0")
+        check_int("ramp", self.ramp, 0, what="a number of iterations >= 0")
         if self.criterion is not None and not (callable(self.criterion) or is_whole_model(self.criterion)):
             raise ValueError(f"criterion must be a rank criterion such as trp.Energy(0.9) or trp.TargetMACs(3), "
                              f"got {self.criterion!r}")

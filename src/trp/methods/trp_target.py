@@ -114,8 +114,10 @@ class TargetRanks:
         return owners
 
     # -- step 2 under a whole-model criterion ---------------------------------------------
-    def _decide(self, spectra: list[_Spectra], large: dict[str, Tensor], owners: dict[str, int]) -> dict[str, int]:
-        """Step 2: the whole-model ranks, decided on rank 0 from every layer's spectrum and broadcast."""
+    def _decide(self, spectra: list[_Spectra], large: dict[str, Tensor], owners: dict[str, int],
+                criterion: Any = None) -> dict[str, int]:
+        """Step 2: the whole-model ranks, decided on rank 0 from every layer's spectrum and broadcast
+        (``criterion``: the one of this projection, default the target)."""
         sigma = {n: e.s[i] for e in spectra for i, n in enumerate(e.names)}
         if self._group is not None:  # every spectrum on rank 0 (large layers aside: it computes those)
             shapes = {n: self._view_shape(n) for n in self.layer_names if not (n in self._costs and self._is_large(n))}
@@ -126,7 +128,7 @@ class TargetRanks:
         if self._rank() == 0:
             try:
                 with _own_random_state(next(iter(self._params.values()))):
-                    ranks = self._allocate_all(sigma, large)
+                    ranks = self._allocate_all(sigma, large, self.criterion if criterion is None else criterion)
             except Exception as err:  # the other ranks must hear of it, not wait for ranks forever
                 if self._group is None:
                     raise
@@ -139,18 +141,18 @@ class TargetRanks:
         self._share_calibration()
         return ranks
 
-    def _allocate_all(self, sigma: dict[str, Tensor], large: dict[str, Tensor]) -> dict[str, int]:
+    def _allocate_all(self, sigma: dict[str, Tensor], large: dict[str, Tensor], criterion: Any) -> dict[str, int]:
         prepare = getattr(self.criterion, "prepare", None)
         if not self._prepared and callable(prepare):
             # A measured criterion profiles the model here, with the layers TRP trains.
             prepare(self.model, self.scheme, list(self.layer_names), self.input_shape)
         self._prepared = True
         if not large:
-            return self.allocate(sigma)
+            return self.allocate(sigma, criterion)
         # Large layers inside the budget: only the leading triplets the ranks need (core.topspectra).
         layers = [LayerMatrix(n, large[n] if n in large else self._matrix([n])[0], *self._costs[n]) for n in self._costs]
         known = {n: (sigma[n], sigma[n], sigma[n]) for n in self._costs if n not in large}  # only S is read
-        svds, given = allocate_leading(self.criterion, layers, self._fixed_macs, known=known)
+        svds, given = allocate_leading(criterion, layers, self._fixed_macs, known=known)
         self._large_svds = {n: svds[n] for n in large}
         return self._checked_ranks(given, {n: int(min(self._view_shape(n)[-2:])) for n in self.layer_names})
 
@@ -201,12 +203,13 @@ class TargetRanks:
         spec = getattr(self.criterion, "spec", None)
         return spec() if callable(spec) else repr(self.criterion)
 
-    def allocate(self, spectra: dict[str, Tensor]) -> dict[str, int]:
-        """The whole-model criterion's rank for every layer, from each layer's singular values (``(k,)`` or batched)."""
+    def allocate(self, spectra: dict[str, Tensor], criterion: Any = None) -> dict[str, int]:
+        """The whole-model criterion's rank for every layer, from each layer's singular values (``(k,)`` or batched);
+        ``criterion`` replaces the target (e.g. a ramp's ``target.partway(f)``)."""
         if not self.whole:
             raise ValueError("this TRP has a per-layer criterion: build it with criterion=trp.TargetMACs(x)")
         layers = [LayerSpectrum(n, spectra[n], dense, macs) for n, (dense, macs) in self._costs.items()]
-        given = self.criterion.allocate(layers, self._fixed_macs)
+        given = (self.criterion if criterion is None else criterion).allocate(layers, self._fixed_macs)
         return self._checked_ranks(given, {n: int(spectra[n].shape[-1]) for n in self.layer_names})
 
     def _checked_ranks(self, given: dict[str, int], max_ranks: dict[str, int]) -> dict[str, int]:
