@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 from trp.errors import Error, FileError, one_line
 from trp.limits import parse_json, read_json, read_json_lines
 
-ORDER = ["baseline", "TRP2+Nu→3× MACs", "TRP2+Nu→2× latency", "TRP1+Nu", "TRP2+Nu", "LoRITa N=2"]
+ORDER = ["baseline", "TRP2+Nu→3× MACs", "TRP2+Nu→3× MACs, 5-epoch ramp", "TRP2+Nu→2× latency", "TRP1+Nu", "TRP2+Nu", "LoRITa N=2"]
 VARIANTS = (("plain", "without fine-tuning"), ("bn", "with BatchNorm re-estimated"), ("ft", "fine-tuned"),
             ("cal", "calibrated"))
 DASH = "—"
@@ -118,6 +118,9 @@ def run_label(config: dict[str, Any], path: Path) -> str:
     macs = number(config, path, "target_macs") or number(config, path, "target_speedup")
     latency = number(config, path, "target_latency")
     label += (f"→{macs:g}× MACs" if macs else "") + (f"→{latency:g}× latency" if latency else "")
+    ramp = number(config, path, "target_ramp")
+    if ramp:
+        label += f", {ramp:g}-epoch ramp"
     return label
 
 
@@ -223,12 +226,17 @@ def fmt(value: Optional[float], suffix: str = "", signed: bool = False) -> str:
 
 
 def headline(rows: list[Row]) -> list[str]:
-    """The headline rows over seeds 0 and 1: mean and spread, or which seed is missing (or in progress)."""
+    """The headline rows over seeds 0 and 1: mean and spread (and the split rows' difference from the
+    baseline's mean), or which seed is missing (or in progress)."""
     lines = []
-    for name, prefix, kind in (("baseline, dense", "baseline", "dense"),
-                               ("TRP2+Nu→3× MACs, split", "TRP2+Nu→3×", "split"),
-                               ("TRP2→3× MACs (λ = 0), split", "TRP2→3×", "split")):
-        mine = [r for r in rows if r.label.startswith(prefix) and r.seed in (0, 1)]
+    base_mean: Optional[float] = None
+    for name, label, kind in (("baseline, dense", "baseline", "dense"),
+                              ("TRP2+Nu→3× MACs, split", "TRP2+Nu→3× MACs", "split"),
+                              ("TRP2→3× MACs (λ = 0), split", "TRP2→3× MACs", "split"),
+                              ("TRP2+Nu→3× MACs with a 5-epoch ramp, split", "TRP2+Nu→3× MACs, 5-epoch ramp", "split")):
+        mine = [r for r in rows if r.label == label and r.seed in (0, 1)]
+        if not mine and label != "baseline":
+            continue  # a row this results folder does not have
         top = {r.seed: r.top1 for r in mine if r.kind == kind and r.top1 is not None}
         busy = {r.seed for r in mine if r.kind == "in progress"}
         why = {s: f"seed {s} in progress" if s in busy else f"seed {s} missing" for s in (0, 1)}
@@ -240,8 +248,14 @@ def headline(rows: list[Row]) -> list[str]:
             at = " at " + ", ".join(f"{m} (seed {s})" for s, m in sorted(macs.items()))
         if len(top) == 2:
             a, b = top[0], top[1]
-            lines.append(f"- **{name}**{at}: top-1 mean {(a + b) / 2:.2f} over seeds 0 and 1 "
-                         f"(spread {min(a, b):.2f}–{max(a, b):.2f}; seed 0 {a:.2f}, seed 1 {b:.2f})")
+            mean = (a + b) / 2
+            versus = ""
+            if label == "baseline":
+                base_mean = mean
+            elif base_mean is not None:
+                versus = f"; {mean - base_mean:+.2f} against the baseline's mean"
+            lines.append(f"- **{name}**{at}: top-1 mean {mean:.2f} over seeds 0 and 1 "
+                         f"(spread {min(a, b):.2f}–{max(a, b):.2f}; seed 0 {a:.2f}, seed 1 {b:.2f}{versus})")
         elif top:
             s = 0 if 0 in top else 1
             lines.append(f"- **{name}**{at}: top-1 {top[s]:.2f} (seed {s} only; {why[1 - s]})")

@@ -175,3 +175,21 @@ def test_sweeps_become_curves_and_a_bad_sweep_is_one_error_line(report, results:
     assert report.main(["--runs", str(results), "--out", str(tmp_path / "u"), "--plots", str(tmp_path / "q")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err
+
+
+def test_a_ramped_target_is_its_own_row_and_headline(report, results: Path, tmp_path: Path) -> None:
+    for seed, top1 in ((0, 92.5), (1, 91.5)):
+        d = run(results, f"resnet20-trp2-nu-macs3-ramp5-s{seed}", [88.0, 92.0], target_macs=3.0, target_ramp=5)
+        write(d / "decomposed-spatial-macs3.json", summary("spatial", "macs:3", top1, 3.01))
+    out = tmp_path / "t"
+    assert report.main(["--runs", str(results), "--out", str(out), "--plots", str(tmp_path / "p")]) == 0
+    md = out.with_suffix(".md").read_text()
+    rows = table(out.with_suffix(".md"))
+    assert rows["TRP2+Nu→3× MACs, 5-epoch ramp | 0 | split (spatial, macs:3)"][:2] == ["3.01×", "92.50"]
+    # the unramped headline keeps its own two runs; the ramped one gets its mean against the baseline's (92.50)
+    assert "**TRP2+Nu→3× MACs, split** at 3.03× (seed 0), 2.97× (seed 1): top-1 mean 89.75" in md
+    assert ("**TRP2+Nu→3× MACs with a 5-epoch ramp, split** at 3.01×: top-1 mean 92.00 over seeds 0 and 1 "
+            "(spread 91.50–92.50; seed 0 92.50, seed 1 91.50; -0.50 against the baseline's mean)") in md
+    order = [k.split(" | ")[0] for k in rows]
+    last_plain = len(order) - 1 - order[::-1].index("TRP2+Nu→3× MACs")
+    assert order.index("TRP2+Nu→3× MACs, 5-epoch ramp") == last_plain + 1  # right after the unramped rows
