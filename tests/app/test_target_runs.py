@@ -106,7 +106,7 @@ def test_target_latency_is_wired_to_trp_target_latency(fashion_root: Path, tmp_p
             seen["table"] = table
             seen["batch"] = batch_size
 
-        def prepare(self, model, scheme, layers, input_shape) -> None:  # TRP profiles with its own selection
+        def prepare(self, model, scheme, layers, input_shape, example_inputs=None) -> None:  # TRP profiles with its own selection
             seen["profile"] = (tuple(input_shape), scheme, tuple(layers))
 
         def spec(self) -> str:

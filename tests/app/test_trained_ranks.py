@@ -30,7 +30,7 @@ class DriftingLatency(trp.TargetMACs):
         self.asked = x
         super().__init__(x * DriftingLatency.built)
 
-    def prepare(self, model, scheme, layers, input_shape) -> None:
+    def prepare(self, model, scheme, layers, input_shape, example_inputs=None) -> None:
         pass
 
     def spec(self) -> str:

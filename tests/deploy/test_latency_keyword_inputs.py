@@ -64,6 +64,18 @@ def test_as_inputs_reads_every_form_and_names_a_bad_one() -> None:
             as_inputs(bad)
 
 
+def test_simplest_is_the_inverse_of_as_inputs() -> None:
+    t, u = torch.zeros(2, 3), torch.ones(2)
+    assert as_inputs(t).simplest() is t
+    assert as_inputs([t, u]).simplest() == (t, u)
+    assert as_inputs({"x": t, "mask": u}).simplest() == {"x": t, "mask": u}
+    both = ModelInputs((t,), {"mask": u})
+    assert both.simplest() is both and as_inputs(both.simplest()) is both
+    for form in (t, (t, u), {"x": t}):
+        again = as_inputs(as_inputs(form).simplest())
+        assert again.args == as_inputs(form).args and again.kwargs == as_inputs(form).kwargs
+
+
 @pytest.mark.parametrize("runtime", ["eager", "onnxruntime"])
 def test_a_model_fed_keyword_inputs_is_timed(runtime: str) -> None:
     model = TokenNet().eval()

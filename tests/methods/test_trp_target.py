@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import trp
-from trp.core.allocation import LayerSpectrum
+from trp.core.allocation import LayerSpectrum, WholeModelCriterion
 from trp.core.schemes import scheme_for
 from trp.models import create_model
 
@@ -254,3 +254,43 @@ def test_any_target_lands_within_the_budget(x: float, channels: int, scheme: str
     with torch.no_grad():
         xin = torch.randn(2, *shape[1:])
         torch.testing.assert_close(compact.eval()(xin), model.eval()(xin), rtol=1e-4, atol=1e-4)
+
+
+class _Recording(_Halve, WholeModelCriterion):
+    """A whole-model criterion whose prepare records what it was given."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def prepare(self, model, scheme, layers, input_shape, example_inputs=None) -> None:
+        self.seen.append((scheme, input_shape, example_inputs))
+
+
+class _OldPrepare(_Halve, WholeModelCriterion):
+    """A criterion written before prepare received example inputs (four parameters)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def prepare(self, model, scheme, layers, input_shape) -> None:
+        self.calls += 1
+
+
+def test_prepare_gets_the_example_inputs_and_an_old_prepare_still_works() -> None:
+    from trp.core._util import WARNED
+
+    x = torch.randn(2, *SHAPE[1:])
+    new = _Recording()
+    trp.decompose(_resnet20(6), "channel", new, example_inputs=x)
+    trp.decompose(_resnet20(6), "channel", new, input_shape=SHAPE)
+    trp.TRP(_resnet20(6), "channel", criterion=new, period=2, input_shape=SHAPE).project()
+    (s1, _, given), (_, shape2, none1), (_, shape3, none2) = new.seen
+    assert s1 == "channel" and torch.equal(given.args[0], x)
+    assert tuple(shape2) == tuple(shape3) == SHAPE and none1 is None and none2 is None  # only a shape: no inputs
+    WARNED.discard("_OldPrepare.prepare")
+    old = _OldPrepare()
+    with pytest.warns(DeprecationWarning, match=r"_OldPrepare.prepare\(model, scheme, layers, input_shape\) is "
+                                                "deprecated: add the parameter example_inputs=None"):
+        trp.decompose(_resnet20(6), "channel", old, example_inputs=x)
+    trp.TRP(_resnet20(6), "channel", criterion=old, period=2, input_shape=SHAPE).project()
+    assert old.calls == 2

@@ -17,7 +17,9 @@ per rank index: ``σ_i = sqrt(Σ_filters σ_{f,i}²)``, since one rank serves ev
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -25,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._util import check_number, warn_deprecated
+from ._util import WARNED, check_number, warn_deprecated
 from .inputs import ModelInputs
 
 __all__ = [
@@ -83,6 +85,37 @@ def pooled_spectrum(sigma: Tensor, keep: int = 0) -> Tensor:
     if sigma.ndim == keep + 1:
         return sigma
     return sigma.square().flatten(keep, -2).sum(keep).sqrt()
+
+
+def prepare_criterion(criterion: Any, model: nn.Module, scheme: str, layers: Any,
+                      input_shape: Optional[Sequence[int]], example_inputs: Optional[ModelInputs] = None) -> None:
+    """Call a whole-model criterion's ``prepare`` (if it has one) with the model about to be split.
+
+    A ``prepare`` written before ``example_inputs`` was passed (four parameters) is called without
+    it, with a DeprecationWarning (once per class) asking for the parameter.
+    """
+    prepare = getattr(criterion, "prepare", None)
+    if not callable(prepare):
+        return
+    if _takes_keyword(prepare, "example_inputs"):
+        prepare(model, scheme, layers, input_shape, example_inputs=example_inputs)
+        return
+    name = f"{type(criterion).__qualname__}.prepare"
+    if name not in WARNED:
+        WARNED.add(name)
+        warnings.warn(f"{name}(model, scheme, layers, input_shape) is deprecated: add the parameter "
+                      "example_inputs=None (the caller's example inputs, or None when only input_shape was given)",
+                      DeprecationWarning, stacklevel=3)
+    prepare(model, scheme, layers, input_shape)
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name`` (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: assume the current form
+        return True
+    return any(p.name == name and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class WholeModelCriterion(ABC):

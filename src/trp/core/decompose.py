@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, round_rank
+from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, prepare_criterion, round_rank
 from .attention import convert_attention, restore_attention
 from .bn_stats import refit_batchnorm
 from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, forward_groups, layer_factors,
@@ -159,10 +159,8 @@ def decompose_with_report(
                 if name in layer_inputs and standard_form(module) is not None:
                     check_standard(module, layer_inputs[name], name)
     if whole:
-        if example_inputs is not None and inputs is not None:  # (a criterion written before they were passed: none)
-            criterion.prepare(model, scheme, layers, input_shape, example_inputs=inputs.materialized(model))
-        else:
-            criterion.prepare(model, scheme, layers, input_shape)
+        given = inputs.materialized(model) if example_inputs is not None and inputs is not None else None
+        prepare_criterion(criterion, model, scheme, layers, input_shape, given)
     calibrated: dict[str, CalibratedFactors] = {}
     gains: dict[str, float] = {}
     if calib is not None:

@@ -61,6 +61,14 @@ class ModelInputs:
 
         return ModelInputs(tuple(real(a) for a in self.args), {k: real(v) for k, v in self.kwargs.items()})
 
+    def simplest(self) -> Any:
+        """These inputs in the plainest form a caller writes: one tensor, a tuple of positional arguments, a dict of
+        keyword arguments, or these ``ModelInputs`` when both kinds are given (the inverse of
+        :func:`trp.deploy.latency.as_inputs`)."""
+        if not self.kwargs:
+            return self.args[0] if len(self.args) == 1 else self.args
+        return dict(self.kwargs) if not self.args else self
+
     def __call__(self, model: nn.Module) -> Any:
         """``model``'s output on these inputs (shape placeholders become zeros on its device)."""
         inputs = self.materialized(model)

@@ -247,15 +247,16 @@ def _ort_feed(inputs: ModelInputs) -> tuple[Union[tuple[Tensor, ...], dict[str, 
     return (tensors if tensors else tuple(inputs.args)), constants
 
 
-def _ort_session(model: nn.Module, inputs: ModelInputs, threads: Optional[int]):
-    """``model`` exported with :func:`trp.export_onnx` (BatchNorm folded, batch dynamic) in an ONNX Runtime session."""
+def _ort_session(model: nn.Module, feed: Union[tuple[Tensor, ...], dict[str, Tensor]], constants: dict[str, Any],
+                 threads: Optional[int]):
+    """``model`` exported with :func:`trp.export_onnx` (BatchNorm folded, batch dynamic) in an ONNX Runtime session,
+    for the tensor inputs ``feed`` and constant keyword arguments ``constants`` of :func:`_ort_feed`."""
     try:
         import onnxruntime as ort
     except ImportError as err:
         raise ValueError("runtime 'onnxruntime' needs the onnx extra: pip install 'trp[onnx]'") from err
-    first = _first(inputs)
+    first = next(iter(feed.values())) if isinstance(feed, dict) else feed[0]
     cuda = first.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-    feed, constants = _ort_feed(inputs)
     with tempfile.TemporaryDirectory(prefix="trp-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():
@@ -276,9 +277,9 @@ def make_runner(model: nn.Module, example_inputs: Inputs, runtime: str = "eager"
     _check_runtime(runtime)
     inputs = as_inputs(example_inputs)
     if runtime == "onnxruntime":
-        session = _ort_session(model, inputs, threads)
+        given, constants = _ort_feed(inputs)
+        session = _ort_session(model, given, constants, threads)
         names = [i.name for i in session.get_inputs()]
-        given, _ = _ort_feed(inputs)
         pairs = [(n, given[n]) for n in names] if isinstance(given, dict) else list(zip(names, given))
         feed = {n: t.detach().cpu().numpy() for n, t in pairs}
         return lambda: session.run(None, feed)

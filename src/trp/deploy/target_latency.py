@@ -209,10 +209,7 @@ class TargetLatency(WholeModelCriterion):
                 raise ValueError(f"{self!r} measures the model: pass input_shape=(1, C, H, W) or example_inputs "
                                  "to trp.decompose")
             return seeded_inputs(model, (self.batch_size, *input_shape[1:]))
-        inputs = at_batch(example_inputs, self.batch_size)
-        if not inputs.kwargs:
-            return inputs.args[0] if len(inputs.args) == 1 else inputs.args
-        return dict(inputs.kwargs) if not inputs.args else inputs
+        return at_batch(example_inputs, self.batch_size).simplest()
 
     def prepare(self, model: nn.Module, scheme: str, layers: Any, input_shape: Optional[Sequence[int]],
                 example_inputs: Optional[ModelInputs] = None) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..core import svd as svd_module
 from ..core._util import check_int
-from ..core.allocation import LayerSpectrum
+from ..core.allocation import LayerSpectrum, prepare_criterion
 from ..core.counting import count_macs
 from ..core.planning import trace_sizes
 from ..core.schemes import Scheme
@@ -142,10 +142,9 @@ class TargetRanks:
         return ranks
 
     def _allocate_all(self, sigma: dict[str, Tensor], large: dict[str, Tensor], criterion: Any) -> dict[str, int]:
-        prepare = getattr(self.criterion, "prepare", None)
-        if not self._prepared and callable(prepare):
+        if not self._prepared:
             # A measured criterion profiles the model here, with the layers TRP trains.
-            prepare(self.model, self.scheme, list(self.layer_names), self.input_shape)
+            prepare_criterion(self.criterion, self.model, self.scheme, list(self.layer_names), self.input_shape)
         self._prepared = True
         if not large:
             return self.allocate(sigma, criterion)
