@@ -135,3 +135,56 @@ def test_labels_of_target_runs() -> None:
     for key in ("target_macs", "target_speedup"):
         assert method_label({"method": "trp", "scheme": "spatial", "nuclear_weight": 3e-4, key: 3.0}) == "TRP2+Nu → 3× MACs"
     assert method_label({"method": "trp", "scheme": "channel", "nuclear_weight": 0, "target_latency": 2.0}) == "TRP1 → 2× latency"
+
+
+def test_cli_factored_epochs_end_at_the_trained_ranks_and_split_losslessly(fashion_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "factored"
+    result = CliRunner().invoke(main, [
+        "train", "--model", "resnet20", "--data", "fashion-mnist", "--data-dir", str(fashion_root),
+        "--method", "trp", "--scheme", "spatial", "--target-macs", "3", "--factored-epochs", "1", "--epochs", "3",
+        "--batch-size", "8", "--period", "2", "--device", "cpu", "--out", str(run), "--no-progress"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["trp"]["factored"] is True  # the last epoch trained the factors
+    assert any(k.endswith("parametrizations.weight.original1") for k in state["model"])
+    ranks = json.loads((run / "trained_ranks.json").read_text())["ranks"]
+    assert ranks == state["trp"]["ranks"]
+    dense, _ = load_model_file(run / "model.safetensors")  # the factors multiplied back: plain weights ...
+    scheme = trp.core.schemes.get_scheme("spatial")
+    for name, rank in ranks.items():
+        s = torch.linalg.svdvals(scheme.to_matrix(dense.get_submodule(name).weight.detach().double()))
+        assert int((s > s[0] * 1e-6).sum()) == rank, name  # ... of exactly the trained ranks
+    summary = json.loads((run / "decomposed-spatial-macs3.json").read_text())
+    assert 3.0 <= summary["mac_reduction"] <= 3.0 * 1.03
+    compact, _ = load_model_file(run / "decomposed-spatial-macs3.safetensors")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(compact.eval()(x), dense.eval()(x), rtol=1e-4, atol=1e-4)
+    assert summary["dense"]["top1"] == summary["decomposed"]["top1"]
+
+
+def test_a_run_resumed_inside_its_factored_epochs_ends_where_an_uninterrupted_run_ends(fashion_root: Path,
+                                                                                       tmp_path: Path) -> None:
+    cfg = _config(fashion_root, epochs=3, factored_epochs=2, nuclear_weight=3e-4)
+    full = train(cfg, tmp_path / "full")
+    part = train(cfg, tmp_path / "part", stop_after=2)  # factored from epoch 2 on: its checkpoint holds factors
+    assert part.pruner.factored
+    resumed = train(cfg, tmp_path / "part", resume=True)
+    assert not resumed.pruner.factored and not full.pruner.factored  # merged when the run ended
+    assert resumed.pruner.ranks == full.pruner.ranks
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [
+        (dict(factored_epochs=2), "must be fewer than the 2 epochs"),
+        (dict(method="lorita", target_macs=None, factored_epochs=1), "use it with method 'trp'"),
+        (dict(epochs=4, target_ramp=2, factored_epochs=3), "must end before the 3 factored epochs begin"),
+    ],
+)
+def test_bad_factored_config(fashion_root: Path, kw: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        _config(fashion_root, **kw).validate()

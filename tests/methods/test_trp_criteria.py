@@ -65,7 +65,7 @@ def test_the_old_positional_energy_still_means_energy() -> None:
 @pytest.mark.parametrize("kwargs, error, pattern", [
     (dict(criterion="energy:0.9"), TypeError, "rank criterion"),
     (dict(criterion=trp.TargetMACs(2)), ValueError, "input_shape"),
-    (dict(criterion=trp.Energy(0.9), warmup=3), ValueError, "needs target"),
+    (dict(criterion=trp.Energy(0.9), warmup=3), ValueError, "warmup counts iterations.*needs a whole-model criterion"),
     (dict(criterion=trp.TargetMACs(2), input_shape=SHAPE, warmup_criterion=trp.TargetMACs(3)), TypeError,
      "warmup_criterion"),
 ])

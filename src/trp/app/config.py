@@ -234,6 +234,7 @@ class TrainConfig(_Schema):
     target_latency_batch: Integer(1, 4096) = 1  # type: ignore[valid-type]  # the batch a latency target is timed at
     target_warmup: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # energy-driven epochs before the target's
     target_ramp: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # epochs after them over which a MAC target grows
+    factored_epochs: Integer(0, 10**6) = 0  # type: ignore[valid-type]  # trp: last epochs trained as rank-r factors
     # decompositions to run after training (DecomposeStep entries)
     decompose: Annotated[list[dict[str, Any]], BeforeValidator(_decompose_entries)] = field(default_factory=list)
     sync_bn: Flag = False  # under torchrun: SyncBatchNorm (CUDA only)
@@ -278,6 +279,17 @@ class TrainConfig(_Schema):
         if self.target_ramp and self.target_macs is None:
             raise ValueError("target_ramp grows a MAC target's reduction over epochs: set target_macs "
                              "(a latency target is calibrated once and cannot ramp)")
+        if self.factored_epochs:
+            if self.method != "trp":
+                raise ValueError(f"factored_epochs trains TRP's layers as their rank-r factors at the end: use it with "
+                                 f"method 'trp', not {self.method!r}")
+            if self.factored_epochs >= self.epochs:
+                raise ValueError(f"factored_epochs ({self.factored_epochs}) must be fewer than the {self.epochs} "
+                                 "epochs: TRP's projections choose the ranks first")
+            if self.target_warmup + self.target_ramp > self.epochs - self.factored_epochs:
+                raise ValueError(f"target_warmup + target_ramp ({self.target_warmup} + {self.target_ramp}) must end "
+                                 f"before the {self.factored_epochs} factored epochs begin (epoch "
+                                 f"{self.epochs - self.factored_epochs + 1} of {self.epochs})")
         if self.target_ramp and self.target_warmup + self.target_ramp >= self.epochs:
             raise ValueError(f"target_warmup + target_ramp ({self.target_warmup} + {self.target_ramp}) must be fewer "
                              f"than the {self.epochs} epochs, so that the run trains at the whole target before it ends")

@@ -15,6 +15,10 @@ trains a ``DistributedDataParallel`` copy on its share of every global batch
 (``batch_size`` stays the global batch, so the learning-rate recipe is unchanged), the test
 set is split across the ranks and the counts summed, and rank 0 alone writes the run
 directory. Checkpoints do not depend on the number of processes: resume at any N.
+With ``factored_epochs`` K, TRP's last K epochs train each layer as its rank-r factors (after a
+final projection; :meth:`trp.TRP.factorize`): the optimizer gets the factors in place of the
+weights (their momentum starts afresh), checkpoints of those epochs hold the factors, and the
+saved model has them multiplied back into plain weights of the trained ranks.
 ``precision`` bf16/fp16 runs the forward pass under autocast (fp16 with a GradScaler, whose
 gradients are unscaled before TRP adds its sub-gradient); weights stay float32. While a run writes, rank 0 holds
 ``run.lock`` (:mod:`trp.app.rundir`); model files are untrusted and checked on the ``meta``
@@ -193,11 +197,13 @@ class Trainer:
 
     def _resume(self) -> None:
         state = read_checkpoint(self.checkpoint_path, self.device)
+        if self.pruner is not None and state.get("trp") is not None:
+            self.pruner.load_state_dict(state["trp"])  # first: a factored state factors the layers
+            if self.pruner.factored:
+                self._new_parameters()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.pruner is not None and state.get("trp") is not None:
-            self.pruner.load_state_dict(state["trp"])
         self.epoch = int(state["epoch"])
         if self.epoch > self.config.epochs:
             raise ValueError(f"{self.run_dir} has already trained {self.epoch} epochs: --epochs "
@@ -217,6 +223,28 @@ class Trainer:
             distributed.barrier()  # every rank has read the files before rank 0 writes again
 
     # -- training --------------------------------------------------------------------
+    def _factorize_if_due(self) -> None:
+        """At the first of the last ``factored_epochs`` epochs: TRP's final projection, then the layers train as factors."""
+        k = self.config.factored_epochs
+        if self.pruner is None or not k or self.pruner.factored or self.epoch < self.config.epochs - k:
+            return
+        self.pruner.factorize()
+        self._new_parameters()
+
+    def _new_parameters(self) -> None:
+        """Give the optimizer (and a DDP wrapper) the model's parameters after the layers were factored."""
+        params = list(self.model.parameters())
+        kept = {id(p) for p in params}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in kept:
+                    self.optimizer.state.pop(p, None)
+        if len(self.optimizer.param_groups) != 1:
+            raise RuntimeError("factored epochs expect the trainer's single parameter group")
+        self.optimizer.param_groups[0]["params"] = params
+        if self.env.distributed:
+            self.net = distributed.wrap_ddp(self.model, self.device, self.config.sync_bn)
+
     def _train_epoch(self) -> dict[str, float]:
         cfg = self.config
         torch.manual_seed(_epoch_seed(cfg.seed, self.epoch))
@@ -336,6 +364,7 @@ class Trainer:
             if on_epoch and main:
                 on_epoch(row)
         while self.epoch < self.config.epochs:
+            self._factorize_if_due()
             lr = self.optimizer.param_groups[0]["lr"]
             stats = self._train_epoch()
             self.scheduler.step()
@@ -352,6 +381,8 @@ class Trainer:
                 on_epoch(row)
             if stop_after is not None and self.epoch >= stop_after:
                 return row
+        if self.pruner is not None:
+            self.pruner.merge()  # factored layers: plain weights of their ranks again
         if main:
             save(self.final_model(), self.model_path, metadata=self.spec.metadata())
             self._record_trained_ranks()

@@ -71,6 +71,11 @@ but at ranks the training never projected to ({9, 9, 7} instead of the trained {
 after twice the measurements. Calibrating at the end therefore breaks the promise that
 training toward a target makes; a ``warmup`` lets the one calibration see trained spectra.
 
+The last epochs without projection: :meth:`TRP.factorize` ends the projections (after a final one)
+and trains each layer from then on as its rank-r factors ``A·B`` (:mod:`trp.methods.factored`), so
+the weights stay exactly at the trained ranks and change smoothly; :meth:`TRP.merge` multiplies the
+factors back into plain weights of those ranks, which :meth:`TRP.decompose` splits losslessly.
+
 The layer bookkeeping and the whole-model ranks (step 2 under a target) are the base class
 :class:`trp.methods.trp_target.TargetRanks`; the collective operations live in
 :mod:`trp.methods.sharded` and the settings in :mod:`trp.methods.trp_config`.
@@ -87,7 +92,7 @@ from torch import Tensor, nn
 
 from ..core import svd as svd_module
 from ..core._util import check_int, check_number
-from ..core.allocation import pooled_spectrum
+from ..core.allocation import LayerRanks, pooled_spectrum
 from ..core.criteria import Energy, Value, current_spelling
 from ..core.decompose import RankCriterion, decompose
 from ..core.inputs import ExampleInputs
@@ -98,6 +103,7 @@ from ..core.svd import checked_svd
 from ..core.targets import projects_raw_weight
 from ..core.topspectra import leading_svd
 from ..core.wrappers import unwrap
+from .factored import factorize, merge
 from .sharded import ShardSetting, resolve_group, share_results
 from .trp_config import DEFAULTS, TRPConfig, is_whole_model, resolve_criteria
 from .trp_target import TargetRanks, _Spectra
@@ -196,6 +202,8 @@ class TRP(TargetRanks):
         self._subgrad: dict[str, Tensor] = {}
         self.ranks: dict[str, int] = {}
         self.iteration = 0
+        self.factored = False  # the layers train as their rank-r factors (factorize), no projection
+        self._trained_factored = False  # factored since the last projection: split at self.ranks
         self.seconds = 0.0  # wall time spent inside regularize/step/project
         self.warmup = warmup
         self.ramp = check_int("ramp", ramp, 0, what="a number of iterations >= 0")
@@ -248,7 +256,7 @@ class TRP(TargetRanks):
     # -- the two calls of the training loop ---------------------------------------------
     def regularize(self) -> None:
         """Add ``nuclear_weight · U Vᵀ`` to each target weight's gradient (after backward)."""
-        if self.nuclear_weight == 0:
+        if self.nuclear_weight == 0 or self.factored:
             return
         start = time.perf_counter()
         if not self._subgrad:
@@ -262,7 +270,9 @@ class TRP(TargetRanks):
         """Count one iteration; project every ``period`` iterations (after optimizer.step)."""
         start = time.perf_counter()
         self.iteration += 1
-        if self.period is not None and self.iteration % self.period == 0:
+        if self.factored:  # the factors keep the ranks: nothing to project
+            pass
+        elif self.period is not None and self.iteration % self.period == 0:
             self._refresh(project=True)
         elif self.period is None and self.iteration % self.subgradient_period == 0:
             self._refresh(project=False)
@@ -273,11 +283,41 @@ class TRP(TargetRanks):
 
         With a whole-model criterion, its ranks apply once the warm-up is over, or with
         ``final=True`` (the projection that ends training, so that the model is exactly at the
-        target's ranks, the ranks :meth:`decompose` then splits at).
+        target's ranks, the ranks :meth:`decompose` then splits at). Factored layers (:meth:`factorize`)
+        are at their ranks already: nothing is done.
         """
+        if self.factored:
+            return
         start = time.perf_counter()
         self._refresh(project=True, final=final)
         self.seconds += time.perf_counter() - start
+
+    def factorize(self, project: bool = True) -> None:
+        """From now on train each target layer as its rank-r factors ``W = A·B``: no projection, no nuclear term.
+
+        With ``project`` a final projection comes first (a target's ranks, as :meth:`project` with
+        ``final=True``); without it the layers are factored at :attr:`ranks` as they stand (a resumed
+        run, whose factors are then loaded from its state). The weights are replaced by the factors as
+        parameters: give the optimizer the model's new parameters (``trp train`` does).
+        """
+        if self.factored:
+            raise ValueError("TRP.factorize: the layers are factored already")
+        if project:
+            self.project(final=True)
+        missing = [n for n in self.layer_names if n not in self.ranks]
+        if missing:
+            raise ValueError(f"TRP.factorize: no rank yet for {', '.join(missing[:4])}: project first "
+                             "(factorize() with project=True, the default)")
+        factorize(self.model, {n: (self._schemes[n], self.ranks[n]) for n in self.layer_names})
+        self.factored = self._trained_factored = True
+
+    def merge(self) -> None:
+        """Multiply factored layers back into plain weights of their ranks (the inverse of :meth:`factorize`)."""
+        if not self.factored:
+            return
+        merge(self.model)
+        self._params = {n: self.model.get_submodule(n).weight for n in self.layer_names}
+        self.factored = False
 
     def decompose(
         self,
@@ -288,12 +328,17 @@ class TRP(TargetRanks):
         calibration: Optional[Any] = None,
         **calibration_options: Any,
     ) -> nn.Module:
-        """Split the trained target layers (default criterion: the target, else ``Value(0.05)``, SPEC §1.3).
+        """Split the trained target layers (default criterion: the target, else ``Value(0.05)``, SPEC §1.3;
+        after factored training (:meth:`factorize`), the trained ranks).
 
         The result is the plain model (any DDP / torch.compile wrapper removed). ``calibration``
         (and ``calibration_samples`` / ``calibration_weighting``) are passed to :func:`trp.decompose`.
         """
-        if criterion is None:
+        if criterion is None and self._trained_factored:
+            # the factors trained after the last projection: the trained ranks, not a new allocation of the
+            # spectra they moved to
+            criterion = LayerRanks(dict(self.ranks))
+        elif criterion is None:
             criterion = self.criterion if self.whole else Value(0.05)
         return decompose(
             self.model,
@@ -314,13 +359,22 @@ class TRP(TargetRanks):
             "target": self._target_spec(),
             "ranks": dict(self.ranks),
             "subgradients": {n: g.detach().clone() for n, g in self._subgrad.items()},
+            "factored": self.factored,
+            "split_at_ranks": self._trained_factored,
         }
         if self._calibration is not None:
             state["calibration"] = dict(self._calibration)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (also the state of TRP before ``criterion=``)."""
+        """Restore what :meth:`state_dict` saved (also the state of TRP before ``criterion=``).
+
+        A state saved with factored layers (:meth:`factorize`) factors this model's layers at its
+        ranks: load the model's state dict after this.
+        """
+        if self.factored and not state.get("factored"):
+            raise ValueError("TRP state was saved before its layers were factored, but this TRP's layers are factored: "
+                             "load it into a TRP built on the unfactored model")
         saved = state.get("target")
         if isinstance(saved, str):  # a state saved before issue 21 spells macs:X as speedup:X
             saved = current_spelling(saved)
@@ -343,10 +397,15 @@ class TRP(TargetRanks):
             self._calibration = {str(k): float(v) for k, v in calibration.items()}
             self.criterion.fix_calibration(self._calibration)
             self._calibration_shared = True
+        if state.get("factored") and not self.factored:
+            self.factorize(project=False)
+        self._trained_factored = bool(state.get("split_at_ranks", False))
 
     @torch.no_grad()
     def _refresh(self, project: bool, final: bool = False) -> None:
         """Project (or only refresh the sub-gradient): spectra, then ranks, then one apply step."""
+        if project:
+            self._trained_factored = False
         whole = self.whole and (final or self.iteration >= self.warmup)
         first = next(iter(self._params.values()))
         # Inside an autocast region the reconstruction matmuls would run in bf16/fp16, and the

@@ -9,8 +9,8 @@ config file all read their defaults from here::
 ``criterion`` is any criterion :func:`trp.decompose` accepts; None means ``Energy(energy)``.
 With a whole-model criterion (a target), ``energy`` is also the criterion of the projections of
 the first ``warmup`` iterations; over the ``ramp`` iterations after them the target's reduction
-grows from none to all of it (a criterion with ``partway``, such as ``TargetMACs``). Importing this module does not import torch (the command line
-reads the defaults for its ``--help``).
+grows from none to all of it (a criterion with ``partway``, such as ``TargetMACs``). Importing
+this module does not import torch (the command line reads the defaults for its ``--help``).
 """
 
 from __future__ import annotations

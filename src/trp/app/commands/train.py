@@ -52,6 +52,8 @@ from .common import (EXCLUDE_HELP, LAYERS_HELP, SCHEMES, _decomposing, _epoch_li
               "projections for the first N epochs, then the target's.")
 @click.option("--target-ramp", type=int, default=0, show_default=True, help="TRP with --target-macs: grow the "
               "MAC reduction over N epochs (after the warm-up; cubic, most of it early) instead of all at once.")
+@click.option("--factored-epochs", type=int, default=0, show_default=True, help="TRP: train the last N epochs "
+              "as each layer's rank-r factors (after a final projection), with no projection-induced jumps.")
 @click.option("--holdout", type=int, default=0, show_default=True, help="Keep the last N training examples out of "
               "training (scores `trp decompose --criterion search:X`).")
 @click.option("--image-size", type=int, default=None, help="ImageNet crop size [default: 224].")
