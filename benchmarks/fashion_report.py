@@ -121,6 +121,9 @@ def run_label(config: dict[str, Any], path: Path) -> str:
     ramp = number(config, path, "target_ramp")
     if ramp:
         label += f", {ramp:g}-epoch ramp"
+    factored = number(config, path, "factored_epochs")
+    if factored:
+        label += f", last {factored:g} epochs factored"
     return label
 
 
@@ -230,13 +233,15 @@ def headline(rows: list[Row]) -> list[str]:
     baseline's mean), or which seed is missing (or in progress)."""
     lines = []
     base_mean: Optional[float] = None
-    for name, label, kind in (("baseline, dense", "baseline", "dense"),
-                              ("TRP2+Nu→3× MACs, split", "TRP2+Nu→3× MACs", "split"),
-                              ("TRP2→3× MACs (λ = 0), split", "TRP2→3× MACs", "split"),
-                              ("TRP2+Nu→3× MACs with a 5-epoch ramp, split", "TRP2+Nu→3× MACs, 5-epoch ramp", "split")):
+    # the baseline, then every run trained toward 3x MACs (plain, lambda = 0, ramped, factored ...), in table order
+    targets = list(dict.fromkeys(r.label for r in rows if "→3× MACs" in r.label))
+    entries = [("baseline, dense", "baseline", "dense")]
+    entries += [(("TRP2→3× MACs (λ = 0)" if label == "TRP2→3× MACs" else label) + ", split", label, "split")
+                for label in targets]
+    if "TRP2+Nu→3× MACs" not in targets:
+        entries.insert(1, ("TRP2+Nu→3× MACs, split", "TRP2+Nu→3× MACs", "split"))  # the headline row: say it is missing
+    for name, label, kind in entries:
         mine = [r for r in rows if r.label == label and r.seed in (0, 1)]
-        if not mine and label != "baseline":
-            continue  # a row this results folder does not have
         top = {r.seed: r.top1 for r in mine if r.kind == kind and r.top1 is not None}
         busy = {r.seed for r in mine if r.kind == "in progress"}
         why = {s: f"seed {s} in progress" if s in busy else f"seed {s} missing" for s in (0, 1)}

@@ -188,7 +188,7 @@ def test_a_ramped_target_is_its_own_row_and_headline(report, results: Path, tmp_
     assert rows["TRP2+Nu→3× MACs, 5-epoch ramp | 0 | split (spatial, macs:3)"][:2] == ["3.01×", "92.50"]
     # the unramped headline keeps its own two runs; the ramped one gets its mean against the baseline's (92.50)
     assert "**TRP2+Nu→3× MACs, split** at 3.03× (seed 0), 2.97× (seed 1): top-1 mean 89.75" in md
-    assert ("**TRP2+Nu→3× MACs with a 5-epoch ramp, split** at 3.01×: top-1 mean 92.00 over seeds 0 and 1 "
+    assert ("**TRP2+Nu→3× MACs, 5-epoch ramp, split** at 3.01×: top-1 mean 92.00 over seeds 0 and 1 "
             "(spread 91.50–92.50; seed 0 92.50, seed 1 91.50; -0.50 against the baseline's mean)") in md
     order = [k.split(" | ")[0] for k in rows]
     last_plain = len(order) - 1 - order[::-1].index("TRP2+Nu→3× MACs")
