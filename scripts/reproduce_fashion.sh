@@ -106,6 +106,8 @@ for m in $MODELS; do
   jobs_list+=("configs/fashion/$m-trp2-macs3.yaml 0" "configs/fashion/$m-trp2-macs3.yaml 1")
   # ... and the reduction ramped in over the first 5 epochs instead of imposed from the first projection
   jobs_list+=("configs/fashion/$m-trp2-nu-macs3-ramp5.yaml 0" "configs/fashion/$m-trp2-nu-macs3-ramp5.yaml 1")
+  # ... ramped over 10 epochs instead of 5
+  jobs_list+=("configs/fashion/$m-trp2-nu-macs3-ramp10.yaml 0" "configs/fashion/$m-trp2-nu-macs3-ramp10.yaml 1")
   # ... and its last 8 epochs trained as each layer's rank-r factors (no projection-induced jumps)
   jobs_list+=("configs/fashion/$m-trp2-nu-macs3-ramp5-fact8.yaml 0" "configs/fashion/$m-trp2-nu-macs3-ramp5-fact8.yaml 1")
 done
