@@ -76,6 +76,9 @@ def _fast(settings: dict, fake_data: dict[str, Path]) -> dict:
     fast = dict(settings)
     fast.update(epochs=0 if settings.get("epochs") == 0 else 1, steps_per_epoch=2, batch_size=4,
                 device="cpu", workers=0)
+    for key in ("target_warmup", "target_ramp", "factored_epochs"):  # epoch schedules (tests/app/test_target_runs.py)
+        if key in fast:
+            fast[key] = 0
     if settings["data"] == "cifar10":
         fast["data_dir"] = str(fake_data["cifar10"])
     elif settings["data"] == "imagenet":
