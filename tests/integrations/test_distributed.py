@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import trp
-import trp.methods.trained_rank
+import trp.methods.trp_steps
 from trp.core.wrappers import unwrap as unwrap_model
 from trp.methods.sharded import assign_owners
 
@@ -75,13 +75,13 @@ def _init(rank: int, world: int, tmp: str) -> None:
 
 def _ddp_worker(rank: int, world: int, tmp: str) -> None:
     svd_matrices = []
-    real_svd = trp.methods.trained_rank.checked_svd
+    real_svd = trp.methods.trp_steps.checked_svd
 
     def counting_svd(matrix, what):
         svd_matrices.append(matrix.shape[0])
         return real_svd(matrix, what)
 
-    trp.methods.trained_rank.checked_svd = counting_svd
+    trp.methods.trp_steps.checked_svd = counting_svd
     torch.manual_seed(0)
     ddp = nn.parallel.DistributedDataParallel(Net())
     pruner = trp.TRP(ddp, energy=0.8, period=2, nuclear_weight=1e-2)

@@ -16,6 +16,7 @@ from torch import nn
 
 import trp
 import trp.core.svd
+import trp.methods.trp_steps
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _decaying import decaying_linear as _layer  # noqa: E402
@@ -35,7 +36,7 @@ def _spy_full_svds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     real = trp.core.svd.checked_svd
     spy = lambda m, *a, **k: shapes.append(tuple(m.shape)) or real(m, *a, **k)  # noqa: E731
     monkeypatch.setattr(trp.core.svd, "checked_svd", spy)
-    monkeypatch.setattr(trp.methods.trained_rank, "checked_svd", spy)
+    monkeypatch.setattr(trp.methods.trp_steps, "checked_svd", spy)
     return shapes
 
 
@@ -58,8 +59,9 @@ def _assert_same_projection(exact: trp.TRP, fast: trp.TRP) -> None:
     assert fast.ranks == exact.ranks
     for name in LAYERS:
         w_fast, w_exact = fast._params[name].detach(), exact._params[name].detach()
-        # equal up to float32 rounding (relative to the weight; single entries can be tiny)
-        assert (w_fast - w_exact).norm() <= 2e-5 * w_exact.norm()
+        # equal up to float32 rounding (relative to the weight; single entries can be tiny): measured
+        # 2e-5 on one CPU, 1e-2 and more for a wrong rank or subspace
+        assert (w_fast - w_exact).norm() <= 1e-4 * w_exact.norm()
         g_fast, g_exact = fast._subgrad[name], exact._subgrad[name]
         assert (g_fast - g_exact).norm() <= 1e-4 * g_exact.norm()
         # the projected weight really has the kept rank

@@ -77,8 +77,9 @@ the weights stay exactly at the trained ranks and change smoothly; :meth:`TRP.me
 factors back into plain weights of those ranks, which :meth:`TRP.decompose` splits losslessly.
 
 Steps 1 and 3 are :class:`trp.methods.trp_steps.ProjectionSteps`; the layer bookkeeping and the
-whole-model ranks (step 2 under a target) its base class :class:`trp.methods.trp_target.TargetRanks`; the collective operations live in
-:mod:`trp.methods.sharded` and the settings in :mod:`trp.methods.trp_config`.
+whole-model ranks (step 2 under a target) are its base class :class:`trp.methods.trp_target.TargetRanks`;
+the collective operations live in :mod:`trp.methods.sharded` and the settings in
+:mod:`trp.methods.trp_config`.
 """
 
 from __future__ import annotations
