@@ -54,6 +54,7 @@ class Row:
     ms1: Optional[float] = None        # measured speedup, ONNX Runtime, batch 1
     ms64: Optional[float] = None       # ... batch 64
     vs: Optional[float] = None         # top-1 (no fine-tuning) minus the same-seed baseline's dense top-1
+    device: str = ""                   # the machine the speedups were measured on (the bench record's)
 
     @property
     def baseline(self) -> bool:
@@ -136,15 +137,17 @@ def spellings(stem: str) -> list[str]:
     return [stem] if other == stem else [stem, other]
 
 
-def measured(run_dir: Path, stem: str, summary: dict[str, Any]) -> dict[int, float]:
+def measured(run_dir: Path, stem: str, summary: dict[str, Any]) -> tuple[dict[int, float], str]:
     """ONNX Runtime measured speedup by batch size, from ``bench-<stem>.json`` (or ``<stem>.bench.json``,
-    or the summary's ``measured`` record); empty when the split was never timed."""
+    or the summary's ``measured`` record), and the device the record names; empty when never timed."""
     paths = [run_dir / name for s in spellings(stem) for name in (f"bench-{s}.json", f"{s}.bench.json")]
     found = [(p, read_object(p)) for p in paths if p.is_file()]
     if not found and isinstance(summary.get("measured"), dict):
         found = [(run_dir / f"{stem}.json", summary["measured"])]
     speeds: dict[int, float] = {}
+    device = ""
     for path, record in found[:1]:
+        device = record.get("device") if isinstance(record.get("device"), str) else ""
         rows = record.get("rows")
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise FileError(f"{path}: 'rows' should be a list of objects (a `trp bench` record)")
@@ -153,7 +156,7 @@ def measured(run_dir: Path, stem: str, summary: dict[str, Any]) -> dict[int, flo
                 value = number(r, path, "speedup")
                 if value is not None:
                     speeds[r["batch"]] = value
-    return speeds
+    return speeds, device
 
 
 def finetuned(run_dir: Path, stem: str, summary: dict[str, Any], path: Path) -> Optional[float]:
@@ -183,10 +186,10 @@ def split_row(run_dir: Path, path: Path, label: str, seed: Optional[int]) -> Row
     what = f"split ({doc['scheme']}, {doc['criterion']})"
     if cal:
         what = f"calibrated split ({doc['scheme']}, {doc['criterion']}, {int(cal)} images)"
-    speeds = measured(run_dir, path.stem, doc)
+    speeds, device = measured(run_dir, path.stem, doc)
     return Row(label, seed, run_dir.name, "calibrated" if cal else "split", what, doc["scheme"], doc["criterion"],
                int(cal), macs, number(doc, path, "decomposed", "top1"), number(doc, path, "bn_recalibrated", "top1"),
-               finetuned(run_dir, path.stem, doc, path), speeds.get(1), speeds.get(64))
+               finetuned(run_dir, path.stem, doc, path), speeds.get(1), speeds.get(64), device=device)
 
 
 def run_rows(run_dir: Path) -> list[Row]:
@@ -303,6 +306,20 @@ def notes(rows: list[Row]) -> list[str]:
     return out
 
 
+def timed_on(rows: list[Row]) -> str:
+    """The sentence naming the machine(s) the speedups were measured on (each with its count of splits)."""
+    devices: dict[str, int] = {}
+    for r in rows:
+        if r.device:
+            devices[r.device] = devices.get(r.device, 0) + 1
+    if not devices:
+        return "No split has been timed yet."
+    if len(devices) == 1:
+        return f"Speedups measured on {next(iter(devices))}."
+    parts = ", ".join(f"{d} ({n} split{'' if n == 1 else 's'})" for d, n in sorted(devices.items(), key=lambda kv: -kv[1]))
+    return f"Speedups measured on more than one machine, not comparable across them: {parts}."
+
+
 def markdown(rows: list[Row], runs: Path) -> str:
     """The report in markdown: the table, the headline block and the notes."""
     head = ["run", "seed", "row", "MAC reduction", "top-1", "top-1 BN re-estimated", "top-1 fine-tuned",
@@ -312,7 +329,7 @@ def markdown(rows: list[Row], runs: Path) -> str:
               "evaluated). Top-1 in % on the 10,000 test images; \"top-1\" is without fine-tuning; measured "
               "speedups are ONNX Runtime's (median time ratio, dense / split); \"vs baseline\" is top-1 without "
               f"fine-tuning minus the same seed's baseline dense top-1; {DASH}: not measured or missing."), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             timed_on(rows), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.label, DASH if r.seed is None else str(r.seed), r.what, fmt(r.macs, "×"), fmt(r.top1), fmt(r.bn),
                  fmt(r.ft), fmt(r.ms1, "×"), fmt(r.ms64, "×"), fmt(r.vs, signed=True)]
@@ -329,7 +346,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
     """The table as CSV (empty cells for missing values)."""
     columns = dict(run="label", seed="seed", directory="run", kind="kind", row="what", scheme="scheme",
                    criterion="criterion", calibrate="calibrate", mac_reduction="macs", top1="top1", top1_bn="bn",
-                   top1_finetuned="ft", speedup_ort_b1="ms1", speedup_ort_b64="ms64", vs_baseline="vs")
+                   top1_finetuned="ft", speedup_ort_b1="ms1", speedup_ort_b64="ms64", timed_on="device",
+                   vs_baseline="vs")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)

@@ -47,11 +47,11 @@ def summary(scheme: str, criterion: str, top1: float, reduction: float, old: boo
     return doc
 
 
-def bench(b1: float, b64: float) -> dict:
+def bench(b1: float, b64: float, device: str = "cpu: Test CPU (2 cores)") -> dict:
     rows = [{"runtime": "eager", "batch": 1, "speedup": 9.0, "speedup_q1": 8.0, "speedup_q3": 10.0}]
     rows += [{"runtime": "onnxruntime", "batch": b, "speedup": s, "speedup_q1": s - 0.1, "speedup_q3": s + 0.1}
              for b, s in ((1, b1), (64, b64))]
-    return {"kind": "trp-bench", "version": 1, "rows": rows}
+    return {"kind": "trp-bench", "version": 1, "device": device, "rows": rows}
 
 
 @pytest.fixture
@@ -127,6 +127,8 @@ def test_report_numbers(report, results: Path, tmp_path: Path) -> None:
         csv_rows = list(csv.DictReader(f))
     split = next(r for r in csv_rows if r["row"] == "split (spatial, speedup:3)" and r["run"] == "baseline")
     assert (split["mac_reduction"], split["top1_finetuned"], split["speedup_ort_b64"]) == ("3.0", "92.0", "2.4")
+    assert split["timed_on"] == "cpu: Test CPU (2 cores)"
+    assert "Speedups measured on cpu: Test CPU (2 cores)." in md
     for name in ("top1-vs-macs", "top1-vs-speedup"):
         png = Path(f"{plots}-{name}.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
@@ -145,6 +147,18 @@ def test_headline_missing_seed_and_no_bench(report, results: Path, tmp_path: Pat
     assert "**baseline, dense**: top-1 93.00 (seed 0 only; seed 1 missing)" in md
     assert "**TRP2+Nu→3× MACs, split** at 3.03×: top-1 90.50 (seed 0 only; seed 1 missing)" in md
     assert Path(f"{plots}-top1-vs-speedup.png").stat().st_size > 1000  # "no measured speedups yet"
+    assert "No split has been timed yet." in md
+
+
+def test_timings_from_two_machines_are_named_as_such(report, results: Path, tmp_path: Path) -> None:
+    write(results / "resnet20-trp2-nu-macs3-s0" / "bench-decomposed-spatial-macs3.json",
+          bench(1.1, 1.2, device="cpu: Other CPU (2 cores)"))
+    out, plots = tmp_path / "t", tmp_path / "p"
+    assert report.main(["--runs", str(results), "--out", str(out), "--plots", str(plots)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert ("Speedups measured on more than one machine, not comparable across them: "
+            "cpu: Test CPU (2 cores) (1 split), cpu: Other CPU (2 cores) (1 split).") in md
+    assert table(out.with_suffix(".md"))["TRP2+Nu→3× MACs | 0 | split (spatial, macs:3)"][4:6] == ["1.10×", "1.20×"]
 
 
 BAD = ['{"scheme": "spatial", "criterion": ',  # not JSON
