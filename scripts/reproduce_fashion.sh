@@ -26,7 +26,8 @@
 # runs/fashion-smoke when smoke), TRP_DATA_DIR (default: the Debian package's folder
 # /usr/share/datasets/fashion-mnist), TRP_NO_BENCH=1 (skip the timings and the baseline's split toward a
 # measured latency: they need an idle machine),
-# TRP_BENCH_THREADS (ONNX Runtime threads of the timings, default 2), TRP_ONLY (space-separated run names, e.g. "resnet20-baseline-s0": train only these), TRP_VERIFY=1
+# TRP_BENCH_THREADS (ONNX Runtime threads of the timings, default 2), TRP_BENCH_REPEATS (interleaved
+# dense/split timings per batch size, default 100: one batch-1 inference is under a millisecond), TRP_ONLY (space-separated run names, e.g. "resnet20-baseline-s0": train only these), TRP_VERIFY=1
 # (at the end, re-evaluate every committed model file and check it reproduces the table's top-1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -203,7 +204,8 @@ elif [ "$HAVE_BENCH" = 1 ]; then
   for f in "$RUNS"/*/decomposed-*.safetensors; do
     stem=$(basename "$f" .safetensors)
     [ -f "$(dirname "$f")/bench-$stem.json" ] \
-      || "$TRP" bench "$f" --runtime onnxruntime --batch 1,64 --threads "${TRP_BENCH_THREADS:-2}" >>"$(dirname "$f")/bench.log" 2>&1
+      || "$TRP" bench "$f" --runtime onnxruntime --batch 1,64 --threads "${TRP_BENCH_THREADS:-2}" \
+           --repeats "${TRP_BENCH_REPEATS:-100}" >>"$(dirname "$f")/bench.log" 2>&1
   done
 else
   echo "skipping measured speedups: this trp has no \`trp bench\`" >&2
