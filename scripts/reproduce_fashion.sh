@@ -101,9 +101,10 @@ for m in $MODELS; do
   for seed in 0 1; do
     jobs_list+=("configs/fashion/$m-baseline.yaml $seed" "configs/fashion/$m-trp2-nu-macs3.yaml $seed")
   done
-  # toward 2x measured latency: a target measured on the machine that trains (seed 0 was trained on an AMD EPYC,
-  # seed 1 on an Intel Xeon: each lands near 2x where it was trained; docs/results.md section 6)
-  [ "$HAVE_LATENCY" = 1 ] && jobs_list+=("configs/fashion/$m-trp2-nu-latency2.yaml 0" "configs/fashion/$m-trp2-nu-latency2.yaml 1")
+  # toward 2x measured latency: the target is measured on the machine that trains. The committed seed 0 was
+  # trained on an AMD EPYC (1.87x there); on an Intel Xeon 2-core machine 2x is out of reach (about 1.82x with
+  # every layer at its fastest split) and `trp train` stops at its start with that message (docs/results.md 6).
+  [ "$HAVE_LATENCY" = 1 ] && jobs_list+=("configs/fashion/$m-trp2-nu-latency2.yaml 0")
   for c in trp1-nu trp2-nu lorita2; do jobs_list+=("configs/fashion/$m-$c.yaml 0"); done
   # What closes TRP's gap to the baseline: the 3x MAC target without the nuclear term (lambda = 0)
   jobs_list+=("configs/fashion/$m-trp2-macs3.yaml 0" "configs/fashion/$m-trp2-macs3.yaml 1")
