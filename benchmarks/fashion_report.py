@@ -29,7 +29,8 @@ from trp.errors import Error, FileError, one_line
 from trp.limits import parse_json, read_json, read_json_lines
 
 ORDER = ["baseline", "TRP2+Nu→3× MACs", "TRP2+Nu→3× MACs, 5-epoch ramp", "TRP2+Nu→3× MACs, 10-epoch ramp",
-         "TRP2+Nu→3× MACs, 5-epoch ramp, last 8 epochs factored", "TRP2+Nu→2× latency", "TRP1+Nu", "TRP2+Nu", "LoRITa N=2"]
+         "TRP2+Nu→3× MACs, 5-epoch ramp, last 8 epochs factored", "TRP2+Nu→3× MACs, 10-epoch ramp, last 5 epochs factored",
+         "TRP2+Nu→2× latency", "TRP1+Nu", "TRP2+Nu", "LoRITa N=2"]
 VARIANTS = (("plain", "without fine-tuning"), ("bn", "with BatchNorm re-estimated"), ("ft", "fine-tuned"),
             ("cal", "calibrated"))
 DASH = "—"

@@ -114,6 +114,8 @@ for m in $MODELS; do
   jobs_list+=("configs/fashion/$m-trp2-nu-macs3-ramp10.yaml 0" "configs/fashion/$m-trp2-nu-macs3-ramp10.yaml 1")
   # ... and its last 8 epochs trained as each layer's rank-r factors (no projection-induced jumps)
   jobs_list+=("configs/fashion/$m-trp2-nu-macs3-ramp5-fact8.yaml 0" "configs/fashion/$m-trp2-nu-macs3-ramp5-fact8.yaml 1")
+  # ... and the 10-epoch ramp with its last 5 epochs factored
+  jobs_list+=("configs/fashion/$m-trp2-nu-macs3-ramp10-fact5.yaml 0" "configs/fashion/$m-trp2-nu-macs3-ramp10-fact5.yaml 1")
 done
 [ "$HAVE_LATENCY" = 1 ] || echo "skipping the 'toward 2x measured latency' rows: this trp has no trp.TargetLatency" >&2
 for job in "${jobs_list[@]}"; do

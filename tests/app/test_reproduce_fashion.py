@@ -28,7 +28,8 @@ def test_every_config_the_script_trains_exists_and_parses() -> None:
     assert models == ["resnet20"]  # ResNet-56's configs stay for a GPU: TRP_MODELS="resnet20 resnet56"
     models = ["resnet20", "resnet56"]
     assert rows == {"baseline", "trp2-nu-macs3", "trp2-nu-latency2", "trp1-nu", "trp2-nu", "lorita2", "trp2-macs3",
-                    "trp2-nu-macs3-ramp5", "trp2-nu-macs3-ramp10", "trp2-nu-macs3-ramp5-fact8"}
+                    "trp2-nu-macs3-ramp5", "trp2-nu-macs3-ramp10", "trp2-nu-macs3-ramp5-fact8",
+                    "trp2-nu-macs3-ramp10-fact5"}
     for model in models:
         for row in rows:
             path = REPO / "configs" / "fashion" / f"{model}-{row}.yaml"
