@@ -174,6 +174,34 @@ def test_any_whole_model_criterion_plugs_in() -> None:
     assert _reduction(model2, glob.decompose()) >= 2.0
 
 
+class _HalveOnly:
+    """The least a whole-model criterion needs: ``allocate`` alone (no ``__call__``, ``spec``, bounds)."""
+
+    def allocate(self, layers: list[LayerSpectrum], fixed_macs: int) -> dict[str, int]:
+        return {layer.name: max(1, layer.max_rank // 2) for layer in layers}
+
+
+@pytest.mark.parametrize("criterion", [_Halve(), _HalveOnly()], ids=["with-call", "allocate-only"])
+def test_decompose_takes_the_duck_typed_criteria_trp_takes(criterion) -> None:
+    model = _resnet20(6).eval()
+    report = trp.decompose_with_report(model, "channel", criterion=criterion, input_shape=SHAPE)
+    chosen = {r.name: r.rank for r in report.layers if r.rank is not None}
+    assert len(chosen) == 18 and all(rank == model.get_submodule(n).weight.shape[0] // 2 for n, rank in chosen.items())
+    assert report.macs_after.total < report.macs_before.total
+    # without input sizes there is no MAC count for a whole-model criterion to plan with
+    with pytest.raises(ValueError, match="counts the model's MACs"):
+        trp.decompose(model, "channel", criterion=criterion)
+
+
+def test_a_duck_typed_criterion_on_large_layers_gets_full_spectra(monkeypatch) -> None:
+    import trp.core.svd
+    monkeypatch.setattr(trp.core.svd, "FULL_SVD_MAX", 4)  # every layer counts as large
+    model = _resnet20(7)
+    pruner = trp.TRP(model, "channel", period=2, criterion=_HalveOnly(), input_shape=SHAPE)
+    pruner.project()
+    assert all(pruner.ranks[n] == model.get_submodule(n).weight.shape[0] // 2 for n in pruner.layer_names)
+
+
 def test_convs_only_target_leaves_linears_full_rank() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),

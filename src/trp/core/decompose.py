@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .allocation import LayerSpectrum, WholeModelCriterion, check_round_to, prepare_criterion, round_rank
+from .allocation import LayerSpectrum, check_round_to, is_whole_model, prepare_criterion, round_rank
 from .attention import convert_attention, restore_attention
 from .bn_stats import refit_batchnorm
 from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, forward_groups, layer_factors,
@@ -96,10 +96,11 @@ def decompose_with_report(
     """
     get_scheme(scheme)  # unknown scheme -> ValueError before any work
     criterion = Energy(0.9) if criterion is None else criterion
-    if not callable(criterion):
+    whole = is_whole_model(criterion)
+    if not (callable(criterion) or whole):
         raise ValueError(f"criterion must be a rank criterion such as trp.Energy(0.9), got {criterion!r}")
     check_round_to(round_to)
-    if round_to > 1 and isinstance(criterion, WholeModelCriterion):
+    if round_to > 1 and whole:
         raise ValueError(
             f"round_to applies to per-layer criteria; a whole-model criterion keeps its budget only when it "
             f"rounds itself: pass round_to={round_to} to the criterion (e.g. TargetMACs(x, round_to={round_to}))"
@@ -133,8 +134,7 @@ def decompose_with_report(
             "class trp does not know (a subclass with a forward of its own), register what it computes once: "
             "trp.register_layer(MyConv, to_standard=lambda m: nn.Sequential(nn.ZeroPad2d(pads), trp.plain_layer(m)))."
         )
-    whole = isinstance(criterion, WholeModelCriterion)
-    if whole and criterion.needs_input_shape and inputs is None:
+    if whole and getattr(criterion, "needs_input_shape", True) and inputs is None:
         raise ValueError(
             f"{criterion!r} counts the model's MACs: pass input_shape=(1, C, H, W) or example_inputs"
         )

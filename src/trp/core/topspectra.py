@@ -122,7 +122,8 @@ def allocate_leading(
     """
     limit = _svd.FULL_SVD_MAX if full_max is None else full_max
     placeholders = [LayerSpectrum(m.name, torch.zeros(m.max_rank), m.dense_macs, m.macs) for m in layers]
-    bounds = criterion.leading_bound(placeholders, fixed_macs) or {}
+    leading_bound = getattr(criterion, "leading_bound", None)  # optional for a duck-typed criterion
+    bounds = (leading_bound(placeholders, fixed_macs) if callable(leading_bound) else None) or {}
     large = {m.name: m for m in layers if m.matrix.ndim == 2 and m.max_rank > limit and m.name in bounds}
     known = known or {}
     large = {name: m for name, m in large.items() if name not in known}
@@ -154,7 +155,8 @@ def allocate_leading(
             known = int(svds[spectrum.name][1].shape[-1])
             if spectrum.name not in large or known == spectrum.max_rank or spectrum.name not in ranks:
                 continue
-            need = criterion.leading_needed(spectrum, int(ranks[spectrum.name]))
+            leading_needed = getattr(criterion, "leading_needed", None)
+            need = leading_needed(spectrum, int(ranks[spectrum.name])) if callable(leading_needed) else None
             need = spectrum.max_rank if need is None else need
             if need > known:
                 # Double (a need read off a padded tail is no guide), stopping once at the full

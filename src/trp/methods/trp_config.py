@@ -21,16 +21,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..core._util import check_fraction, check_int, check_number
+from ..core.allocation import is_whole_model
 
 if TYPE_CHECKING:
     from ..core.layers import LayerSelector
 
 __all__ = ["TRPConfig", "is_whole_model", "resolve_criteria"]
-
-
-def is_whole_model(criterion: Any) -> bool:
-    """Whether ``criterion`` chooses every layer's rank at once (it has ``allocate``), like ``trp.TargetMACs``."""
-    return callable(getattr(criterion, "allocate", None))
 
 
 @dataclass
