@@ -364,8 +364,8 @@ def points(rows: list[Row], x: str) -> dict[str, list[tuple[float, float, str]]]
         if pos is None:
             continue
         if not r.baseline:
-            if r.top1 is not None:
-                fams.setdefault("TRP / LoRITa", []).append((pos, r.top1, r.label))
+            if r.top1 is not None:  # one family per method (its seeds together): a legend entry, no text on the plot
+                fams.setdefault(r.label, []).append((pos, r.top1, r.label))
             continue
         if r.kind == "dense":
             pairs = [("baseline dense", r.top1)]
@@ -388,7 +388,14 @@ def sweep_curves(runs: Path) -> dict[str, list[tuple[float, float]]]:
             raise ValueError(f"{path}: not a trp sweep file (kind 'trp-sweep' with a list of points)")
         pts = sorted((float(q["mac_reduction"]), float(q["top1"])) for q in doc["points"]
                      if q.get("mac_reduction") and q.get("top1") is not None)
-        curves[str(doc.get("label") or path.parent.name)] = pts
+        # the run's own label (the table's), so runs of one method with different schedules stay apart
+        config = path.parent / "config.json"
+        label = str(doc.get("label") or path.parent.name)
+        if config.is_file():
+            label = f"{run_label(read_object(config), config)} ({doc.get('scheme', '?')})"
+        if label in curves:
+            label = f"{label}, {path.parent.name}"
+        curves[label] = pts
     return curves
 
 
@@ -403,19 +410,21 @@ def plot(rows: list[Row], path: Path, x: str, xlabel: str, title: str, empty: st
     from matplotlib.ticker import FuncFormatter
 
     style = {"baseline dense": ("k", "s"), "baseline split": ("tab:blue", "o"), "baseline + BN": ("tab:green", "^"),
-             "baseline fine-tuned": ("tab:purple", "D"), "baseline calibrated": ("tab:orange", "v"),
-             "TRP / LoRITa": ("tab:red", "*")}
+             "baseline fine-tuned": ("tab:purple", "D"), "baseline calibrated": ("tab:orange", "v")}
     fams = points(rows, x)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # TRP and LoRITa methods: filled markers in colours the baseline families do not use
+    methods = [f for f in fams if f not in style]
+    colours = ["tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "lime", "crimson"]
+    markers = ["*", "P", "X", "p", "h", "d", "8", "H"]
+    for i, fam in enumerate(methods):
+        style[fam] = (colours[i % len(colours)], markers[i % len(markers)])
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     for label, pts in (curves or {}).items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=1, alpha=0.6, label=f"sweep: {label}", zorder=2)
     for fam, pts in fams.items():
         colour, marker = style.get(fam, ("gray", "x"))
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colour, marker=marker, s=70 if marker == "*" else 40,
-                   label=fam, zorder=3)
-        for px, py, text in pts:
-            if text:
-                ax.annotate(text, (px, py), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colour, marker=marker, s=70 if marker == "*" else 45,
+                   label=fam, zorder=3, edgecolors="none")
     ax.set_xscale("log")
     xs = [p[0] for pts in [*fams.values(), *(curves or {}).values()] for p in pts] or [1.0]
     ax.set_xticks([t for t in (1, 1.5, 2, 3, 4, 6, 8, 12, 16) if min(xs) / 1.2 <= t <= max(xs) * 1.2] or [1])
@@ -425,8 +434,8 @@ def plot(rows: list[Row], path: Path, x: str, xlabel: str, title: str, empty: st
     ax.set_ylabel("Fashion-MNIST top-1 (%)")
     ax.set_title(title if fams else f"{title}\n({empty})", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
-    if fams or curves:
-        ax.legend(fontsize=6 if curves else 8, ncol=2 if curves else 1)
+    if fams or curves:  # beside the axes: the points crowd near the top
+        ax.legend(fontsize=6 if curves else 7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -180,8 +180,15 @@ def test_sweeps_become_curves_and_a_bad_sweep_is_one_error_line(report, results:
     points = [{"criterion": "macs:3", "top1": 80.0, "mac_reduction": 3.0},
               {"criterion": "macs:1.5", "top1": 90.0, "mac_reduction": 1.5}]
     write(results / "resnet20-baseline-s0" / "sweep-spatial-macs.json",
-          {"kind": "trp-sweep", "label": "baseline (spatial)", "points": points})
+          {"kind": "trp-sweep", "label": "baseline (spatial)", "scheme": "spatial", "points": points})
     assert report.sweep_curves(results) == {"baseline (spatial)": [(1.5, 90.0), (3.0, 80.0)]}
+    # two runs of one method whose sweeps carry the same label (trp sweep's) stay two curves, named as the table names them
+    ramped = run(results, "resnet20-trp2-nu-macs3-ramp5-s0", [88.0, 92.0], target_macs=3.0, target_ramp=5)
+    for d in (results / "resnet20-trp2-nu-macs3-s0", ramped):
+        write(d / "sweep-spatial-macs.json",
+              {"kind": "trp-sweep", "label": "TRP2+Nu → 3× MACs (spatial)", "scheme": "spatial", "points": points[:1]})
+    assert set(report.sweep_curves(results)) == {"baseline (spatial)", "TRP2+Nu→3× MACs (spatial)",
+                                                 "TRP2+Nu→3× MACs, 5-epoch ramp (spatial)"}
     assert report.main(["--runs", str(results), "--out", str(tmp_path / "t"), "--plots", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p-top1-vs-macs.png").stat().st_size > 0
     bad = results / "resnet20-baseline-s0" / "sweep-channel-macs.json"
