@@ -1,4 +1,5 @@
-"""Small shared helpers: strict number checks, an eval-mode context, seeded example inputs.
+"""Small shared helpers: strict number checks, an eval-mode context, seeded example inputs, and
+what counts as a whole-model rank criterion.
 
 The number checks refuse what Python would quietly accept: ``True`` for an integer, ``2.5``
 for an integer, NaN and the infinities for a bounded number. Each raises ``ValueError``
@@ -17,7 +18,15 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
-__all__ = ["check_int", "check_number", "check_fraction", "eval_mode", "seeded_inputs"]
+__all__ = ["check_int", "check_number", "check_fraction", "eval_mode", "seeded_inputs", "is_whole_model"]
+
+
+def is_whole_model(criterion: Any) -> bool:
+    """Whether ``criterion`` chooses every layer's rank at once: it has ``allocate`` (a
+    :class:`trp.core.allocation.WholeModelCriterion`, or any object with the same methods; the
+    optional ones, ``prepare``, ``leading_bound``, ``leading_needed`` and ``needs_input_shape``,
+    default to doing nothing, no bound, all of the spectrum, and True)."""
+    return callable(getattr(criterion, "allocate", None))
 
 
 def check_int(name: str, value: Any, low: Optional[int] = None, *, none_means: Optional[str] = None,

@@ -32,7 +32,7 @@ from .inputs import ModelInputs
 
 __all__ = [
     "LayerSpectrum", "layer_worth", "WholeModelCriterion", "TargetMACs", "Global", "LayerRanks", "pooled_spectrum",
-    "check_round_to", "round_rank", "break_even_rank", "is_whole_model",
+    "check_round_to", "round_rank", "break_even_rank",
 ]
 
 
@@ -85,14 +85,6 @@ def pooled_spectrum(sigma: Tensor, keep: int = 0) -> Tensor:
     if sigma.ndim == keep + 1:
         return sigma
     return sigma.square().flatten(keep, -2).sum(keep).sqrt()
-
-
-def is_whole_model(criterion: Any) -> bool:
-    """Whether ``criterion`` chooses every layer's rank at once: it has ``allocate`` (a
-    :class:`WholeModelCriterion`, or any object with the same methods; the optional ones,
-    ``prepare``, ``leading_bound``, ``leading_needed`` and ``needs_input_shape``, default to doing
-    nothing, no bound, all of the spectrum, and True)."""
-    return callable(getattr(criterion, "allocate", None))
 
 
 def prepare_criterion(criterion: Any, model: nn.Module, scheme: str, layers: Any,

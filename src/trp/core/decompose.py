@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .allocation import LayerSpectrum, check_round_to, is_whole_model, prepare_criterion, round_rank
+from ._util import is_whole_model
+from .allocation import LayerSpectrum, check_round_to, prepare_criterion, round_rank
 from .attention import convert_attention, restore_attention
 from .bn_stats import refit_batchnorm
 from .calibration import (DEFAULT_SAMPLES, CalibratedFactors, collect_statistics, forward_groups, layer_factors,

@@ -20,8 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from ..core._util import check_fraction, check_int, check_number
-from ..core.allocation import is_whole_model
+from ..core._util import check_fraction, check_int, check_number, is_whole_model
 
 if TYPE_CHECKING:
     from ..core.layers import LayerSelector
