@@ -356,16 +356,17 @@ def write_csv(rows: list[Row], path: Path) -> None:
             w.writerow(["" if c is None else round(c, 4) if isinstance(c, float) else c for c in cells])
 
 
-def points(rows: list[Row], x: str) -> dict[str, list[tuple[float, float, str]]]:
-    """Plot points by family: (x, top-1, annotation) with ``x`` the attribute ``macs`` or ``ms64``."""
-    fams: dict[str, list[tuple[float, float, str]]] = {}
+def points(rows: list[Row], x: str) -> dict[str, list[tuple[float, float]]]:
+    """Plot points by family (each TRP/LoRITa method one, its seeds together): (x, top-1) with ``x`` the
+    attribute ``macs`` or ``ms64``."""
+    fams: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         pos = getattr(r, x)
         if pos is None:
             continue
         if not r.baseline:
-            if r.top1 is not None:  # one family per method (its seeds together): a legend entry, no text on the plot
-                fams.setdefault(r.label, []).append((pos, r.top1, r.label))
+            if r.top1 is not None:
+                fams.setdefault(r.label, []).append((pos, r.top1))
             continue
         if r.kind == "dense":
             pairs = [("baseline dense", r.top1)]
@@ -375,7 +376,7 @@ def points(rows: list[Row], x: str) -> dict[str, list[tuple[float, float, str]]]
             pairs = [("baseline split", r.top1), ("baseline + BN", r.bn), ("baseline fine-tuned", r.ft)]
         for fam, y in pairs:
             if y is not None:
-                fams.setdefault(fam, []).append((pos, y, ""))
+                fams.setdefault(fam, []).append((pos, y))
     return fams
 
 
@@ -422,7 +423,7 @@ def plot(rows: list[Row], path: Path, x: str, xlabel: str, title: str, empty: st
     for label, pts in (curves or {}).items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=1, alpha=0.6, label=f"sweep: {label}", zorder=2)
     for fam, pts in fams.items():
-        colour, marker = style.get(fam, ("gray", "x"))
+        colour, marker = style[fam]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colour, marker=marker, s=70 if marker == "*" else 45,
                    label=fam, zorder=3, edgecolors="none")
     ax.set_xscale("log")

@@ -91,7 +91,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core._util import check_int, check_number
+from ..core._util import check_int, check_number, is_whole_model
 from ..core.allocation import LayerRanks
 from ..core.criteria import Energy, Value, current_spelling
 from ..core.decompose import RankCriterion, decompose
@@ -103,7 +103,7 @@ from ..core.targets import projects_raw_weight
 from ..core.wrappers import unwrap
 from .factored import factorize, merge
 from .sharded import ShardSetting, resolve_group, share_results
-from .trp_config import DEFAULTS, TRPConfig, is_whole_model, resolve_criteria
+from .trp_config import DEFAULTS, TRPConfig, resolve_criteria
 from .trp_steps import ProjectionSteps
 from .trp_target import _Spectra
 

@@ -25,7 +25,7 @@ from ..core._util import check_fraction, check_int, check_number, is_whole_model
 if TYPE_CHECKING:
     from ..core.layers import LayerSelector
 
-__all__ = ["TRPConfig", "is_whole_model", "resolve_criteria"]
+__all__ = ["TRPConfig", "resolve_criteria"]
 
 
 @dataclass
